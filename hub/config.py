@@ -1,0 +1,329 @@
+"""Settings: every tunable of the hub in one frozen dataclass.
+
+Precedence is flags over environment (``HUB_<FIELD>``) over a TOML file over
+the defaults below. Building a :class:`Settings` has no side effects; the
+object is passed down explicitly, never imported as a global.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+__all__ = ["ConfigError", "RedisDSN", "Settings"]
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used."""
+
+    def __init__(self, name: str, value: object, reason: str):
+        super().__init__(name, value, reason)
+        self.name = name
+        self.value = value
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"invalid setting {self.name}={self.value!r}: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisDSN:
+    """A parsed Redis URL (``redis://``, ``rediss://`` or ``unix://``)."""
+
+    scheme: str
+    host: str | None
+    port: int | None
+    path: str | None
+    db: int
+    username: str | None
+    password: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> RedisDSN:
+        """Parse ``url``; raise :class:`ConfigError` when it is not a Redis URL."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError("redis_url", _redact(url), "scheme must be redis, rediss or unix")
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ConfigError("redis_url", _redact(url), "unix:// needs a socket path")
+            query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+            return cls("unix", None, None, parts.path, int(query.get("db", "0")), username, password)
+        try:
+            port = parts.port or 6379
+        except ValueError as exc:
+            raise ConfigError("redis_url", _redact(url), "bad port") from exc
+        db_text = parts.path.lstrip("/") or "0"
+        if not db_text.isdigit():
+            raise ConfigError("redis_url", _redact(url), "database must be a number")
+        return cls(parts.scheme, parts.hostname or "localhost", port, None, int(db_text),
+                   username, password)
+
+    def redacted(self) -> str:
+        """The URL with the password replaced by ``***``, for logs."""
+        auth = ""
+        if self.username or self.password:
+            auth = f"{self.username or ''}{':***' if self.password else ''}@"
+        if self.scheme == "unix":
+            return f"unix://{auth}{self.path}"
+        return f"{self.scheme}://{auth}{self.host}:{self.port}/{self.db}"
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything configurable, with production-safe defaults.
+
+    ``None`` disables a limit or a timeout where a field allows it.
+    """
+
+    # Network
+    host: str = "127.0.0.1"
+    """Address to listen on. Open mode (no auth) is allowed only on loopback."""
+    port: int = 8765
+    """TCP port; 0 picks a free one."""
+    hub_id: str | None = None
+    """This hub's id in Redis; ``None`` makes a random one at start."""
+    tls_cert: str | None = None
+    """PEM certificate to serve wss:// directly; ``None`` serves plain ws://."""
+    tls_key: str | None = None
+    """PEM private key for ``tls_cert``."""
+    insecure: bool = False
+    """Allow open mode (no auth) on a non-loopback address."""
+
+    # Redis
+    redis_url: str | None = None
+    """``redis://``, ``rediss://`` or ``unix://``; ``None`` starts an embedded server."""
+    data_dir: str = ".hub-data"
+    """Directory of the embedded Redis server (socket, append-only file)."""
+    cell: str = "0"
+    """Scheduling cell: the hash tag shared by every key (``hub:v1:{cell}:``)."""
+    redis_timeout_s: float = 2.0
+    """Timeout of one Redis command (connect and read), seconds."""
+    redis_retries: int = 1
+    """Retries of a failed Redis command before the caller sees an error."""
+
+    # Scheduling
+    queue_max: int = 1000
+    """Jobs waiting for a slot, per pool; more get ``QUEUE_FULL``."""
+    queue_wait_ms: int = 2000
+    """How long a job may wait for a slot; 0 rejects at once (``NO_AVAILABLE_NODE``)."""
+    job_timeout_ms: int = 30000
+    """A job's default time budget from acceptance (``JOB_TIMEOUT`` after it)."""
+    max_job_timeout_ms: int = 600000
+    """Largest ``timeout_ms`` a session may ask for."""
+    max_attempts: int = 3
+    """Attempts per job, counting the first, when nodes are lost."""
+    job_ttl_ms: int = 120000
+    """How long an ended job's record (status, result) stays in Redis."""
+    sweep_interval_ms: int = 250
+    """How often a hub tries to run the sweep (timeouts, queue waits, leases)."""
+    sweep_batch: int = 200
+    """Most jobs or nodes one sweep call handles, so Redis is never blocked long."""
+
+    # Liveness
+    heartbeat_interval_ms: int = 5000
+    """The hub pings each node this often; each pong runs heartbeat.lua."""
+    node_lease_ms: int | None = None
+    """A node silent this long is lost; ``None`` means three heartbeat intervals."""
+    register_timeout_s: float = 5.0
+    """A node must send ``register`` this soon after connecting."""
+    resume_window_s: float = 60.0
+    """How long a disconnected session's jobs and results wait for it to resume."""
+    session_idle_timeout_s: float | None = 600.0
+    """Close a session that sends nothing for this long; ``None`` never."""
+    shutdown_grace_s: float = 5.0
+    """On SIGTERM, how long nodes may finish their jobs before sockets close."""
+
+    # Limits
+    max_frame_bytes: int = 2 * 1024 * 1024
+    """Largest WebSocket message accepted (close 1009 above it)."""
+    max_payload_bytes: int = 64 * 1024
+    """Largest encoded ``payload`` object of a job."""
+    max_audio_bytes: int = 1024 * 1024
+    """Largest audio part of a binary job frame."""
+    max_result_bytes: int = 256 * 1024
+    """Largest encoded ``result`` a node may send."""
+    max_id_length: int = 64
+    """Longest node id, session id, job ref or pool name."""
+    max_jobs_per_node: int = 256
+    """Largest ``max_jobs`` a node may claim."""
+    max_inflight_per_session: int = 64
+    """Unfinished (accepted or queued) jobs per session."""
+    max_queued_per_session: int = 32
+    """Queued jobs per session."""
+    session_rate_per_s: float | None = 50.0
+    """Sustained job rate per session (token bucket); ``None`` is unlimited."""
+    session_burst: int = 100
+    """Token bucket size for ``session_rate_per_s``."""
+    max_connections: int | None = 20000
+    """Open WebSockets per hub; ``None`` is unlimited."""
+    max_connections_per_ip: int | None = 1000
+    """Open WebSockets per client address; ``None`` is unlimited."""
+    send_queue_frames: int = 256
+    """Frames waiting to be written to one connection; a session over it is closed."""
+
+    # Auth
+    node_secret: str | None = None
+    """Shared fleet secret for nodes (``Authorization: Bearer``); ``None`` is open."""
+    node_token_key: str | None = None
+    """HS256 key of per-node JWTs naming the ids a node may use."""
+    session_jwt_key: str | None = None
+    """HS256 secret or EdDSA public key (PEM) that signs session tokens."""
+    session_jwt_algorithm: str = "HS256"
+    """``HS256`` or ``EdDSA``."""
+    allowed_origins: tuple[str, ...] | None = None
+    """Origin allowlist for browser sessions; ``None`` accepts any origin."""
+
+    # Observability
+    log_level: str = "INFO"
+    """Log level of the ``hub`` loggers."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port", self.port, "must be 0..65535")
+        if self.redis_url is not None:
+            RedisDSN.parse(self.redis_url)
+        for name in ("queue_max", "max_attempts", "max_jobs_per_node", "heartbeat_interval_ms",
+                     "job_timeout_ms", "max_frame_bytes", "sweep_batch", "max_id_length",
+                     "sweep_interval_ms", "send_queue_frames"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be at least 1")
+        for name in ("queue_wait_ms", "job_ttl_ms", "resume_window_s", "register_timeout_s",
+                     "redis_timeout_s", "redis_retries", "shutdown_grace_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "must not be negative")
+        if not self.cell or any(c in self.cell for c in "{}: \t\r\n"):
+            raise ConfigError("cell", self.cell, "must be non-empty without braces, colons or spaces")
+        if self.session_jwt_algorithm not in ("HS256", "EdDSA"):
+            raise ConfigError("session_jwt_algorithm", self.session_jwt_algorithm,
+                              "must be HS256 or EdDSA")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert", self.tls_cert, "tls_cert and tls_key go together")
+
+    # Derived values
+
+    @property
+    def lease_ms(self) -> int:
+        """The node lease in milliseconds (three heartbeat intervals by default)."""
+        if self.node_lease_ms is not None:
+            return self.node_lease_ms
+        return 3 * self.heartbeat_interval_ms
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether any authentication is configured."""
+        return bool(self.node_secret or self.node_token_key or self.session_jwt_key)
+
+    # Loading
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of every field, in declaration order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str = "settings") -> Settings:
+        """Build from a mapping of field name to value (strings are converted).
+
+        Raises:
+            ConfigError: on an unknown field or a value of the wrong type.
+        """
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for name, value in values.items():
+            if name not in hints:
+                raise ConfigError(name, value, f"unknown setting in {source}")
+            kwargs[name] = _convert(name, value, hints[name])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Return the ``HUB_<FIELD>`` variables of ``environ`` as field -> text.
+
+        This is the only reader of ``os.environ``.
+        """
+        env = os.environ if environ is None else environ
+        found = {}
+        for name in cls.field_names():
+            key = f"HUB_{name.upper()}"
+            if key in env:
+                found[name] = env[key]
+        return found
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        flags: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+        config_file: str | Path | None = None,
+    ) -> Settings:
+        """Merge defaults, a TOML file, the environment and flags, in that order.
+
+        Raises:
+            ConfigError: on an unreadable file, an unknown key or a bad value.
+        """
+        merged: dict[str, Any] = {}
+        env = cls.from_env(environ)
+        path = config_file if config_file is not None else env.pop("config", None)
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    data = tomllib.load(f)
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError("config", str(path), str(exc)) from exc
+            merged.update(data.get("hub", data))
+        merged.update(env)
+        merged.update({k: v for k, v in (flags or {}).items() if v is not None})
+        return cls.from_mapping(merged)
+
+
+def _convert(name: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected a boolean")
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+        if origin is tuple:
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(str(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(name, value, str(exc)) from exc
+    raise ConfigError(name, value, f"unsupported type {hint}")

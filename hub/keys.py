@@ -1,0 +1,103 @@
+"""Every Redis key name, built in one place.
+
+All keys of a scheduling cell share one hash tag (``hub:v1:{cell}:``) so the
+scripts run unchanged on Redis Cluster. Keys a script derives from what it
+reads (a chosen node's hash) are built inside Lua from :attr:`Keys.prefix`,
+with the same suffixes as the methods below.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Keys"]
+
+VERSION = "v1"
+
+
+class Keys:
+    """Key names of one cell."""
+
+    def __init__(self, cell: str = "0", *, namespace: str = "hub"):
+        self.cell = cell
+        self.prefix = f"{namespace}:{VERSION}:{{{cell}}}:"
+        """Common prefix of every key of the cell, hash tag included."""
+
+    # Nodes
+    def node(self, node_id: str) -> str:
+        return f"{self.prefix}node:{node_id}"
+
+    def node_jobs(self, node_id: str) -> str:
+        return f"{self.prefix}node:{node_id}:jobs"
+
+    def free(self, pool: str) -> str:
+        return f"{self.prefix}free:{pool}"
+
+    def pool_nodes(self, pool: str) -> str:
+        return f"{self.prefix}pool:{pool}:nodes"
+
+    def lang(self, src: str, tgt: str) -> str:
+        return f"{self.prefix}lang:{src}:{tgt}"
+
+    @property
+    def seen(self) -> str:
+        return f"{self.prefix}seen"
+
+    @property
+    def pools(self) -> str:
+        """Set of every pool id ever registered in the cell."""
+        return f"{self.prefix}pools"
+
+    # Jobs
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    @property
+    def deadlines(self) -> str:
+        return f"{self.prefix}deadlines"
+
+    @property
+    def queued(self) -> str:
+        """Zset of queued job -> time its queue wait ends."""
+        return f"{self.prefix}queued"
+
+    @property
+    def queue_depth(self) -> str:
+        """Hash of pool -> number of queued jobs."""
+        return f"{self.prefix}qdepth"
+
+    def queue(self, pool: str) -> str:
+        """Round-robin list of sessions with jobs waiting in ``pool``."""
+        return f"{self.prefix}queue:{pool}"
+
+    def session_queue(self, pool: str, session_id: str) -> str:
+        return f"{self.prefix}queue:{pool}:s:{session_id}"
+
+    # Sessions
+    def session(self, session_id: str) -> str:
+        return f"{self.prefix}session:{session_id}"
+
+    def session_jobs(self, session_id: str) -> str:
+        """Set of the session's unfinished jobs."""
+        return f"{self.prefix}session:{session_id}:jobs"
+
+    def session_done(self, session_id: str) -> str:
+        """Zset of the session's ended jobs -> end time, kept for the resume window."""
+        return f"{self.prefix}session:{session_id}:done"
+
+    # Hubs
+    @property
+    def sweep_lease(self) -> str:
+        return f"{self.prefix}sweep"
+
+    @property
+    def hubs(self) -> str:
+        """Zset of hub id -> last time it was alive."""
+        return f"{self.prefix}hubs"
+
+    @property
+    def stats(self) -> str:
+        """Hash of cell-wide counters."""
+        return f"{self.prefix}stats"
+
+    def channel(self, hub_id: str) -> str:
+        """Pub/sub channel of one hub (delivery between hubs)."""
+        return f"{self.prefix}hub:{hub_id}"

@@ -1,0 +1,51 @@
+--[[
+  A node reports a job done: end the job, release the node's slot exactly
+  once, and hand the slot the next queued job, if any.
+
+  KEYS[1]  job hash            hub:v1:{c}:job:<job_id>
+  KEYS[2]  node hash           hub:v1:{c}:node:<node_id>
+  KEYS[3]  node's jobs set     hub:v1:{c}:node:<node_id>:jobs
+  ARGV[1]  key prefix          hub:v1:{c}:
+  ARGV[2]  job id
+  ARGV[3]  node id (bound to the connection, never taken from the frame)
+  ARGV[4]  attempt number the node was given
+  ARGV[5]  status: finished | failed
+  ARGV[6]  result, JSON text ('null' when none)
+  ARGV[7]  error text ('' when none)
+  ARGV[8]  now in ms (0 = Redis TIME)
+  ARGV[9]  ended job record TTL in ms
+  Returns:
+     {1, result_event, drained, {events}}  completed; slot released
+             drained = 1 when the node is draining and now idle
+             events = 'dispatch' for queued jobs handed to the freed slot
+    -5  no such job (never existed, or its record expired)  (UNKNOWN_JOB)
+    -6  the job was never dispatched to this node           (NODE_MISMATCH)
+    -7  stale attempt, or the job already ended: nothing changed (STALE_ATTEMPT)
+]]
+--- @include "includes/core"
+
+local job_key = KEYS[1]
+local node_key = KEYS[2]
+local node_jobs_key = KEYS[3]
+local prefix = ARGV[1]
+local jid = ARGV[2]
+local nid = ARGV[3]
+local now = now_ms(ARGV[8])
+
+local j = rcall('HMGET', job_key, 'status', 'node', 'attempt', 'hist')
+if not j[1] then return -5 end
+if j[2] ~= nid then
+  if j[4] and string.find(j[4], ',' .. nid .. '@', 1, true) then return -7 end
+  return -6
+end
+if j[1] ~= 'running' or tostring(j[3]) ~= ARGV[4] then return -7 end
+
+local result = end_job(prefix, jid, ARGV[5], ARGV[6], ARGV[7], now, tonumber(ARGV[9]))
+rcall('SREM', node_jobs_key, jid)
+release_slot(prefix, nid)
+local events = {}
+fill_slots(prefix, nid, now, events)
+local f = rcall('HMGET', node_key, 'state', 'running')
+local drained = 0
+if f[1] == 'draining' and tonumber(f[2]) == 0 then drained = 1 end
+return { 1, result, drained, events }

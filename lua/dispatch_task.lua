@@ -1,0 +1,115 @@
+--[[
+  Accept a session's job: run it on the least-loaded live node with a free
+  slot, or queue it for a slot, or refuse it.
+
+  KEYS[1]  pools of the pair   hub:v1:{c}:lang:<src>:<tgt>
+  KEYS[2]  session hash        hub:v1:{c}:session:<session_id>
+  KEYS[3]  job hash            hub:v1:{c}:job:<job_id>
+  KEYS[4]  deadlines zset      hub:v1:{c}:deadlines
+  KEYS[5]  session's jobs set  hub:v1:{c}:session:<session_id>:jobs
+  KEYS[6]  queue waits zset    hub:v1:{c}:queued
+  KEYS[7]  queue depths hash   hub:v1:{c}:qdepth
+  ARGV[1]  key prefix          hub:v1:{c}:
+  ARGV[2]  job id (random, made by the hub)
+  ARGV[3]  session id (bound to the connection)
+  ARGV[4]  source language
+  ARGV[5]  target language
+  ARGV[6]  payload, JSON object text
+  ARGV[7]  audio bytes ('' = none)
+  ARGV[8]  time budget in ms from acceptance
+  ARGV[9]  queue wait in ms (0 = never queue)
+  ARGV[10] queue_max, per pool
+  ARGV[11] random seed
+  ARGV[12] hub id of the session's connection
+  ARGV[13] the session's ref for the job
+  ARGV[14] now in ms (0 = Redis TIME)
+  ARGV[15] max queued jobs per session
+  ARGV[16] session record TTL in ms
+  Returns:
+     {1, node_id, attempt, node_hub, deadline_ms}  accepted: the slot is taken
+     {0, pool, deadline_ms}                         queued: waits for a slot
+    -1  no pool serves the pair                    (NO_POOL_FOR_LANG_PAIR)
+    -2  no live node serves the pair               (EMPTY_POOL)
+    -3  every node busy and queueing is off        (NO_AVAILABLE_NODE)
+    -4  the pool's queue is full                   (QUEUE_FULL)
+   -11  the session has too many queued jobs       (SESSION_QUEUE_FULL)
+]]
+--- @include "includes/core"
+
+local lang_key = KEYS[1]
+local session_key = KEYS[2]
+local job_key = KEYS[3]
+local deadlines_key = KEYS[4]
+local session_jobs_key = KEYS[5]
+local queued_key = KEYS[6]
+local depth_key = KEYS[7]
+local prefix = ARGV[1]
+local jid = ARGV[2]
+local sid = ARGV[3]
+local src, tgt = ARGV[4], ARGV[5]
+local queue_wait = tonumber(ARGV[9])
+local queue_max = tonumber(ARGV[10])
+seed_random(ARGV[11])
+local now = now_ms(ARGV[14])
+
+local pools = rcall('SMEMBERS', lang_key)
+if #pools == 0 then return -1 end
+table.sort(pools)
+
+local pair = src .. ':' .. tgt
+local s = rcall('HMGET', session_key, 'pool', 'node', 'pair')
+local pref_pool, pref_node = nil, nil
+if s[3] == pair then pref_pool, pref_node = s[1] or nil, s[2] or nil end
+
+local nid, pool = pick_node(prefix, pools, pref_pool, pref_node)
+local deadline = now + tonumber(ARGV[8])
+
+local function write_job(status)
+  rcall('HSET', job_key, 'session', sid, 'ref', ARGV[13], 'src', src, 'tgt', tgt,
+    'payload', ARGV[6], 'deadline', deadline, 'shub', ARGV[12], 'created', now,
+    'status', status, 'attempt', 0)
+  if ARGV[7] ~= '' then rcall('HSET', job_key, 'audio', ARGV[7]) end
+  rcall('ZADD', deadlines_key, deadline, jid)
+  rcall('SADD', session_jobs_key, jid)
+  rcall('PEXPIRE', session_jobs_key, tonumber(ARGV[16]))
+  rcall('HSET', session_key, 'hub', ARGV[12])
+  rcall('PEXPIRE', session_key, tonumber(ARGV[16]))
+end
+
+if nid then
+  write_job('queued')
+  take_slot(prefix, nid)
+  local attempt, node_hub = start_attempt(prefix, jid, nid, pool, now)
+  stat(prefix, 'dispatched')
+  return { 1, nid, attempt, node_hub, deadline }
+end
+
+-- No free slot: tell an empty fleet from a busy one.
+local qpool, most = nil, 0
+for _, p in ipairs(pools) do
+  local n = rcall('SCARD', prefix .. 'pool:' .. p .. ':nodes')
+  if n > 0 and p == pref_pool then qpool, most = p, math.huge end
+  if n > most then qpool, most = p, n end
+end
+if not qpool then return -2 end
+if queue_wait <= 0 then
+  stat(prefix, 'refused:NO_AVAILABLE_NODE')
+  return -3
+end
+if (tonumber(rcall('HGET', depth_key, qpool)) or 0) >= queue_max then
+  stat(prefix, 'refused:QUEUE_FULL')
+  return -4
+end
+local qkey = prefix .. 'queue:' .. qpool
+local sq = qkey .. ':s:' .. sid
+local waiting = rcall('LLEN', sq)
+if waiting >= tonumber(ARGV[15]) then return -11 end
+
+write_job('queued')
+rcall('HSET', job_key, 'qpool', qpool)
+rcall('RPUSH', sq, jid)
+if waiting == 0 then rcall('RPUSH', qkey, sid) end
+rcall('HINCRBY', depth_key, qpool, 1)
+rcall('ZADD', queued_key, now + queue_wait, jid)
+stat(prefix, 'queued')
+return { 0, qpool, deadline }

@@ -1,0 +1,52 @@
+--[[
+  Record that nodes are alive (many nodes in one call), with their load.
+
+  KEYS[1]  lease zset          hub:v1:{c}:seen
+  ARGV[1]  key prefix          hub:v1:{c}:
+  ARGV[2]  now in ms (0 = Redis TIME)
+  ARGV[3+5i..7+5i], one group per node:
+           node id, epoch of the connection, online flag (1 | 0),
+           load JSON object ('' = unchanged), round trip ms ('' = unknown)
+  Returns:
+    {r1, r2, ...}, one per node:
+     1  recorded
+     0  online flag 0 recorded: the node takes no new jobs until a heartbeat with 1
+    -8  no such node (lost or never registered): close and re-register (UNKNOWN_NODE)
+    -9  the node registered again on a newer connection (STALE_EPOCH)
+]]
+--- @include "includes/core"
+
+local seen_key = KEYS[1]
+local prefix = ARGV[1]
+local now = now_ms(ARGV[2])
+
+local out = {}
+for i = 3, #ARGV - 4, 5 do
+  local nid, epoch, online, load, rtt = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local nkey = prefix .. 'node:' .. nid
+  local f = rcall('HMGET', nkey, 'epoch', 'state')
+  if not f[1] or f[2] == 'lost' then
+    out[#out + 1] = -8
+  elseif f[1] ~= epoch then
+    out[#out + 1] = -9
+  else
+    rcall('HSET', nkey, 'seen', now)
+    if load ~= '' then rcall('HSET', nkey, 'load', load) end
+    if rtt ~= '' then rcall('HSET', nkey, 'rtt_ms', rtt) end
+    rcall('ZADD', seen_key, now, nid)
+    if online == '0' then
+      if f[2] == 'live' then
+        rcall('HSET', nkey, 'state', 'offline')
+        refresh_free(prefix, nid)
+      end
+      out[#out + 1] = 0
+    else
+      if f[2] == 'offline' then
+        rcall('HSET', nkey, 'state', 'live')
+        refresh_free(prefix, nid)
+      end
+      out[#out + 1] = 1
+    end
+  end
+end
+return out
