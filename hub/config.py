@@ -57,7 +57,9 @@ class RedisDSN:
             if not parts.path:
                 raise ConfigError("redis_url", _redact(url), "unix:// needs a socket path")
             query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
-            return cls("unix", None, None, parts.path, int(query.get("db", "0")), username, password)
+            return cls(
+                "unix", None, None, parts.path, int(query.get("db", "0")), username, password
+            )
         try:
             port = parts.port or 6379
         except ValueError as exc:
@@ -65,8 +67,15 @@ class RedisDSN:
         db_text = parts.path.lstrip("/") or "0"
         if not db_text.isdigit():
             raise ConfigError("redis_url", _redact(url), "database must be a number")
-        return cls(parts.scheme, parts.hostname or "localhost", port, None, int(db_text),
-                   username, password)
+        return cls(
+            parts.scheme,
+            parts.hostname or "localhost",
+            port,
+            None,
+            int(db_text),
+            username,
+            password,
+        )
 
     def redacted(self) -> str:
         """The URL with the password replaced by ``***``, for logs."""
@@ -199,20 +208,39 @@ class Settings:
             raise ConfigError("port", self.port, "must be 0..65535")
         if self.redis_url is not None:
             RedisDSN.parse(self.redis_url)
-        for name in ("queue_max", "max_attempts", "max_jobs_per_node", "heartbeat_interval_ms",
-                     "job_timeout_ms", "max_frame_bytes", "sweep_batch", "max_id_length",
-                     "sweep_interval_ms", "send_queue_frames"):
+        for name in (
+            "queue_max",
+            "max_attempts",
+            "max_jobs_per_node",
+            "heartbeat_interval_ms",
+            "job_timeout_ms",
+            "max_frame_bytes",
+            "sweep_batch",
+            "max_id_length",
+            "sweep_interval_ms",
+            "send_queue_frames",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), "must be at least 1")
-        for name in ("queue_wait_ms", "job_ttl_ms", "resume_window_s", "register_timeout_s",
-                     "redis_timeout_s", "redis_retries", "shutdown_grace_s"):
+        for name in (
+            "queue_wait_ms",
+            "job_ttl_ms",
+            "resume_window_s",
+            "register_timeout_s",
+            "redis_timeout_s",
+            "redis_retries",
+            "shutdown_grace_s",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(name, getattr(self, name), "must not be negative")
         if not self.cell or any(c in self.cell for c in "{}: \t\r\n"):
-            raise ConfigError("cell", self.cell, "must be non-empty without braces, colons or spaces")
+            raise ConfigError(
+                "cell", self.cell, "must be non-empty without braces, colons or spaces"
+            )
         if self.session_jwt_algorithm not in ("HS256", "EdDSA"):
-            raise ConfigError("session_jwt_algorithm", self.session_jwt_algorithm,
-                              "must be HS256 or EdDSA")
+            raise ConfigError(
+                "session_jwt_algorithm", self.session_jwt_algorithm, "must be HS256 or EdDSA"
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert", self.tls_cert, "tls_cert and tls_key go together")
 

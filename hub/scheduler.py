@@ -62,6 +62,9 @@ SCRIPT_NAMES = (
     "node_lost",
     "drain_node",
     "sweep",
+    "session_closed",
+    "resume_session",
+    "ack_results",
 )
 
 _INCLUDE = re.compile(r'^--- @include "([\w/.-]+)"\s*$', re.MULTILINE)
@@ -276,8 +279,9 @@ def _parse_event(raw: Sequence[Any], script: str) -> Event:
     if kind == "result":
         return _parse_ended(raw, script)
     if kind == "cancel":
-        return CancelAttempt(_text(raw[1]), _text(raw[2]), _text(raw[3]), int(raw[4]),
-                             _text(raw[5]))
+        return CancelAttempt(
+            _text(raw[1]), _text(raw[2]), _text(raw[3]), int(raw[4]), _text(raw[5])
+        )
     if kind == "replaced":
         return NodeReplaced(_text(raw[1]), _text(raw[2]), int(raw[3]))
     if kind == "drained":
@@ -313,8 +317,9 @@ def _parse_events(raw: Sequence[Any], script: str) -> tuple[Event, ...]:
 class _Call:
     __slots__ = ("args", "future", "keys", "name")
 
-    def __init__(self, name: str, keys: Sequence[str], args: Sequence[Any],
-                 future: asyncio.Future[Any]):
+    def __init__(
+        self, name: str, keys: Sequence[str], args: Sequence[Any], future: asyncio.Future[Any]
+    ):
         self.name = name
         self.keys = keys
         self.args = args
@@ -415,11 +420,20 @@ class Scheduler:
             "register_node",
             [k.node(node_id), k.node_jobs(node_id), k.seen, k.pools],
             [
-                k.prefix, node_id, hub_id or self.hub_id, max_jobs,
-                orjson.dumps(sorted(set(services))), orjson.dumps(pairs),
-                ",".join(pool_ids), ",".join(f"{s}:{t}" for s, t in pairs),
-                ",".join(resume), now_ms, self.settings.max_attempts,
-                self.settings.job_ttl_ms, self._seed(), orjson.dumps(opools),
+                k.prefix,
+                node_id,
+                hub_id or self.hub_id,
+                max_jobs,
+                orjson.dumps(sorted(set(services))),
+                orjson.dumps(pairs),
+                ",".join(pool_ids),
+                ",".join(f"{s}:{t}" for s, t in pairs),
+                ",".join(resume),
+                now_ms,
+                self.settings.max_attempts,
+                self.settings.job_ttl_ms,
+                self._seed(),
+                orjson.dumps(opools),
             ],
         )
         try:
@@ -447,7 +461,9 @@ class Scheduler:
         args: list[Any] = [self.keys.prefix, now_ms]
         for b in beats:
             args += [
-                b.node_id, b.epoch, "1" if b.online else "0",
+                b.node_id,
+                b.epoch,
+                "1" if b.online else "0",
                 b.load if b.load is not None else "",
                 "" if b.rtt_ms is None else f"{b.rtt_ms:.3f}",
             ]
@@ -486,14 +502,32 @@ class Scheduler:
         s = self.settings
         reply = await self._call(
             "dispatch_task",
-            [k.lang(src, tgt), k.session(session_id), k.job(jid), k.deadlines,
-             k.session_jobs(session_id), k.queued, k.queue_depth],
             [
-                k.prefix, jid, session_id, src, tgt, payload, audio or b"",
+                k.lang(src, tgt),
+                k.session(session_id),
+                k.job(jid),
+                k.deadlines,
+                k.session_jobs(session_id),
+                k.queued,
+                k.queue_depth,
+            ],
+            [
+                k.prefix,
+                jid,
+                session_id,
+                src,
+                tgt,
+                payload,
+                audio or b"",
                 timeout_ms if timeout_ms is not None else s.job_timeout_ms,
-                s.queue_wait_ms, s.queue_max, self._seed(), session_hub or self.hub_id,
-                ref, now_ms, s.max_queued_per_session,
-                max(s.job_ttl_ms, int(s.resume_window_s * 1000)) * 2,
+                s.queue_wait_ms,
+                s.queue_max,
+                self._seed(),
+                session_hub or self.hub_id,
+                ref,
+                now_ms,
+                s.max_queued_per_session,
+                self._session_ttl_ms(),
             ],
         )
         if isinstance(reply, int):
@@ -525,8 +559,17 @@ class Scheduler:
         reply = await self._call(
             "complete_task",
             [k.job(job_id), k.node(node_id), k.node_jobs(node_id)],
-            [k.prefix, job_id, node_id, attempt, status, result, error or "", now_ms,
-             self.settings.job_ttl_ms],
+            [
+                k.prefix,
+                job_id,
+                node_id,
+                attempt,
+                status,
+                result,
+                error or "",
+                now_ms,
+                self.settings.job_ttl_ms,
+            ],
         )
         if isinstance(reply, int):
             raise error_for_code(reply)
@@ -555,8 +598,9 @@ class Scheduler:
         )
         if isinstance(reply, int):
             raise error_for_code(reply)
-        return Cancellation(_parse_ended(reply[1], "cancel_task"),
-                            _parse_events(reply[2], "cancel_task"))
+        return Cancellation(
+            _parse_ended(reply[1], "cancel_task"), _parse_events(reply[2], "cancel_task")
+        )
 
     async def node_lost(
         self, node_id: str, *, epoch: int | None = None, now_ms: int = 0
@@ -574,8 +618,15 @@ class Scheduler:
         reply = await self._call(
             "node_lost",
             [k.node(node_id), k.node_jobs(node_id), k.seen],
-            [k.prefix, node_id, "" if epoch is None else epoch, now_ms,
-             self.settings.max_attempts, self.settings.job_ttl_ms, self._seed()],
+            [
+                k.prefix,
+                node_id,
+                "" if epoch is None else epoch,
+                now_ms,
+                self.settings.max_attempts,
+                self.settings.job_ttl_ms,
+                self._seed(),
+            ],
         )
         if isinstance(reply, int):
             raise error_for_code(reply)
@@ -615,11 +666,76 @@ class Scheduler:
         reply = await self._call(
             "sweep",
             [k.deadlines, k.queued, k.seen, k.sweep_lease],
-            [k.prefix, now_ms, s.lease_ms, s.sweep_batch, s.max_attempts, s.job_ttl_ms,
-             self._seed(), self.hub_id, lease_ms],
+            [
+                k.prefix,
+                now_ms,
+                s.lease_ms,
+                s.sweep_batch,
+                s.max_attempts,
+                s.job_ttl_ms,
+                self._seed(),
+                self.hub_id,
+                lease_ms,
+            ],
         )
-        return SweepReport(bool(int(reply[0])), int(reply[1]), int(reply[2]), int(reply[3]),
-                           _parse_events(reply[4], "sweep"))
+        return SweepReport(
+            bool(int(reply[0])),
+            int(reply[1]),
+            int(reply[2]),
+            int(reply[3]),
+            _parse_events(reply[4], "sweep"),
+        )
+
+    async def session_closed(
+        self, session_id: str, *, reason: str = "CANCELLED", now_ms: int = 0, batch: int = 256
+    ) -> tuple[bool, tuple[Event, ...]]:
+        """Cancel a gone session's unfinished jobs (session_closed.lua).
+
+        KEYS: session, session's jobs. ARGV: prefix, session id, hub id,
+        reason, now, job TTL, batch.
+
+        Returns:
+            (done, events); done is False when the session resumed on another hub.
+        """
+        k = self.keys
+        reply = await self._call(
+            "session_closed",
+            [k.session(session_id), k.session_jobs(session_id)],
+            [k.prefix, session_id, self.hub_id, reason, now_ms, self.settings.job_ttl_ms, batch],
+        )
+        return bool(int(reply[0])), _parse_events(reply[1], "session_closed")
+
+    async def resume_session(
+        self, session_id: str, *, max_results: int = 1000
+    ) -> tuple[bool, tuple[tuple[str, str, str], ...], tuple[JobEnded, ...]]:
+        """Route a reconnected session's results to this hub (resume_session.lua).
+
+        KEYS: session, session's jobs, session's ended jobs. ARGV: prefix,
+        session id, hub id, session TTL, max results.
+
+        Returns:
+            (known, unfinished jobs as (job id, ref, status), unacknowledged results).
+        """
+        k = self.keys
+        reply = await self._call(
+            "resume_session",
+            [k.session(session_id), k.session_jobs(session_id), k.session_done(session_id)],
+            [k.prefix, session_id, self.hub_id, self._session_ttl_ms(), max_results],
+        )
+        open_jobs = tuple((_text(j[0]), _text(j[1]), _text(j[2])) for j in reply[1])
+        ended = tuple(_parse_ended(e, "resume_session") for e in reply[2])
+        return bool(int(reply[0])), open_jobs, ended
+
+    async def ack_results(self, session_id: str, job_ids: Sequence[str]) -> int:
+        """Forget acknowledged results of a session (ack_results.lua).
+
+        KEYS: session's ended jobs. ARGV: prefix, job ids.
+        """
+        if not job_ids:
+            return 0
+        k = self.keys
+        reply = await self._call("ack_results", [k.session_done(session_id)], [k.prefix, *job_ids])
+        return int(reply)
 
     # Reads (status pages; not scheduling transitions)
 
@@ -630,8 +746,19 @@ class Scheduler:
             node_ids = await self.redis.zrange(k.seen, 0, max_nodes - 1)
             pipe = self.redis.pipeline(transaction=False)
             for nid in node_ids:
-                pipe.hmget(k.node(_text(nid)), "hub", "running", "max_jobs", "opools", "pairs",
-                           "state", "load", "services", "rtt_ms", "seen")
+                pipe.hmget(
+                    k.node(_text(nid)),
+                    "hub",
+                    "running",
+                    "max_jobs",
+                    "opools",
+                    "pairs",
+                    "state",
+                    "load",
+                    "services",
+                    "rtt_ms",
+                    "seen",
+                )
             pipe.hgetall(k.queue_depth)
             pipe.hgetall(k.stats)
             replies = await pipe.execute()
@@ -641,20 +768,22 @@ class Scheduler:
         for nid, f in zip(node_ids, replies[:-2], strict=True):
             if f[0] is None:
                 continue
-            nodes.append({
-                "node_id": _text(nid),
-                "hub_id": _text(f[0]),
-                "running": int(f[1] or 0),
-                "max_jobs": int(f[2] or 0),
-                "pools": orjson.loads(f[3] or b"[]"),
-                "lang_pairs": orjson.loads(f[4] or b"[]"),
-                "draining": _text(f[5] or b"") == "draining",
-                "state": _text(f[5] or b""),
-                "load": orjson.loads(f[6]) if f[6] else None,
-                "services": orjson.loads(f[7] or b"[]"),
-                "rtt_ms": float(f[8]) if f[8] else None,
-                "last_seen_ms": int(f[9] or 0),
-            })
+            nodes.append(
+                {
+                    "node_id": _text(nid),
+                    "hub_id": _text(f[0]),
+                    "running": int(f[1] or 0),
+                    "max_jobs": int(f[2] or 0),
+                    "pools": orjson.loads(f[3] or b"[]"),
+                    "lang_pairs": orjson.loads(f[4] or b"[]"),
+                    "draining": _text(f[5] or b"") == "draining",
+                    "state": _text(f[5] or b""),
+                    "load": orjson.loads(f[6]) if f[6] else None,
+                    "services": orjson.loads(f[7] or b"[]"),
+                    "rtt_ms": float(f[8]) if f[8] else None,
+                    "last_seen_ms": int(f[9] or 0),
+                }
+            )
         queues = {_text(p): int(d) for p, d in replies[-2].items()}
         counters = {_text(f): int(v) for f, v in replies[-1].items()}
         return {"nodes": nodes, "queues": queues, "counters": counters}
@@ -665,6 +794,10 @@ class Scheduler:
         return {_text(f): _text(v) for f, v in raw.items() if f not in (b"payload", b"audio")}
 
     # Private methods
+
+    def _session_ttl_ms(self) -> int:
+        s = self.settings
+        return 2 * max(s.job_ttl_ms, int(s.resume_window_s * 1000), s.max_job_timeout_ms)
 
     def _seed(self) -> int:
         return self._random.randrange(1, 2147483646)
@@ -700,8 +833,9 @@ class Scheduler:
         self.calls += len(batch)
         try:
             results = await self._execute(batch)
-            missing = [i for i, r in enumerate(results)
-                       if isinstance(r, redis_errors.NoScriptError)]
+            missing = [
+                i for i, r in enumerate(results) if isinstance(r, redis_errors.NoScriptError)
+            ]
             if missing:
                 # protocol: NOSCRIPT means the call did not run; reload, re-send those.
                 logger.warning("! scripts missing in Redis (restart or failover?): reloading")
@@ -709,8 +843,12 @@ class Scheduler:
                 again = await self._execute([batch[i] for i in missing])
                 for i, r in zip(missing, again, strict=True):
                     results[i] = r
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError,
-                RedisUnavailable) as exc:
+        except (
+            redis_errors.ConnectionError,
+            redis_errors.TimeoutError,
+            OSError,
+            RedisUnavailable,
+        ) as exc:
             for call in batch:
                 if not call.future.done():
                     call.future.set_exception(RedisUnavailable(call.name))

@@ -1,6 +1,5 @@
 --[[
-  End a session's job before it finishes: the session cancelled it, or the
-  session went away and did not come back within the resume window.
+  End a session's job before it finishes, at the session's request.
 
   KEYS[1]  job hash            hub:v1:{c}:job:<job_id>
   ARGV[1]  key prefix          hub:v1:{c}:
@@ -22,25 +21,12 @@
 local job_key = KEYS[1]
 local prefix = ARGV[1]
 local jid = ARGV[2]
-local reason = ARGV[4]
 local now = now_ms(ARGV[5])
 
-local j = rcall('HMGET', job_key, 'status', 'session', 'node', 'attempt')
-if not j[1] then return -5 end
-if j[2] ~= ARGV[3] then return -10 end
+local owner = rcall('HGET', job_key, 'session')
+if not owner then return -5 end
+if owner ~= ARGV[3] then return -10 end
 local events = {}
-if j[1] == 'queued' then
-  unqueue(prefix, jid)
-elseif j[1] == 'running' then
-  local node_hub = rcall('HGET', prefix .. 'node:' .. j[3], 'hub') or ''
-  events[#events + 1] = { 'cancel', node_hub, j[3], jid, tonumber(j[4]), reason }
-else
-  return -7
-end
-local result = end_job(prefix, jid, 'failed', 'null', reason, now, tonumber(ARGV[6]))
-if j[1] == 'running' then
-  rcall('SREM', prefix .. 'node:' .. j[3] .. ':jobs', jid)
-  release_slot(prefix, j[3])
-  fill_slots(prefix, j[3], now, events)
-end
+local result = cancel_job(prefix, jid, ARGV[4], now, tonumber(ARGV[6]), events)
+if not result then return -7 end
 return { 1, result, events }

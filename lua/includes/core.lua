@@ -140,8 +140,9 @@ end
 local function dispatch_event(prefix, jid, nid, attempt, node_hub)
   local j = rcall('HMGET', prefix .. 'job:' .. jid, 'session', 'src', 'tgt', 'deadline',
     'payload', 'audio', 'shub', 'ref')
+  local session_hub = rcall('HGET', prefix .. 'session:' .. j[1], 'hub') or j[7] or ''
   return { 'dispatch', node_hub, nid, jid, attempt, j[1], j[2], j[3], tonumber(j[4]),
-    j[5] or '{}', j[6] or '', j[7] or '', j[8] or '' }
+    j[5] or '{}', j[6] or '', session_hub, j[8] or '' }
 end
 
 -- Ends a job for good: keeps status and result for `ttl` ms, drops the
@@ -163,7 +164,9 @@ local function end_job(prefix, jid, status, result, err, now, ttl)
   rcall('PEXPIRE', dkey, ttl)
   stat(prefix, status)
   if err ~= '' and status == 'failed' then stat(prefix, 'error:' .. err) end
-  return { 'result', j[3] or '', sid, jid, j[2] or '', status, result, err }
+  -- The session's current hub (it may have resumed elsewhere), else the job's.
+  local session_hub = rcall('HGET', prefix .. 'session:' .. sid, 'hub') or j[3] or ''
+  return { 'result', session_hub, sid, jid, j[2] or '', status, result, err }
 end
 
 -- Takes one queued job out of its pool's queue (cancel, expiry).
@@ -269,4 +272,25 @@ local function lose_node(prefix, nid, now, max_attempts, ttl, events)
   end
   rcall('DEL', nkey, nkey .. ':jobs')
   stat(prefix, 'nodes_lost')
+end
+
+-- Ends an unfinished job on the session's behalf (cancel, session gone).
+-- Returns the result event, or nil when the job had already ended.
+local function cancel_job(prefix, jid, reason, now, ttl, events)
+  local j = rcall('HMGET', prefix .. 'job:' .. jid, 'status', 'node', 'attempt')
+  if j[1] == 'queued' then
+    unqueue(prefix, jid)
+  elseif j[1] == 'running' then
+    local node_hub = rcall('HGET', prefix .. 'node:' .. j[2], 'hub') or ''
+    events[#events + 1] = { 'cancel', node_hub, j[2], jid, tonumber(j[3]), reason }
+  else
+    return nil
+  end
+  local result = end_job(prefix, jid, 'failed', 'null', reason, now, ttl)
+  if j[1] == 'running' then
+    rcall('SREM', prefix .. 'node:' .. j[2] .. ':jobs', jid)
+    release_slot(prefix, j[2])
+    fill_slots(prefix, j[2], now, events)
+  end
+  return result
 end
