@@ -184,8 +184,9 @@ class Settings:
     """Open WebSockets per hub; ``None`` is unlimited."""
     max_connections_per_ip: int | None = 1000
     """Open WebSockets per client address; ``None`` is unlimited."""
-    send_queue_frames: int = 256
-    """Frames waiting to be written to one connection; a session over it is closed."""
+    send_buffer_bytes: int = 4 * 1024 * 1024
+    """Bytes waiting to be written to one connection; a connection over it is
+    too slow and is closed (4005)."""
 
     # Auth
     node_secret: str | None = None
@@ -196,6 +197,8 @@ class Settings:
     """HS256 secret or EdDSA public key (PEM) that signs session tokens."""
     session_jwt_algorithm: str = "HS256"
     """``HS256`` or ``EdDSA``."""
+    resume_secret: str | None = None
+    """Key of the sessions' resume tokens; ``None`` shares a random one through Redis."""
     allowed_origins: tuple[str, ...] | None = None
     """Origin allowlist for browser sessions; ``None`` accepts any origin."""
 
@@ -218,7 +221,7 @@ class Settings:
             "sweep_batch",
             "max_id_length",
             "sweep_interval_ms",
-            "send_queue_frames",
+            "send_buffer_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), "must be at least 1")

@@ -1,0 +1,174 @@
+"""Delivery between hubs: one Redis pub/sub channel per hub.
+
+A hub that must reach a node or session connected to another hub publishes
+an already-encoded frame on that hub's channel. Messages are small binary
+envelopes::
+
+    kind (1 byte) | uint32 big-endian meta length | meta (JSON) | frame
+
+``kind`` is ``N`` (frame for a node), ``S`` (frame for a session) or ``C``
+(control: close a node connection). Delivery is at most once: a message for
+a hub that is down is lost, which is why results also stay in Redis for the
+session's resume (protocol.md §8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+__all__ = ["Bus", "decode_envelope", "encode_envelope"]
+
+logger = logging.getLogger("hub.bus")
+
+_LEN = struct.Struct(">I")
+
+
+def encode_envelope(kind: bytes, meta: dict[str, Any], frame: str | bytes) -> bytes:
+    """Build one bus message. A text frame is stored UTF-8 encoded with ``meta["t"] = 1``."""
+    if isinstance(frame, str):
+        meta["t"] = 1
+        body = frame.encode()
+    else:
+        body = frame
+    header = orjson.dumps(meta)
+    return kind + _LEN.pack(len(header)) + header + body
+
+
+def decode_envelope(message: bytes) -> tuple[bytes, dict[str, Any], str | bytes]:
+    """Split a bus message into kind, meta and frame (text frames as ``str``).
+
+    Raises:
+        ValueError: if the message is truncated or its meta is not JSON.
+    """
+    if len(message) < 5:
+        raise ValueError("truncated bus message")
+    (size,) = _LEN.unpack_from(message, 1)
+    if 5 + size > len(message):
+        raise ValueError("truncated bus message")
+    meta = orjson.loads(message[5 : 5 + size])
+    if not isinstance(meta, dict):
+        raise ValueError("bus message meta is not an object")
+    body = message[5 + size :]
+    return message[:1], meta, body.decode() if meta.get("t") else body
+
+
+class Bus:
+    """This hub's inbox, and the outbox to the other hubs.
+
+    Args:
+        redis: the command client (publishing goes through its pipelines).
+        subscriber: a client for pub/sub only (no read timeout).
+        channel: this hub's channel name.
+        on_message: called with each raw message received.
+        max_outbox: most messages waiting to be published; more are dropped
+            with a warning (the receivers find results in Redis on resume).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        subscriber: Redis,
+        channel: str,
+        on_message: Callable[[bytes], None],
+        *,
+        max_outbox: int = 10000,
+    ) -> None:
+        self.redis = redis
+        self.subscriber = subscriber
+        self.channel = channel
+        self.on_message = on_message
+        self.max_outbox = max_outbox
+        self.dropped = 0
+        """Messages dropped because the outbox was full or Redis was down."""
+        self.subscribed = asyncio.Event()
+        """Set while the subscription is live."""
+        self._outbox: list[tuple[str, bytes]] = []
+        self._flushing = False
+        self._task: asyncio.Task[None] | None = None
+        self._flush_tasks: set[asyncio.Task[None]] = set()
+
+    # Public methods
+
+    def start(self) -> None:
+        """Start listening (reconnecting with backoff while Redis is down)."""
+        self._task = asyncio.get_running_loop().create_task(self._listen())
+
+    async def close(self) -> None:
+        """Stop listening and wait for publishes in flight."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self._flush_tasks:
+            await asyncio.gather(*self._flush_tasks, return_exceptions=True)
+
+    def publish(self, channel: str, message: bytes) -> None:
+        """Queue a message for another hub; all queued in one loop iteration go together."""
+        if len(self._outbox) >= self.max_outbox:
+            self.dropped += 1
+            logger.warning("! bus outbox full: dropped a message for %s", channel)
+            return
+        self._outbox.append((channel, message))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    # Private methods
+
+    def _flush(self) -> None:
+        self._flushing = False
+        batch, self._outbox = self._outbox, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._flush_tasks.add(task)
+            task.add_done_callback(self._flush_tasks.discard)
+
+    async def _send(self, batch: list[tuple[str, bytes]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for channel, message in batch:
+            pipe.publish(channel, message)
+        try:
+            await pipe.execute()
+        except (redis_errors.RedisError, OSError) as exc:
+            self.dropped += len(batch)
+            logger.warning("! could not publish %d bus messages: %s", len(batch), exc)
+
+    async def _listen(self) -> None:
+        delay = 0.05
+        while True:
+            pubsub = self.subscriber.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self.subscribed.set()
+                delay = 0.05
+                while True:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is not None and msg.get("type") == "message":
+                        try:
+                            self.on_message(msg["data"])
+                        except Exception:
+                            logger.error("! bus message handler failed", exc_info=True)
+            except asyncio.CancelledError:
+                raise
+            except (redis_errors.RedisError, OSError) as exc:
+                self.subscribed.clear()
+                logger.warning("! bus subscription lost (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                self.subscribed.clear()
+                try:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                except (redis_errors.RedisError, OSError):
+                    pass

@@ -1,0 +1,63 @@
+"""Prometheus metrics of one hub (``/metrics``), in a registry of its own."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from .server import Hub
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    """Counters and gauges of a hub. A registry per hub, so several hubs share a process."""
+
+    def __init__(self, hub_id: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.dispatched = Counter("hub_jobs_dispatched", "Job attempts started on a node", registry=r)
+        self.queued = Counter("hub_jobs_queued", "Jobs that waited for a slot", registry=r)
+        self.ended = Counter("hub_jobs_ended", "Jobs that ended, by status and error code",
+                             ["status", "error"], registry=r)
+        self.refused = Counter("hub_jobs_refused", "Jobs or connections refused, by code",
+                               ["code"], registry=r)
+        self.bad_frames = Counter("hub_bad_frames", "Frames answered with an error",
+                                  ["peer", "code"], registry=r)
+        self.slow_closed = Counter("hub_slow_connections_closed",
+                                   "Connections closed because their send buffer was full",
+                                   registry=r)
+        self.rtt = Histogram("hub_node_ping_rtt_seconds", "Ping round trip to nodes",
+                             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
+                             registry=r)
+        self.nodes = Gauge("hub_nodes_connected", "Nodes connected to this hub", registry=r)
+        self.sessions = Gauge("hub_sessions_connected", "Sessions connected to this hub",
+                              registry=r)
+        self.ready = Gauge("hub_ready", "1 while Redis answers and scripts are loaded",
+                           registry=r)
+        self.script_calls = Gauge("hub_script_calls", "Script calls sent to Redis", registry=r)
+        self.pipelines = Gauge("hub_pipelines", "Pipelines sent to Redis", registry=r)
+        self.hub_id = hub_id
+
+    def render(self, hub: Hub) -> tuple[bytes, str]:
+        """The text exposition format, with gauges read from ``hub`` now."""
+        self.nodes.set(len(hub.nodes))
+        self.sessions.set(len(hub.sessions))
+        self.ready.set(1 if hub.ready else 0)
+        self.script_calls.set(hub.scheduler.calls)
+        self.pipelines.set(hub.scheduler.batches)
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counter totals for ``/v1/status``."""
+        out: dict[str, Any] = {}
+        for metric in self.registry.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    label = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                    name = sample.name + (f"{{{label}}}" if label else "")
+                    out[name] = sample.value
+        return out

