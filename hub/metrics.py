@@ -19,25 +19,38 @@ class Metrics:
     def __init__(self, hub_id: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.dispatched = Counter("hub_jobs_dispatched", "Job attempts started on a node", registry=r)
+        self.dispatched = Counter(
+            "hub_jobs_dispatched", "Job attempts started on a node", registry=r
+        )
         self.queued = Counter("hub_jobs_queued", "Jobs that waited for a slot", registry=r)
-        self.ended = Counter("hub_jobs_ended", "Jobs that ended, by status and error code",
-                             ["status", "error"], registry=r)
-        self.refused = Counter("hub_jobs_refused", "Jobs or connections refused, by code",
-                               ["code"], registry=r)
-        self.bad_frames = Counter("hub_bad_frames", "Frames answered with an error",
-                                  ["peer", "code"], registry=r)
-        self.slow_closed = Counter("hub_slow_connections_closed",
-                                   "Connections closed because their send buffer was full",
-                                   registry=r)
-        self.rtt = Histogram("hub_node_ping_rtt_seconds", "Ping round trip to nodes",
-                             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
-                             registry=r)
+        self.ended = Counter(
+            "hub_jobs_ended",
+            "Jobs that ended, by status and error code",
+            ["status", "error"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "hub_jobs_refused", "Jobs or connections refused, by code", ["code"], registry=r
+        )
+        self.bad_frames = Counter(
+            "hub_bad_frames", "Frames answered with an error", ["peer", "code"], registry=r
+        )
+        self.slow_closed = Counter(
+            "hub_slow_connections_closed",
+            "Connections closed because their send buffer was full",
+            registry=r,
+        )
+        self.rtt = Histogram(
+            "hub_node_ping_rtt_seconds",
+            "Ping round trip to nodes",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
+            registry=r,
+        )
         self.nodes = Gauge("hub_nodes_connected", "Nodes connected to this hub", registry=r)
-        self.sessions = Gauge("hub_sessions_connected", "Sessions connected to this hub",
-                              registry=r)
-        self.ready = Gauge("hub_ready", "1 while Redis answers and scripts are loaded",
-                           registry=r)
+        self.sessions = Gauge(
+            "hub_sessions_connected", "Sessions connected to this hub", registry=r
+        )
+        self.ready = Gauge("hub_ready", "1 while Redis answers and scripts are loaded", registry=r)
         self.script_calls = Gauge("hub_script_calls", "Script calls sent to Redis", registry=r)
         self.pipelines = Gauge("hub_pipelines", "Pipelines sent to Redis", registry=r)
         self.hub_id = hub_id

@@ -37,7 +37,7 @@ from websockets.http11 import Request, Response
 
 from . import protocol as proto
 from .bus import Bus, decode_envelope, encode_envelope
-from .config import RedisDSN, Settings
+from .config import ConfigError, RedisDSN, Settings
 from .errors import ClientError, RedisUnavailable, SchedulingError
 from .keys import Keys
 from .metrics import Metrics
@@ -108,8 +108,9 @@ class NodeLink:
 class SessionLink:
     """One session connection on this hub."""
 
-    def __init__(self, ws: ServerConnection, session_id: SessionId, settings: Settings,
-                 limits: proto.Limits) -> None:
+    def __init__(
+        self, ws: ServerConnection, session_id: SessionId, settings: Settings, limits: proto.Limits
+    ) -> None:
         self.ws = ws
         self.session_id = session_id
         self.conn = proto.SessionConnection(
@@ -143,8 +144,9 @@ class Hub:
         self.redis = redis_client(self.redis_url, settings)
         self.subscriber = redis_client(self.redis_url, settings, pubsub=True)
         self.scheduler = Scheduler(self.redis, settings, hub_id=self.hub_id, keys=self.keys)
-        self.bus = Bus(self.redis, self.subscriber, self.keys.channel(self.hub_id),
-                       self._on_bus_message)
+        self.bus = Bus(
+            self.redis, self.subscriber, self.keys.channel(self.hub_id), self._on_bus_message
+        )
         self.metrics = Metrics(self.hub_id)
         self.nodes: dict[str, NodeLink] = {}
         self.sessions: dict[str, SessionLink] = {}
@@ -290,9 +292,14 @@ class Hub:
             self.metrics.refused.labels("max_connections").inc()
             return _respond(http.HTTPStatus.SERVICE_UNAVAILABLE, b"too many connections\n")
         ip = _peer_ip(ws)
-        if s.max_connections_per_ip is not None and self._per_ip.get(ip, 0) >= s.max_connections_per_ip:
+        if (
+            s.max_connections_per_ip is not None
+            and self._per_ip.get(ip, 0) >= s.max_connections_per_ip
+        ):
             self.metrics.refused.labels("max_connections_per_ip").inc()
-            return _respond(http.HTTPStatus.TOO_MANY_REQUESTS, b"too many connections from this address\n")
+            return _respond(
+                http.HTTPStatus.TOO_MANY_REQUESTS, b"too many connections from this address\n"
+            )
         if path == "/v1/session" and s.allowed_origins is not None:
             origin = request.headers.get("Origin")
             if origin is not None and origin not in s.allowed_origins:
@@ -303,9 +310,11 @@ class Hub:
         try:
             snapshot = await self.scheduler.status()
         except RedisUnavailable:
-            return _respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
-                            orjson.dumps({"hub_id": self.hub_id, "error": "UNAVAILABLE"}),
-                            "application/json")
+            return _respond(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                orjson.dumps({"hub_id": self.hub_id, "error": "UNAVAILABLE"}),
+                "application/json",
+            )
         body = {
             "hub_id": self.hub_id,
             "ready": self.ready,
@@ -354,8 +363,14 @@ class Hub:
         broadcast((ws,), frame)
         return True
 
-    def _send_node(self, hub: str, node_id: str, frame: str | bytes,
-                   route: tuple[str, _Route] | None = None, untrack: str | None = None) -> None:
+    def _send_node(
+        self,
+        hub: str,
+        node_id: str,
+        frame: str | bytes,
+        route: tuple[str, _Route] | None = None,
+        untrack: str | None = None,
+    ) -> None:
         if hub == self.hub_id:
             link = self.nodes.get(node_id)
             if link is None:
@@ -375,8 +390,9 @@ class Hub:
                 meta["u"] = untrack
             self.bus.publish(self.keys.channel(hub), encode_envelope(b"N", meta, frame))
 
-    def _send_session(self, hub: str, session_id: str, frame: str | bytes,
-                      ended: str | None = None) -> None:
+    def _send_session(
+        self, hub: str, session_id: str, frame: str | bytes, ended: str | None = None
+    ) -> None:
         if hub == self.hub_id:
             link = self.sessions.get(session_id)
             if link is None:
@@ -416,29 +432,51 @@ class Hub:
             elif type(event) is JobEnded:
                 self._route_ended(event)
             elif type(event) is CancelAttempt:
-                self._send_node(event.node_hub, event.node_id,
-                                proto.encode_cancel(JobId(event.job_id), event.attempt, event.reason),
-                                untrack=event.job_id)
+                self._send_node(
+                    event.node_hub,
+                    event.node_id,
+                    proto.encode_cancel(JobId(event.job_id), event.attempt, event.reason),
+                    untrack=event.job_id,
+                )
             elif type(event) is NodeReplaced:
                 if event.hub == self.hub_id:
                     link = self.nodes.get(event.node_id)
                     if link is not None and link.epoch == event.epoch:
-                        self._spawn(link.ws.close(CloseCode.REPLACED, "replaced by a newer connection"))
+                        self._spawn(
+                            link.ws.close(CloseCode.REPLACED, "replaced by a newer connection")
+                        )
                 elif event.hub:
-                    self.bus.publish(self.keys.channel(event.hub), encode_envelope(
-                        b"C", {"n": event.node_id, "e": event.epoch}, b""))
+                    self.bus.publish(
+                        self.keys.channel(event.hub),
+                        encode_envelope(b"C", {"n": event.node_id, "e": event.epoch}, b""),
+                    )
             elif type(event) is NodeDrained:
                 link = self.nodes.get(event.node_id)
                 if link is not None:
                     self._spawn(link.ws.close(CloseCode.DRAINED, "drained"))
 
     def _route_dispatch(self, d: Dispatch) -> None:
-        frame = proto.encode_job(JobId(d.job_id), d.attempt, SessionId(d.session_id), d.src_lang,
-                                 d.tgt_lang, d.payload, d.deadline_ms, d.audio)
-        self._send_node(d.node_hub, d.node_id, frame,
-                        route=(d.job_id, _Route(d.attempt, d.session_id, d.session_hub, d.ref)))
-        self._send_session(d.session_hub, d.session_id,
-                           proto.encode_accepted(d.ref, JobId(d.job_id), NodeId(d.node_id), d.attempt))
+        frame = proto.encode_job(
+            JobId(d.job_id),
+            d.attempt,
+            SessionId(d.session_id),
+            d.src_lang,
+            d.tgt_lang,
+            d.payload,
+            d.deadline_ms,
+            d.audio,
+        )
+        self._send_node(
+            d.node_hub,
+            d.node_id,
+            frame,
+            route=(d.job_id, _Route(d.attempt, d.session_id, d.session_hub, d.ref)),
+        )
+        self._send_session(
+            d.session_hub,
+            d.session_id,
+            proto.encode_accepted(d.ref, JobId(d.job_id), NodeId(d.node_id), d.attempt),
+        )
         self.metrics.dispatched.inc()
 
     def _route_ended(self, e: JobEnded) -> None:
@@ -495,8 +533,13 @@ class Hub:
                 return None
             try:
                 reg = await self.scheduler.register_node(
-                    frame.node_id, services=frame.services, lang_pairs=frame.lang_pairs,
-                    max_jobs=frame.max_jobs, pools=frame.pools, resume=frame.resume)
+                    frame.node_id,
+                    services=frame.services,
+                    lang_pairs=frame.lang_pairs,
+                    max_jobs=frame.max_jobs,
+                    pools=frame.pools,
+                    resume=frame.resume,
+                )
             except RedisUnavailable:
                 await ws.close(CloseCode.TRY_AGAIN_LATER, "redis unavailable")
                 return None
@@ -512,13 +555,27 @@ class Hub:
             for jid in reg.resumed:
                 # Routes of resumed jobs are fetched lazily on their first partial.
                 link.jobs.setdefault(jid, _Route(0, "", "", ""))
-            self._push(ws, proto.encode_registered(
-                frame.node_id, self.hub_id, self.settings.heartbeat_interval_ms,
-                [JobId(j) for j in reg.resumed], [JobId(j) for j in reg.dropped]))
-            logger.info("= node %s registered (epoch %d, %d slots)", frame.node_id, reg.epoch,
-                        frame.max_jobs)
-            self._route(tuple(e for e in reg.events
-                              if not (type(e) is NodeReplaced and e.hub == self.hub_id)))
+            self._push(
+                ws,
+                proto.encode_registered(
+                    frame.node_id,
+                    self.hub_id,
+                    self.settings.heartbeat_interval_ms,
+                    [JobId(j) for j in reg.resumed],
+                    [JobId(j) for j in reg.dropped],
+                ),
+            )
+            logger.info(
+                "= node %s registered (epoch %d, %d slots)",
+                frame.node_id,
+                reg.epoch,
+                frame.max_jobs,
+            )
+            self._route(
+                tuple(
+                    e for e in reg.events if not (type(e) is NodeReplaced and e.hub == self.hub_id)
+                )
+            )
             return frame
 
     async def _node_loop(self, link: NodeLink) -> None:
@@ -552,15 +609,24 @@ class Hub:
         assert link.node_id is not None
         try:
             done = await self.scheduler.complete_task(
-                frame.job_id, link.node_id, frame.attempt, frame.status,
-                result=frame.result, error=frame.error)
+                frame.job_id,
+                link.node_id,
+                frame.attempt,
+                frame.status,
+                result=frame.result,
+                error=frame.error,
+            )
         except SchedulingError as exc:
             self._push(link.ws, proto.encode_error(frame.job_id, exc.code, exc.message))
             return
         except RedisUnavailable:
             # The node keeps the result; protocol.md §8: it retries after UNAVAILABLE.
-            self._push(link.ws, proto.encode_error(frame.job_id, "UNAVAILABLE",
-                                                   "redis is unavailable; send the result again"))
+            self._push(
+                link.ws,
+                proto.encode_error(
+                    frame.job_id, "UNAVAILABLE", "redis is unavailable; send the result again"
+                ),
+            )
             return
         finally:
             link.pending = max(0, link.pending - 1)
@@ -574,14 +640,23 @@ class Hub:
     def _partial(self, link: NodeLink, frame: proto.NodePartial) -> None:
         route = link.jobs.get(frame.job_id)
         if route is None or (route.attempt and route.attempt != frame.attempt):
-            self._push(link.ws, proto.encode_error(frame.job_id, "STALE_ATTEMPT" if route else
-                                                   "UNKNOWN_JOB", "no such attempt on this node"))
+            self._push(
+                link.ws,
+                proto.encode_error(
+                    frame.job_id,
+                    "STALE_ATTEMPT" if route else "UNKNOWN_JOB",
+                    "no such attempt on this node",
+                ),
+            )
             return
         if not route.session_id:
             self._spawn(self._partial_resumed(link, frame))
             return
-        self._send_session(route.session_hub, route.session_id,
-                           proto.encode_partial(route.ref, JobId(frame.job_id), frame.result))
+        self._send_session(
+            route.session_hub,
+            route.session_id,
+            proto.encode_partial(route.ref, JobId(frame.job_id), frame.result),
+        )
 
     async def _partial_resumed(self, link: NodeLink, frame: proto.NodePartial) -> None:
         try:
@@ -596,8 +671,11 @@ class Hub:
         route = _Route(int(job.get("attempt", "0")), session_id, session_hub, job.get("ref", ""))
         link.jobs[frame.job_id] = route
         if route.attempt == frame.attempt:
-            self._send_session(route.session_hub, route.session_id,
-                               proto.encode_partial(route.ref, JobId(frame.job_id), frame.result))
+            self._send_session(
+                route.session_hub,
+                route.session_id,
+                proto.encode_partial(route.ref, JobId(frame.job_id), frame.result),
+            )
 
     async def _drain(self, link: NodeLink) -> None:
         assert link.node_id is not None
@@ -642,7 +720,9 @@ class Hub:
         handle = self._gone.pop(session_id, None)
         if handle is not None:
             handle.cancel()
-        self._push(ws, proto.encode_welcome(session_id, self.hub_id, self._resume_token(session_id)))
+        self._push(
+            ws, proto.encode_welcome(session_id, self.hub_id, self._resume_token(session_id))
+        )
         if resumed:
             await self._resume(link)
         try:
@@ -675,8 +755,9 @@ class Hub:
             with contextlib.suppress(ClientError):
                 link.conn.reopen(ref, JobId(jid))
         for e in ended:
-            self._push(link.ws, proto.encode_result(e.ref, JobId(e.job_id), e.status, e.result,
-                                                    e.error))
+            self._push(
+                link.ws, proto.encode_result(e.ref, JobId(e.job_id), e.status, e.result, e.error)
+            )
 
     async def _session_loop(self, link: SessionLink) -> None:
         ws = link.ws
@@ -712,8 +793,15 @@ class Hub:
             if not self.ready:
                 raise RedisUnavailable("dispatch_task")
             reply = await self.scheduler.dispatch_task(
-                link.session_id, frame.src_lang, frame.tgt_lang, frame.payload, ref=ref,
-                audio=frame.audio, timeout_ms=frame.timeout_ms, job_id=new_job_id())
+                link.session_id,
+                frame.src_lang,
+                frame.tgt_lang,
+                frame.payload,
+                ref=ref,
+                audio=frame.audio,
+                timeout_ms=frame.timeout_ms,
+                job_id=new_job_id(),
+            )
         except SchedulingError as exc:
             link.conn.job_refused(ref)
             self.metrics.refused.labels(exc.code).inc()
@@ -722,8 +810,10 @@ class Hub:
         except RedisUnavailable:
             link.conn.job_refused(ref)
             self.metrics.refused.labels("UNAVAILABLE").inc()
-            self._push(link.ws, proto.encode_error(ref, "UNAVAILABLE",
-                                                   "the scheduler is unavailable; try again"))
+            self._push(
+                link.ws,
+                proto.encode_error(ref, "UNAVAILABLE", "the scheduler is unavailable; try again"),
+            )
             return
         finally:
             link.pending = max(0, link.pending - 1)
@@ -734,18 +824,31 @@ class Hub:
             self.metrics.queued.inc()
             return
         assert not isinstance(reply, Queued)
-        job = proto.encode_job(jid, reply.attempt, link.session_id, frame.src_lang.lower(),
-                               frame.tgt_lang.lower(), frame.payload, reply.deadline_ms, frame.audio)
-        self._send_node(reply.node_hub, reply.node_id, job,
-                        route=(jid, _Route(reply.attempt, link.session_id, self.hub_id, ref)))
+        job = proto.encode_job(
+            jid,
+            reply.attempt,
+            link.session_id,
+            frame.src_lang.lower(),
+            frame.tgt_lang.lower(),
+            frame.payload,
+            reply.deadline_ms,
+            frame.audio,
+        )
+        self._send_node(
+            reply.node_hub,
+            reply.node_id,
+            job,
+            route=(jid, _Route(reply.attempt, link.session_id, self.hub_id, ref)),
+        )
         self._push(link.ws, proto.encode_accepted(ref, jid, NodeId(reply.node_id), reply.attempt))
         self.metrics.dispatched.inc()
 
     async def _cancel(self, link: SessionLink, frame: proto.CancelJob) -> None:
         jid = link.conn.job_for(frame.ref)
         if jid is None:
-            self._push(link.ws, proto.encode_error(frame.ref, "UNKNOWN_JOB",
-                                                   "the job is not accepted yet"))
+            self._push(
+                link.ws, proto.encode_error(frame.ref, "UNKNOWN_JOB", "the job is not accepted yet")
+            )
             return
         try:
             done = await self.scheduler.cancel_task(jid, link.session_id)
@@ -753,8 +856,12 @@ class Hub:
             self._push(link.ws, proto.encode_error(frame.ref, exc.code, exc.message))
             return
         except RedisUnavailable:
-            self._push(link.ws, proto.encode_error(frame.ref, "UNAVAILABLE",
-                                                   "the scheduler is unavailable; try again"))
+            self._push(
+                link.ws,
+                proto.encode_error(
+                    frame.ref, "UNAVAILABLE", "the scheduler is unavailable; try again"
+                ),
+            )
             return
         self._route_ended(done.ended)
         self._route(done.events)
@@ -796,7 +903,9 @@ class Hub:
                     await self._load_secret()
                     await self.scheduler.load_scripts()
                     if not self.ready:
-                        logger.info("= redis ready at %s", RedisDSN.parse(str(self.redis_url)).redacted())
+                        logger.info(
+                            "= redis ready at %s", RedisDSN.parse(str(self.redis_url)).redacted()
+                        )
                     self.ready = True
                     delay = 0.05
                 else:
@@ -896,9 +1005,39 @@ class Hub:
                         self._spawn(slink.ws.close(CloseCode.IDLE_TIMEOUT, "idle timeout"))
 
 
+def check_exposure(settings: Settings) -> None:
+    """Refuse open mode (no auth) on a non-loopback address unless ``insecure``.
+
+    Raises:
+        ConfigError: when the hub would face the network without authentication.
+    """
+    if settings.auth_enabled:
+        return
+    host = settings.host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return
+    if not settings.insecure:
+        raise ConfigError(
+            "host",
+            host,
+            "no authentication is configured: listening beyond "
+            "loopback needs node_secret/session_jwt_key, or --insecure",
+        )
+    logger.warning("! open mode on %s: anyone who can reach this port can use the hub", host)
+
+
 def _respond(status: http.HTTPStatus, body: bytes, content_type: str = "text/plain") -> Response:
-    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
-                       ("Cache-Control", "no-store")])
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ]
+    )
     return Response(status.value, status.phrase, headers, body)
 
 
@@ -922,7 +1061,9 @@ def _static_page() -> Response:
     return _respond(http.HTTPStatus.OK, body, "text/html; charset=utf-8")
 
 
-async def run(settings: Settings, redis_url: str, *, on_ready: Callable[[Hub], Awaitable[None]] | None = None) -> None:
+async def run(
+    settings: Settings, redis_url: str, *, on_ready: Callable[[Hub], Awaitable[None]] | None = None
+) -> None:
     """Run a hub until SIGTERM/SIGINT, then shut it down in order."""
     hub = Hub(settings, redis_url)
     stop = asyncio.Event()
