@@ -752,8 +752,7 @@ class Hub:
             await link.ws.close(CloseCode.TRY_AGAIN_LATER, "redis unavailable")
             return
         for jid, ref, _status in open_jobs:
-            with contextlib.suppress(ClientError):
-                link.conn.reopen(ref, JobId(jid))
+            link.conn.reopen(ref, JobId(jid))
         for e in ended:
             self._push(
                 link.ws, proto.encode_result(e.ref, JobId(e.job_id), e.status, e.result, e.error)
