@@ -15,6 +15,7 @@ session's resume (protocol.md §8).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 from collections.abc import Callable
@@ -105,10 +106,8 @@ class Bus:
         """Stop listening and wait for publishes in flight."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         if self._flush_tasks:
             await asyncio.gather(*self._flush_tasks, return_exceptions=True)
@@ -168,7 +167,5 @@ class Bus:
                 delay = min(delay * 2, 2.0)
             finally:
                 self.subscribed.clear()
-                try:
+                with contextlib.suppress(redis_errors.RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-                except (redis_errors.RedisError, OSError):
-                    pass

@@ -207,7 +207,8 @@ class Hub:
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
         """Wait until Redis answered and the scripts are loaded."""
         async with asyncio.timeout(timeout_s):
-            while not (self.ready and self.bus.subscribed.is_set()):
+            # Polling is fine here: a startup helper, bounded by the timeout.
+            while not (self.ready and self.bus.subscribed.is_set()):  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
 
     async def close(self) -> None:
@@ -229,7 +230,10 @@ class Hub:
                 with contextlib.suppress(RedisUnavailable, SchedulingError):
                     await self.scheduler.drain_node(link.node_id, epoch=link.epoch)
         deadline = time.monotonic() + self.settings.shutdown_grace_s
-        while time.monotonic() < deadline and any(link.jobs for link in self.nodes.values()):
+        # Bounded by the grace period; jobs end on the nodes' own tasks.
+        while time.monotonic() < deadline and any(  # noqa: ASYNC110
+            link.jobs for link in self.nodes.values()
+        ):
             await asyncio.sleep(0.05)
         for slink in list(self.sessions.values()):
             slink.closing = True
