@@ -36,9 +36,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from . import protocol as proto
+from .auth import OPEN_NODE, OPEN_SESSION, Authenticator, NodeGrant, SessionGrant
 from .bus import Bus, decode_envelope, encode_envelope
 from .config import ConfigError, RedisDSN, Settings
-from .errors import ClientError, RedisUnavailable, SchedulingError
+from .errors import ClientError, RedisUnavailable, SchedulingError, Unauthorized
 from .keys import Keys
 from .metrics import Metrics
 from .protocol import CloseCode, JobId, NodeId, SessionId
@@ -109,15 +110,21 @@ class SessionLink:
     """One session connection on this hub."""
 
     def __init__(
-        self, ws: ServerConnection, session_id: SessionId, settings: Settings, limits: proto.Limits
+        self,
+        ws: ServerConnection,
+        session_id: SessionId,
+        settings: Settings,
+        limits: proto.Limits,
+        grant: SessionGrant,
     ) -> None:
         self.ws = ws
         self.session_id = session_id
+        self.grant = grant
         self.conn = proto.SessionConnection(
             limits,
-            max_inflight=settings.max_inflight_per_session,
-            rate_per_s=settings.session_rate_per_s,
-            burst=settings.session_burst,
+            max_inflight=grant.max_inflight or settings.max_inflight_per_session,
+            rate_per_s=grant.rate_per_s or settings.session_rate_per_s,
+            burst=grant.burst or settings.session_burst,
         )
         self.last_active = time.monotonic()
         self.pending = 0
@@ -148,6 +155,8 @@ class Hub:
             self.redis, self.subscriber, self.keys.channel(self.hub_id), self._on_bus_message
         )
         self.metrics = Metrics(self.hub_id)
+        self.auth = Authenticator(settings)
+        self._grants: dict[ServerConnection, NodeGrant | SessionGrant] = {}
         self.nodes: dict[str, NodeLink] = {}
         self.sessions: dict[str, SessionLink] = {}
         self.ready = False
@@ -307,7 +316,21 @@ class Hub:
         if path == "/v1/session" and s.allowed_origins is not None:
             origin = request.headers.get("Origin")
             if origin is not None and origin not in s.allowed_origins:
+                self.metrics.refused.labels("ORIGIN").inc()
                 return _respond(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n")
+        try:
+            if path == "/v1/node":
+                grant: NodeGrant | SessionGrant = self.auth.node(request.headers)
+            else:
+                grant = self.auth.session(request.headers, parse_qs(urlsplit(request.path).query))
+        except Unauthorized as exc:
+            self.metrics.refused.labels("UNAUTHORIZED").inc()
+            return _respond(
+                http.HTTPStatus.UNAUTHORIZED,
+                f"unauthorized: {exc.message}\n".encode(),
+                extra=[("WWW-Authenticate", "Bearer")],
+            )
+        self._grants[ws] = grant
         return None
 
     async def _status_response(self) -> Response:
@@ -330,14 +353,17 @@ class Hub:
 
     async def _handle(self, ws: ServerConnection) -> None:
         ip = _peer_ip(ws)
+        grant = self._grants.pop(ws, None)
         self._connections += 1
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         try:
             path = urlsplit(ws.request.path if ws.request else "/").path
             if path == "/v1/node":
-                await self._serve_node(ws)
+                await self._serve_node(ws, grant if isinstance(grant, NodeGrant) else OPEN_NODE)
             else:
-                await self._serve_session(ws)
+                await self._serve_session(
+                    ws, grant if isinstance(grant, SessionGrant) else OPEN_SESSION
+                )
         except ConnectionClosed:
             pass
         except Exception:
@@ -503,9 +529,9 @@ class Hub:
 
     # Nodes
 
-    async def _serve_node(self, ws: ServerConnection) -> None:
+    async def _serve_node(self, ws: ServerConnection, grant: NodeGrant) -> None:
         link = NodeLink(ws, self.limits)
-        register = await self._await_register(link)
+        register = await self._await_register(link, grant)
         if register is None:
             return
         try:
@@ -514,7 +540,7 @@ class Hub:
             link.conn.close()
             await self._node_gone(link)
 
-    async def _await_register(self, link: NodeLink) -> proto.Register | None:
+    async def _await_register(self, link: NodeLink, grant: NodeGrant) -> proto.Register | None:
         ws = link.ws
         deadline = time.monotonic() + self.settings.register_timeout_s
         while True:
@@ -531,6 +557,17 @@ class Hub:
                 self._push(ws, proto.encode_error(exc.ref, exc.code, exc.message))
                 continue
             assert type(frame) is proto.Register
+            if not grant.allows(frame.node_id):
+                # protocol.md §10: a token names the node ids it may use.
+                self.metrics.refused.labels("UNAUTHORIZED").inc()
+                self._push(
+                    ws,
+                    proto.encode_error(
+                        None, "UNAUTHORIZED", "the token does not allow this node id"
+                    ),
+                )
+                await ws.close(CloseCode.POLICY_VIOLATION, "unauthorized node id")
+                return None
             if not self.ready:
                 self._push(ws, proto.encode_error(None, "UNAVAILABLE", "redis is unavailable"))
                 await ws.close(CloseCode.TRY_AGAIN_LATER, "redis unavailable")
@@ -711,11 +748,11 @@ class Hub:
 
     # Sessions
 
-    async def _serve_session(self, ws: ServerConnection) -> None:
-        session_id, resumed = await self._welcome(ws)
+    async def _serve_session(self, ws: ServerConnection, grant: SessionGrant) -> None:
+        session_id, resumed = await self._welcome(ws, grant)
         if session_id is None:
             return
-        link = SessionLink(ws, session_id, self.settings, self.limits)
+        link = SessionLink(ws, session_id, self.settings, self.limits, grant)
         old = self.sessions.get(session_id)
         self.sessions[session_id] = link
         if old is not None:
@@ -738,9 +775,17 @@ class Hub:
                 if not self._closing:
                     self._session_gone(session_id)
 
-    async def _welcome(self, ws: ServerConnection) -> tuple[SessionId | None, bool]:
+    async def _welcome(
+        self, ws: ServerConnection, grant: SessionGrant
+    ) -> tuple[SessionId | None, bool]:
         query = parse_qs(urlsplit(ws.request.path if ws.request else "").query)
         wanted = query.get("session_id", [None])[0]
+        if grant.session_id is not None:
+            # The token names the session: presenting it again resumes it.
+            if wanted is not None and wanted != grant.session_id:
+                await ws.close(CloseCode.POLICY_VIOLATION, "session_id differs from the token")
+                return None, False
+            return SessionId(grant.session_id), True
         if wanted is None:
             return SessionId(secrets.token_urlsafe(12)), False
         token = query.get("resume_token", [""])[0]
@@ -792,6 +837,17 @@ class Hub:
 
     async def _submit(self, link: SessionLink, frame: proto.SubmitJob) -> None:
         ref = frame.ref
+        if not link.grant.allows_pair(frame.src_lang, frame.tgt_lang):
+            link.pending = max(0, link.pending - 1)
+            link.conn.job_refused(ref)
+            self.metrics.refused.labels("UNAUTHORIZED").inc()
+            self._push(
+                link.ws,
+                proto.encode_error(
+                    ref, "UNAUTHORIZED", "the token does not allow this language pair"
+                ),
+            )
+            return
         try:
             if not self.ready:
                 raise RedisUnavailable("dispatch_task")
@@ -1014,7 +1070,8 @@ def check_exposure(settings: Settings) -> None:
     Raises:
         ConfigError: when the hub would face the network without authentication.
     """
-    if settings.auth_enabled:
+    auth = Authenticator(settings)
+    if auth.node_auth and auth.session_auth:
         return
     host = settings.host
     try:
@@ -1027,18 +1084,25 @@ def check_exposure(settings: Settings) -> None:
         raise ConfigError(
             "host",
             host,
-            "no authentication is configured: listening beyond "
-            "loopback needs node_secret/session_jwt_key, or --insecure",
+            "nodes and sessions are not both authenticated: listening "
+            "beyond loopback needs node_secret or node_token_key, and "
+            "session_jwt_key, or --insecure",
         )
     logger.warning("! open mode on %s: anyone who can reach this port can use the hub", host)
 
 
-def _respond(status: http.HTTPStatus, body: bytes, content_type: str = "text/plain") -> Response:
+def _respond(
+    status: http.HTTPStatus,
+    body: bytes,
+    content_type: str = "text/plain",
+    extra: list[tuple[str, str]] | None = None,
+) -> Response:
     headers = Headers(
         [
             ("Content-Type", content_type),
             ("Content-Length", str(len(body))),
             ("Cache-Control", "no-store"),
+            *(extra or []),
         ]
     )
     return Response(status.value, status.phrase, headers, body)
