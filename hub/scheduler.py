@@ -42,6 +42,7 @@ __all__ = [
     "Dispatch",
     "Event",
     "JobEnded",
+    "NodeLost",
     "NodeReplaced",
     "Queued",
     "Registration",
@@ -180,7 +181,16 @@ class NodeDrained:
     node_id: str
 
 
-Event: TypeAlias = Dispatch | JobEnded | CancelAttempt | NodeReplaced | NodeDrained
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeLost:
+    """A node was taken out (lease expired, socket closed): its connection must close."""
+
+    hub: str
+    node_id: str
+    epoch: int
+
+
+Event: TypeAlias = Dispatch | JobEnded | CancelAttempt | NodeReplaced | NodeDrained | NodeLost
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -284,6 +294,8 @@ def _parse_event(raw: Sequence[Any], script: str) -> Event:
         )
     if kind == "replaced":
         return NodeReplaced(_text(raw[1]), _text(raw[2]), int(raw[3]))
+    if kind == "lost":
+        return NodeLost(_text(raw[1]), _text(raw[2]), int(raw[3]))
     if kind == "drained":
         return NodeDrained(_text(raw[1]), _text(raw[2]))
     raise ScriptError(script, raw)

@@ -50,6 +50,7 @@ from .scheduler import (
     Event,
     JobEnded,
     NodeDrained,
+    NodeLost,
     NodeReplaced,
     Queued,
     Scheduler,
@@ -480,6 +481,11 @@ class Hub:
                         self.keys.channel(event.hub),
                         encode_envelope(b"C", {"n": event.node_id, "e": event.epoch}, b""),
                     )
+            elif type(event) is NodeLost:
+                link = self.nodes.get(event.node_id)
+                if event.hub == self.hub_id and link is not None and link.epoch == event.epoch:
+                    link.closing = True
+                    self._spawn(link.ws.close(CloseCode.LOST, "lost: register again"))
             elif type(event) is NodeDrained:
                 link = self.nodes.get(event.node_id)
                 if link is not None:

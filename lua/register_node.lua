@@ -78,6 +78,7 @@ end
 rcall('HSET', node_key, 'hub', hub_id, 'epoch', epoch, 'max_jobs', ARGV[4], 'services', ARGV[5],
   'pairs', ARGV[6], 'pools', ARGV[7], 'opools', ARGV[14], 'state', 'live', 'running', #resumed,
   'seen', now, 'registered', now)
+rcall('PERSIST', node_key)
 for _, p in ipairs(split(ARGV[7])) do
   rcall('SADD', prefix .. 'pool:' .. p .. ':nodes', nid)
   rcall('SADD', pools_key, p)

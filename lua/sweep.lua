@@ -76,7 +76,8 @@ for _, jid in ipairs(rcall('ZRANGEBYSCORE', queued_key, '-inf', now, 'LIMIT', 0,
 end
 
 for _, nid in ipairs(rcall('ZRANGEBYSCORE', seen_key, '-inf', now - node_lease, 'LIMIT', 0, batch)) do
-  if rcall('EXISTS', prefix .. 'node:' .. nid) == 1 then
+  local state = rcall('HGET', prefix .. 'node:' .. nid, 'state')
+  if state and state ~= 'lost' then
     lose_node(prefix, nid, now, max_attempts, ttl, events)
     nodes_lost = nodes_lost + 1
   else

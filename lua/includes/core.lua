@@ -13,6 +13,7 @@
     {'cancel', node_hub, node_id, job_id, attempt, reason}
     {'replaced', old_hub, node_id, old_epoch}
     {'drained', node_hub, node_id, epoch}
+    {'lost', node_hub, node_id, epoch}
 ]]
 local rcall = redis.call
 
@@ -112,10 +113,11 @@ local function take_slot(prefix, nid)
   refresh_free(prefix, nid)
 end
 
--- Gives one slot back, never below zero, and only on a node that still exists.
+-- Gives one slot back, never below zero, and only on a node that is not lost.
 local function release_slot(prefix, nid)
   local nkey = prefix .. 'node:' .. nid
-  if rcall('EXISTS', nkey) == 0 then return end
+  local state = rcall('HGET', nkey, 'state')
+  if not state or state == 'lost' then return end
   if rcall('HINCRBY', nkey, 'running', -1) < 0 then rcall('HSET', nkey, 'running', 0) end
   refresh_free(prefix, nid)
 end
@@ -132,7 +134,12 @@ local function start_attempt(prefix, jid, nid, pool, now)
   rcall('SADD', prefix .. 'node:' .. nid .. ':jobs', jid)
   local node_hub = rcall('HGET', prefix .. 'node:' .. nid, 'hub') or ''
   local j = rcall('HMGET', jkey, 'session', 'src', 'tgt')
-  rcall('HSET', prefix .. 'session:' .. j[1], 'pool', pool, 'node', nid, 'pair', j[2] .. ':' .. j[3])
+  -- Only while the session's hash lives: recreating an expired one would leave
+  -- a key without a TTL (dispatch_task writes the hash and its TTL first).
+  local skey = prefix .. 'session:' .. j[1]
+  if rcall('EXISTS', skey) == 1 then
+    rcall('HSET', skey, 'pool', pool, 'node', nid, 'pair', j[2] .. ':' .. j[3])
+  end
   return attempt, node_hub
 end
 
@@ -258,7 +265,7 @@ end
 -- Takes a node out of dispatch for good and settles each of its jobs.
 local function lose_node(prefix, nid, now, max_attempts, ttl, events)
   local nkey = prefix .. 'node:' .. nid
-  local f = rcall('HMGET', nkey, 'pools', 'hub')
+  local f = rcall('HMGET', nkey, 'pools', 'hub', 'epoch')
   for _, p in ipairs(split(f[1])) do
     rcall('ZREM', prefix .. 'free:' .. p, nid)
     rcall('SREM', prefix .. 'pool:' .. p .. ':nodes', nid)
@@ -271,6 +278,15 @@ local function lose_node(prefix, nid, now, max_attempts, ttl, events)
     lose_job(prefix, jid, nid, f[2] or '', now, max_attempts, ttl, 'NODE_LOST', events)
   end
   rcall('DEL', nkey, nkey .. ':jobs')
+  -- A tombstone keeps the last epoch, so the node's next registration gets a
+  -- newer one and a late node_lost or heartbeat of this connection is refused
+  -- (STALE_EPOCH) instead of taking the new connection down.
+  if f[3] then
+    rcall('HSET', nkey, 'state', 'lost', 'epoch', f[3])
+    rcall('PEXPIRE', nkey, 86400000)
+  end
+  -- The node's hub closes the connection if it is still open (silent node).
+  events[#events + 1] = { 'lost', f[2] or '', nid, tonumber(f[3]) or 0 }
   stat(prefix, 'nodes_lost')
 end
 
