@@ -520,6 +520,21 @@ class Hub:
         self._send_session(e.session_hub, e.session_id, frame, ended=e.job_id)
         self.metrics.ended.labels(e.status, e.error or "").inc()
 
+    async def _bounded(
+        self, link: NodeLink | SessionLink, limit: int, coro: Coroutine[Any, Any, None]
+    ) -> None:
+        """Run a frame's script call in the background, at most ``limit`` per connection.
+
+        Frames of many connections then share pipelines; past the limit the
+        connection's reader waits (backpressure) instead of piling up tasks.
+        The coroutine decrements ``link.pending`` when it ends.
+        """
+        link.pending += 1
+        if link.pending > limit:
+            await coro
+        else:
+            self._spawn(coro)
+
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -638,11 +653,7 @@ class Hub:
             kind = type(frame)
             if kind is proto.NodeResult:
                 assert isinstance(frame, proto.NodeResult)
-                if link.pending >= limit:
-                    await self._complete(link, frame)
-                else:
-                    link.pending += 1
-                    self._spawn(self._complete(link, frame))
+                await self._bounded(link, limit, self._complete(link, frame))
             elif kind is proto.NodePartial:
                 assert isinstance(frame, proto.NodePartial)
                 self._partial(link, frame)
@@ -828,11 +839,7 @@ class Hub:
             kind = type(frame)
             if kind is proto.SubmitJob:
                 assert isinstance(frame, proto.SubmitJob)
-                if link.pending >= limit:
-                    await self._submit(link, frame)
-                else:
-                    link.pending += 1
-                    self._spawn(self._submit(link, frame))
+                await self._bounded(link, limit, self._submit(link, frame))
             elif kind is proto.CancelJob:
                 assert isinstance(frame, proto.CancelJob)
                 await self._cancel(link, frame)
