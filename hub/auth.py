@@ -48,7 +48,7 @@ class NodeGrant:
             if pattern.endswith("*"):
                 if node_id.startswith(pattern[:-1]):
                     return True
-            elif hmac.compare_digest(pattern, node_id):
+            elif hmac.compare_digest(pattern.encode(), node_id.encode()):  # str: ASCII only
                 return True
         return False
 

@@ -7,9 +7,10 @@ envelopes::
     kind (1 byte) | uint32 big-endian meta length | meta (JSON) | frame
 
 ``kind`` is ``N`` (frame for a node), ``S`` (frame for a session) or ``C``
-(control: close a node connection). Delivery is at most once: a message for
-a hub that is down is lost, which is why results also stay in Redis for the
-session's resume (protocol.md §8).
+(control: close a node connection with the code in meta ``c``, 4004 lost,
+else 4002 replaced). Delivery is at most once: a message for a hub that is
+down is lost, which is why results also stay in Redis for the session's
+resume (protocol.md §8).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class Bus:
         self._flushing = False
         self._task: asyncio.Task[None] | None = None
         self._flush_tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     # Public methods
 
@@ -104,6 +106,8 @@ class Bus:
 
     async def close(self) -> None:
         """Stop listening and wait for publishes in flight."""
+        # The flag ends the loops even when redis-py swallows the cancel (Python 3.11).
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -145,13 +149,13 @@ class Bus:
 
     async def _listen(self) -> None:
         delay = 0.05
-        while True:
+        while not self._closed:
             pubsub = self.subscriber.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 self.subscribed.set()
                 delay = 0.05
-                while True:
+                while not self._closed:
                     msg = await pubsub.get_message(timeout=1.0)
                     if msg is not None and msg.get("type") == "message":
                         try:

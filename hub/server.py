@@ -18,6 +18,7 @@ import hmac
 import http
 import ipaddress
 import logging
+import re
 import secrets
 import signal
 import time
@@ -172,7 +173,9 @@ class Hub:
         self._per_ip: dict[str, int] = {}
         self._connections = 0
         self._closing = False
+        self._stopping = False
         self._send_limit = settings.send_buffer_bytes
+        self._too_slow: set[ServerConnection] = set()
         self.debug = logger.isEnabledFor(logging.DEBUG)
 
     # Public methods
@@ -206,6 +209,7 @@ class Hub:
             close_timeout=2,
             ssl=ssl_context,
             server_header=None,
+            logger=_RedactingLogger(logging.getLogger("websockets.server")),
         )
         sockets = list(self.server.sockets)
         if sockets:
@@ -257,6 +261,7 @@ class Hub:
         for handle in self._gone.values():
             handle.cancel()
         self._gone.clear()
+        self._stopping = True
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -372,6 +377,7 @@ class Hub:
             logger.error("! connection handler failed", exc_info=True)
             await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
+            self._too_slow.discard(ws)
             self._connections -= 1
             left = self._per_ip[ip] - 1
             if left:
@@ -384,9 +390,12 @@ class Hub:
     def _push(self, ws: ServerConnection, frame: str | bytes) -> bool:
         """Queue a frame on a connection; close it if its buffer is over the limit."""
         transport = ws.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or ws in self._too_slow:
             return False
         if transport.get_write_buffer_size() > self._send_limit:
+            # Once: the close frame waits behind the full buffer, and frames
+            # keep coming meanwhile.
+            self._too_slow.add(ws)
             self.metrics.slow_closed.inc()
             logger.warning("! closing a connection whose send buffer is full")
             self._spawn(ws.close(CloseCode.TOO_SLOW, "too slow: send buffer full"))
@@ -454,7 +463,11 @@ class Hub:
         elif kind == b"C":
             link = self.nodes.get(meta["n"])
             if link is not None and link.epoch == meta["e"]:
-                self._spawn(link.ws.close(CloseCode.REPLACED, "replaced by a newer connection"))
+                if meta.get("c") == CloseCode.LOST:
+                    link.closing = True
+                    self._spawn(link.ws.close(CloseCode.LOST, "lost: register again"))
+                else:
+                    self._spawn(link.ws.close(CloseCode.REPLACED, "replaced by a newer connection"))
 
     def _route(self, events: tuple[Event, ...]) -> None:
         for event in events:
@@ -486,9 +499,19 @@ class Hub:
                 if event.hub == self.hub_id and link is not None and link.epoch == event.epoch:
                     link.closing = True
                     self._spawn(link.ws.close(CloseCode.LOST, "lost: register again"))
+                elif event.hub and event.hub != self.hub_id:
+                    # The sweep ran here; the node's socket is on another hub.
+                    self.bus.publish(
+                        self.keys.channel(event.hub),
+                        encode_envelope(
+                            b"C", {"n": event.node_id, "e": event.epoch, "c": CloseCode.LOST}, b""
+                        ),
+                    )
             elif type(event) is NodeDrained:
                 link = self.nodes.get(event.node_id)
-                if link is not None:
+                if link is not None and self._closing:
+                    self._spawn(link.ws.close(CloseCode.GOING_AWAY, "hub shutting down"))
+                elif link is not None:
                     self._spawn(link.ws.close(CloseCode.DRAINED, "drained"))
 
     def _route_dispatch(self, d: Dispatch) -> None:
@@ -693,7 +716,11 @@ class Hub:
         self._route(done.events)
         if done.drained:
             link.closing = True
-            self._spawn(link.ws.close(CloseCode.DRAINED, "drained"))
+            # protocol.md §7: a node the hub drained for its shutdown gets 1001, not 4003.
+            if self._closing:
+                self._spawn(link.ws.close(CloseCode.GOING_AWAY, "hub shutting down"))
+            else:
+                self._spawn(link.ws.close(CloseCode.DRAINED, "drained"))
 
     def _partial(self, link: NodeLink, frame: proto.NodePartial) -> None:
         route = link.jobs.get(frame.job_id)
@@ -770,6 +797,19 @@ class Hub:
         if session_id is None:
             return
         link = SessionLink(ws, session_id, self.settings, self.limits, grant)
+        # Every session is recorded when it opens (its hub, for results), so a
+        # resume can tell an expired session from one that never sent a job.
+        try:
+            known, open_jobs, missed = await self.scheduler.resume_session(session_id)
+        except RedisUnavailable:
+            await ws.close(CloseCode.TRY_AGAIN_LATER, "redis unavailable")
+            return
+        if resumed and not known and grant.session_id is None:
+            # protocol.md §8: nothing is left of the session; it must start afresh.
+            await ws.close(CloseCode.BAD_RESUME_TOKEN, "session expired")
+            return
+        for jid, ref, _status in open_jobs:
+            link.conn.reopen(ref, JobId(jid))
         old = self.sessions.get(session_id)
         self.sessions[session_id] = link
         if old is not None:
@@ -781,8 +821,8 @@ class Hub:
         self._push(
             ws, proto.encode_welcome(session_id, self.hub_id, self._resume_token(session_id))
         )
-        if resumed:
-            await self._resume(link)
+        for e in missed:
+            self._push(ws, proto.encode_result(e.ref, JobId(e.job_id), e.status, e.result, e.error))
         try:
             await self._session_loop(link)
         finally:
@@ -806,23 +846,11 @@ class Hub:
         if wanted is None:
             return SessionId(secrets.token_urlsafe(12)), False
         token = query.get("resume_token", [""])[0]
-        if not hmac.compare_digest(token, self._resume_token(wanted)):
+        # Bytes: compare_digest raises TypeError on non-ASCII str.
+        if not hmac.compare_digest(token.encode(), self._resume_token(wanted).encode()):
             await ws.close(CloseCode.BAD_RESUME_TOKEN, "bad resume token")
             return None, False
         return SessionId(wanted), True
-
-    async def _resume(self, link: SessionLink) -> None:
-        try:
-            _, open_jobs, ended = await self.scheduler.resume_session(link.session_id)
-        except RedisUnavailable:
-            await link.ws.close(CloseCode.TRY_AGAIN_LATER, "redis unavailable")
-            return
-        for jid, ref, _status in open_jobs:
-            link.conn.reopen(ref, JobId(jid))
-        for e in ended:
-            self._push(
-                link.ws, proto.encode_result(e.ref, JobId(e.job_id), e.status, e.result, e.error)
-            )
 
     async def _session_loop(self, link: SessionLink) -> None:
         ws = link.ws
@@ -969,7 +997,9 @@ class Hub:
     async def _redis_watch(self) -> None:
         """Keep ``ready`` true exactly while Redis answers and the scripts are loaded."""
         delay = 0.05
-        while True:
+        # Not "while True": on Python 3.11, redis-py's asyncio.wait_for() can swallow
+        # the cancel of close(), and this loop would outlive the hub.
+        while not self._stopping:
             try:
                 if not self.ready:
                     await self._load_secret()
@@ -1007,7 +1037,7 @@ class Hub:
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval_ms / 1000
-        while True:
+        while not self._stopping:
             await asyncio.sleep(interval)
             for link in list(self.nodes.values()):
                 if link.node_id is None or link.closing:
@@ -1057,7 +1087,7 @@ class Hub:
         interval = self.settings.sweep_interval_ms / 1000
         idle = self.settings.session_idle_timeout_s
         next_idle_check = time.monotonic() + 1
-        while True:
+        while not self._stopping:
             await asyncio.sleep(interval)
             if self.ready:
                 try:
@@ -1119,6 +1149,21 @@ def _respond(
         ]
     )
     return Response(status.value, status.phrase, headers, body)
+
+
+class _RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """websockets' logger minus credentials: at DEBUG it logs request lines and headers."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level == logging.DEBUG and msg == "< %s: %s" and len(args) == 2:
+            if str(args[0]).lower() in ("authorization", "cookie"):
+                args = (args[0], "***")
+        elif level == logging.DEBUG and msg == "< %s %s %s" and len(args) == 3:
+            args = (args[0], _TOKEN_IN_QUERY.sub(r"\1***", str(args[1])), args[2])
+        super().log(level, msg, *args, **kwargs)
+
+
+_TOKEN_IN_QUERY = re.compile(r"([?&](?:token|resume_token)=)[^&]*")
 
 
 def _peer_ip(ws: ServerConnection) -> str:

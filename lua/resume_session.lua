@@ -1,6 +1,7 @@
 --[[
-  A session reconnects (to this hub or another) within the resume window:
-  route its future results here, and return what it missed.
+  A session connects: record which hub holds its socket. When it reconnects
+  (to this hub or another) within the resume window, also return what it
+  missed.
 
   KEYS[1]  session hash        hub:v1:{c}:session:<session_id>
   KEYS[2]  session's jobs set  hub:v1:{c}:session:<session_id>:jobs
@@ -25,7 +26,7 @@ local prefix = ARGV[1]
 local sid = ARGV[2]
 
 local known = rcall('EXISTS', session_key, session_jobs_key, done_key)
-rcall('HSET', session_key, 'hub', ARGV[3])
+rcall('HSET', session_key, 'hub', ARGV[3], 'seen', 1)
 rcall('PEXPIRE', session_key, tonumber(ARGV[4]))
 if known == 0 then return { 0, {}, {} } end
 

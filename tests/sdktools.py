@@ -1,0 +1,35 @@
+"""Helpers of the SDK, CLI and browser tests: in-process hubs on a test cell.
+
+Import as ``from sdktools import running_hub`` (``tests/`` is on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from helpers import MS
+
+from hub.client import Backoff
+from hub.config import Settings
+from hub.server import Hub
+
+__all__ = ["FAST_BACKOFF", "running_hub"]
+
+FAST_BACKOFF = Backoff(min_s=20 * MS, max_s=200 * MS)
+"""Reconnection delays short enough for tests."""
+
+
+@contextlib.asynccontextmanager
+async def running_hub(redis_url: str, cell: str, **settings: Any) -> AsyncIterator[Hub]:
+    """A started, ready hub on 127.0.0.1 (port 0 unless given), closed afterwards."""
+    values: dict[str, Any] = {"port": 0, "cell": cell, "shutdown_grace_s": 0.0}
+    values.update(settings)
+    hub = Hub(Settings(**values), redis_url)
+    try:
+        await hub.start()
+        await hub.wait_ready(5000 * MS)
+        yield hub
+    finally:
+        await hub.close()
