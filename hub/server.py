@@ -40,7 +40,7 @@ from . import protocol as proto
 from .auth import OPEN_NODE, OPEN_SESSION, Authenticator, NodeGrant, SessionGrant
 from .bus import Bus, decode_envelope, encode_envelope
 from .config import ConfigError, RedisDSN, Settings
-from .errors import ClientError, RedisUnavailable, SchedulingError, Unauthorized
+from .errors import ClientError, ErrorCode, RedisUnavailable, SchedulingError, Unauthorized
 from .keys import Keys
 from .metrics import Metrics
 from .protocol import CloseCode, JobId, NodeId, SessionId
@@ -1079,7 +1079,12 @@ class Hub:
         for beat, code in zip(beats, codes, strict=True):
             if code < 0:
                 link = self.nodes.get(beat.node_id)
-                if link is not None and link.epoch == beat.epoch:
+                if link is not None and link.epoch == beat.epoch and code == ErrorCode.STALE_EPOCH:
+                    # protocol.md §7: a newer connection holds the id; 4004 would
+                    # make the old one reconnect and take it back.
+                    link.closing = True
+                    self._spawn(link.ws.close(CloseCode.REPLACED, "replaced by a newer connection"))
+                elif link is not None and link.epoch == beat.epoch:
                     link.closing = True
                     self._spawn(link.ws.close(CloseCode.LOST, "lost: register again"))
 

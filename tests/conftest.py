@@ -29,20 +29,33 @@ Fixtures (STYLE.md §8: a real server, a fresh key prefix per test):
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as sync_redis
-from helpers import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, RedisProcess, client_for, glob_escape
+from helpers import (
+    CONNECT_TIMEOUT_S,
+    MS,
+    SOCKET_TIMEOUT_S,
+    RedisProcess,
+    client_for,
+    glob_escape,
+)
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry as SyncRetry
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
 
+from hub.config import Settings
 from hub.embedded import find_redis_server
 from hub.keys import Keys
+from hub.server import Hub
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -150,3 +163,110 @@ def spawn_redis(
     finally:
         for server in started:
             server.stop()
+
+
+# End-to-end server fixtures (tests/test_server*.py, tests/test_two_hubs.py)
+
+HUB_TEST_SETTINGS: dict[str, Any] = {
+    "host": "127.0.0.1",
+    "port": 0,
+    "heartbeat_interval_ms": 100,
+    # Ten pings: a busy test machine never loses a node by accident. The
+    # tests of lost nodes set a short lease themselves.
+    "node_lease_ms": round(1_000_000 * MS),
+    "sweep_interval_ms": 50,
+    "register_timeout_s": 2.0,
+    "resume_window_s": 0.0,
+    "shutdown_grace_s": 2.0,
+    "redis_timeout_s": 1.0,
+    "session_rate_per_s": None,
+}
+"""Settings of test hubs: fast heartbeats and sweeps, no resume window."""
+
+
+@pytest.fixture
+async def make_hub(
+    redis_server: RedisProcess, keys: Keys
+) -> AsyncIterator[Callable[..., Awaitable[Hub]]]:
+    """Factory of started, ready hubs on the test's cell; each is closed at teardown.
+
+    ``await make_hub(redis_url=None, **settings)``: ``settings`` override
+    :data:`HUB_TEST_SETTINGS`; ``redis_url`` defaults to ``redis_server``.
+    (uvicorn ``tests/utils.py`` ``run_server``; arq's ``worker`` factory.)
+    """
+    hubs: list[Hub] = []
+
+    async def make(redis_url: str | None = None, **overrides: Any) -> Hub:
+        settings = Settings(**({"cell": keys.cell} | HUB_TEST_SETTINGS | overrides))
+        hub = Hub(settings, redis_url or redis_server.url)
+        hubs.append(hub)
+        await hub.start()
+        await hub.wait_ready(timeout_s=10_000 * MS)
+        return hub
+
+    try:
+        yield make
+    finally:
+        for hub in reversed(hubs):
+            closing = asyncio.create_task(hub.close())
+            done, _ = await asyncio.wait([closing], timeout=15_000 * MS)
+            if not done:
+                where = "\n".join(_awaiting(closing))
+                tasks = [task for task in asyncio.all_tasks() if task is not closing]
+                others = "\n\n".join("\n".join(_awaiting(task)) for task in tasks)
+                closing.cancel()
+                raise AssertionError(f"hub.close() hung at:\n{where}\nother tasks:\n{others}")
+            closing.result()
+
+
+def _awaiting(task: asyncio.Task[Any]) -> list[str]:
+    """Where a task waits: its chain of awaited coroutines, outermost first."""
+    lines = [repr(task)]
+    coro: Any = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is not None:
+            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+    return lines
+
+
+@pytest.fixture
+async def hub(make_hub: Callable[..., Awaitable[Hub]]) -> Hub:
+    """One hub with :data:`HUB_TEST_SETTINGS`."""
+    return await make_hub()
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[..., Awaitable[ClientConnection]]]:
+    """Factory of WebSocket clients, closed at teardown.
+
+    ``await connect(hub, "/v1/node", **kwargs)``: ``kwargs`` go to
+    ``websockets.asyncio.client.connect`` (bounded open and close timeouts,
+    no compression).
+    """
+    clients: list[ClientConnection] = []
+
+    async def open_client(hub: Hub, path: str, **kwargs: Any) -> ClientConnection:
+        options: dict[str, Any] = {
+            "open_timeout": 2000 * MS,
+            "close_timeout": 500 * MS,
+            "compression": None,
+        } | kwargs
+        ws = await ws_connect(f"ws://127.0.0.1:{hub.port}{path}", **options)
+        clients.append(ws)
+        return ws
+
+    try:
+        yield open_client
+    finally:
+        for ws in clients:
+            transport = ws.transport
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()
+            try:
+                # close() waits for its close frame to be written: bound it.
+                async with asyncio.timeout(1000 * MS):
+                    await ws.close()
+            except TimeoutError:
+                ws.transport.abort()
