@@ -116,7 +116,7 @@ class Settings:
     """Allow open mode (no auth) on a non-loopback address."""
 
     # Redis
-    redis_url: str | None = None
+    redis_url: str | None = dataclasses.field(default=None, repr=False)
     """``redis://``, ``rediss://`` or ``unix://``; ``None`` starts an embedded server."""
     data_dir: str = ".hub-data"
     """Directory of the embedded Redis server (socket, append-only file)."""
@@ -189,15 +189,15 @@ class Settings:
     too slow and is closed (4005)."""
 
     # Auth
-    node_secret: str | None = None
+    node_secret: str | None = dataclasses.field(default=None, repr=False)
     """Shared fleet secret for nodes (``Authorization: Bearer``); ``None`` is open."""
-    node_token_key: str | None = None
+    node_token_key: str | None = dataclasses.field(default=None, repr=False)
     """HS256 key of per-node JWTs naming the ids a node may use."""
-    session_jwt_key: str | None = None
+    session_jwt_key: str | None = dataclasses.field(default=None, repr=False)
     """HS256 secret or EdDSA public key (PEM) that signs session tokens."""
     session_jwt_algorithm: str = "HS256"
     """``HS256`` or ``EdDSA``."""
-    resume_secret: str | None = None
+    resume_secret: str | None = dataclasses.field(default=None, repr=False)
     """Key of the sessions' resume tokens; ``None`` shares a random one through Redis."""
     allowed_origins: tuple[str, ...] | None = None
     """Origin allowlist for browser sessions; ``None`` accepts any origin."""

@@ -679,7 +679,8 @@ class Hub:
                 await self._bounded(link, limit, self._complete(link, frame))
             elif kind is proto.NodePartial:
                 assert isinstance(frame, proto.NodePartial)
-                self._partial(link, frame)
+                if not self._partial(link, frame):
+                    await self._bounded(link, limit, self._partial_lookup(link, frame))
             elif kind is proto.Load:
                 assert isinstance(frame, proto.Load)
                 link.load = frame.load
@@ -722,45 +723,52 @@ class Hub:
             else:
                 self._spawn(link.ws.close(CloseCode.DRAINED, "drained"))
 
-    def _partial(self, link: NodeLink, frame: proto.NodePartial) -> None:
+    def _partial(self, link: NodeLink, frame: proto.NodePartial) -> bool:
+        """Relay a partial whose route this hub knows; False when Redis must be asked."""
         route = link.jobs.get(frame.job_id)
-        if route is None or (route.attempt and route.attempt != frame.attempt):
+        if route is None or not route.session_id:
+            return False
+        if route.attempt != frame.attempt:
             self._push(
                 link.ws,
-                proto.encode_error(
-                    frame.job_id,
-                    "STALE_ATTEMPT" if route else "UNKNOWN_JOB",
-                    "no such attempt on this node",
-                ),
+                proto.encode_error(frame.job_id, "STALE_ATTEMPT", "not the job's current attempt"),
             )
-            return
-        if not route.session_id:
-            self._spawn(self._partial_resumed(link, frame))
-            return
+            return True
         self._send_session(
             route.session_hub,
             route.session_id,
             proto.encode_partial(route.ref, JobId(frame.job_id), frame.result),
         )
+        return True
 
-    async def _partial_resumed(self, link: NodeLink, frame: proto.NodePartial) -> None:
+    async def _partial_lookup(self, link: NodeLink, frame: proto.NodePartial) -> None:
+        """A partial for a job this connection has no route for: a job resumed after a
+        reconnection, or one that is not (or no longer) this node's (protocol.md §6)."""
         try:
             job = await self.scheduler.job(frame.job_id)
+            session = await self.redis.hget(self.keys.session(job.get("session", "")), "hub")
         except (redis_errors.RedisError, OSError):
             return
-        if job.get("node") != link.node_id or job.get("status") != "running":
+        finally:
+            link.pending = max(0, link.pending - 1)
+        code = None
+        if not job:
+            code, message = "UNKNOWN_JOB", "no such job"
+        elif job.get("node") != link.node_id:
+            if f",{link.node_id}@" in job.get("hist", ""):
+                code, message = "STALE_ATTEMPT", "the job moved to another node"
+            else:
+                code, message = "NODE_MISMATCH", "the job was not dispatched to this node"
+        elif job.get("status") != "running" or job.get("attempt") != str(frame.attempt):
+            code, message = "STALE_ATTEMPT", "the attempt is stale or the job has ended"
+        if code is not None:
+            self._push(link.ws, proto.encode_error(frame.job_id, code, message))
             return
-        session_id = job.get("session", "")
-        session = await self.redis.hget(self.keys.session(session_id), "hub")
         session_hub = session.decode() if isinstance(session, bytes) else job.get("shub", "")
-        route = _Route(int(job.get("attempt", "0")), session_id, session_hub, job.get("ref", ""))
-        link.jobs[frame.job_id] = route
-        if route.attempt == frame.attempt:
-            self._send_session(
-                route.session_hub,
-                route.session_id,
-                proto.encode_partial(route.ref, JobId(frame.job_id), frame.result),
-            )
+        link.jobs[frame.job_id] = _Route(
+            frame.attempt, job.get("session", ""), session_hub, job.get("ref", "")
+        )
+        self._partial(link, frame)
 
     async def _drain(self, link: NodeLink) -> None:
         assert link.node_id is not None

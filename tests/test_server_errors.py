@@ -628,11 +628,6 @@ async def test_node_partial_for_a_stale_attempt_is_stale_attempt(fleet: Fleet) -
     await fleet.still_serving()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hub/server.py _partial answers UNKNOWN_JOB for any job not routed to this "
-    "connection; protocol.md §6 says NODE_MISMATCH / STALE_ATTEMPT",
-)
 async def test_node_partial_for_another_nodes_job_is_node_mismatch(fleet: Fleet) -> None:
     other = await open_node(fleet.connect, fleet.hub, "gpu-2", languages=["de", "ja"])
     await submit(fleet.session, "c-1")
@@ -646,11 +641,6 @@ async def test_node_partial_for_another_nodes_job_is_node_mismatch(fleet: Fleet)
     await fleet.still_serving()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hub/server.py _partial answers UNKNOWN_JOB for any job not routed to this "
-    "connection; protocol.md §6 says NODE_MISMATCH / STALE_ATTEMPT",
-)
 async def test_node_partial_after_the_result_is_stale_attempt(fleet: Fleet) -> None:
     await submit(fleet.session, "c-1")
     await expect(fleet.session, "accepted", ref="c-1")
