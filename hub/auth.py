@@ -124,6 +124,9 @@ class Authenticator:
         key = self.settings.session_jwt_key
         assert key is not None
         claims = _decode(token, key, self.settings.session_jwt_algorithm)
+        if "node_ids" in claims:
+            # A node token is not a session token, even under a shared key.
+            raise Unauthorized("a node token cannot open a session")
         return _session_grant(claims)
 
 

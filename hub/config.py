@@ -244,6 +244,15 @@ class Settings:
             raise ConfigError(
                 "session_jwt_algorithm", self.session_jwt_algorithm, "must be HS256 or EdDSA"
             )
+        # RFC 7518 §3.2: an HS256 key must be at least as long as the hash (32 bytes).
+        if self.node_token_key is not None and len(self.node_token_key.encode()) < 32:
+            raise ConfigError("node_token_key", "***", "an HS256 key needs at least 32 bytes")
+        if (
+            self.session_jwt_key is not None
+            and self.session_jwt_algorithm == "HS256"
+            and len(self.session_jwt_key.encode()) < 32
+        ):
+            raise ConfigError("session_jwt_key", "***", "an HS256 key needs at least 32 bytes")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert", self.tls_cert, "tls_cert and tls_key go together")
 

@@ -319,6 +319,10 @@ class Hub:
             return _respond(
                 http.HTTPStatus.TOO_MANY_REQUESTS, b"too many connections from this address\n"
             )
+        if path == "/v1/node" and "Origin" in request.headers:
+            # Nodes are never browsers: a web page must not reach the node endpoint.
+            self.metrics.refused.labels("ORIGIN").inc()
+            return _respond(http.HTTPStatus.FORBIDDEN, b"browsers cannot connect as nodes\n")
         if path == "/v1/session" and s.allowed_origins is not None:
             origin = request.headers.get("Origin")
             if origin is not None and origin not in s.allowed_origins:

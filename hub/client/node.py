@@ -56,8 +56,9 @@ _FATAL_CLOSE_CODES = frozenset(
     {CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG, CloseCode.REPLACED}
 )
 _FATAL_HTTP_STATUSES = frozenset({401, 403})
-_RESULT_RETRIES = 5
-"""Times a result refused with ``UNAVAILABLE`` is sent again."""
+_RESULT_RETRY_S = 120.0
+"""How long a result refused with ``UNAVAILABLE`` is sent again: as long as Redis
+may plausibly be down (a count of tries would depend on the backoff)."""
 _RECENT_RESULTS_S = 60.0
 """How long a sent result is kept, in case the hub answers ``UNAVAILABLE``."""
 _MAX_RESUME = 256
@@ -114,6 +115,8 @@ class _Sent:
     frame: str
     sent_at: float
     tries: int = 0
+    refused_at: float | None = None
+    """When the hub first answered ``UNAVAILABLE`` for it."""
 
 
 class NodeClient:
@@ -557,7 +560,9 @@ class NodeClient:
                 break
             del self._recent[oldest]
         previous = self._recent.pop(job_id, None)
-        self._recent[job_id] = _Sent(frame, now, previous.tries if previous else 0)
+        self._recent[job_id] = _Sent(
+            frame, now, previous.tries if previous else 0, previous.refused_at if previous else None
+        )
 
     def _on_error(self, frame: dict[str, Any]) -> None:
         code, job_id = frame.get("code"), frame.get("ref")
@@ -565,7 +570,10 @@ class NodeClient:
             # protocol.md §6: Redis was down, the result did not count: retry.
             sent = self._recent[job_id]
             sent.tries += 1
-            if sent.tries > _RESULT_RETRIES:
+            now = time.monotonic()
+            if sent.refused_at is None:
+                sent.refused_at = now
+            if now - sent.refused_at > _RESULT_RETRY_S:
                 logger.warning("! node %s gave up sending the result of %s", self.node_id, job_id)
                 del self._recent[job_id]
                 return
