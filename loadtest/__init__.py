@@ -1,0 +1,1 @@
+"""Load tests and benchmarks of the hub; outside the package, never imported by hub/."""

@@ -1,0 +1,433 @@
+"""``python -m loadtest``: thousands of simulated sessions and nodes against real hubs.
+
+Usage::
+
+    python -m loadtest [--sessions 1000] [--nodes 40] [--duration 30]
+        [--scenario steady|burst|overload|churn] [--url ws://HOST:PORT ...]
+        [--hubs N] [--service-time-ms 50..300] [--job-interval-ms 1000]
+        [--max-jobs 8] [--audio-bytes 16000] [--processes K] [--out DIR]
+        [--uvloop | --no-uvloop] ...
+
+Without ``--url`` it starts the system under test itself: an embedded Redis
+and N hub processes (``hub serve --port 0``). Load comes from K worker
+processes (:mod:`loadtest.worker`). Phases, each bounded in time:
+
+1. start Redis and the hubs; read hub RSS before any connection;
+2. workers open every node connection, then every session connection;
+   read hub RSS again (idle connections);
+3. ``go``: sessions send for ``--duration`` seconds; a status line every
+   second; hub, Redis and harness CPU are read at the start and the end;
+4. drain: wait up to ``--drain-s`` for the last results;
+5. close everything, write ``report.json`` and ``report.html`` in ``--out``,
+   print the table. Exit status 0 when the verdict is OK, 1 otherwise, 2
+   when the run could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import report as reporting
+from .control import Status, WorkerProcess, raise_fd_limit, start_workers
+from .hubs import (
+    REPO_ROOT,
+    Fleet,
+    HubProcess,
+    cpu_seconds,
+    load_average,
+    machine_busy_s,
+    rss_kb,
+)
+from .scenarios import SCENARIOS, Plan, ServiceTime, overload_interval_ms
+from .stats import Stats
+
+__all__ = ["main"]
+
+STATUS_INTERVAL_S = 1.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest",
+        description="Load-test lockless-hub with simulated sessions and nodes.",
+    )
+    p.add_argument("--scenario", choices=SCENARIOS, default="steady")
+    p.add_argument("--sessions", type=int, default=1000, help="simulated sessions (default 1000)")
+    p.add_argument("--nodes", type=int, default=40, help="simulated nodes (default 40)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of load (default 30)")
+    p.add_argument(
+        "--service-time-ms",
+        default="50..300",
+        help="node service time: A..B uniform, A fixed, 0 instant (default 50..300)",
+    )
+    p.add_argument(
+        "--job-interval-ms",
+        type=float,
+        default=None,
+        help="per-session interval between jobs (default 1000; 0: closed loop, "
+        "the next job on each result); overload computes its own",
+    )
+    p.add_argument(
+        "--inflight", type=int, default=1, help="closed loop: jobs in flight per session"
+    )
+    p.add_argument(
+        "--max-outstanding",
+        type=int,
+        default=16,
+        help="open loop: a session with this many unfinished jobs skips its tick",
+    )
+    p.add_argument("--audio-bytes", type=int, default=16000, help="audio per job; 0: text jobs")
+    p.add_argument("--max-jobs", type=int, default=8, help="slots per node (default 8)")
+    p.add_argument("--processes", type=int, default=2, help="load generator processes")
+    p.add_argument("--drain-s", type=float, default=10.0, help="wait for last results (s)")
+    p.add_argument("--churn-per-s", type=float, default=0.05, help="churn: fraction per second")
+    p.add_argument(
+        "--overload-factor", type=float, default=2.0, help="overload: offered / capacity"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (0: random)")
+    p.add_argument(
+        "--url",
+        action="append",
+        default=[],
+        help="hub base URL ws://HOST:PORT (repeatable); default: start hubs",
+    )
+    p.add_argument("--hub-pid", type=int, action="append", default=[], help="external hub pid")
+    p.add_argument("--hubs", type=int, default=1, help="hub processes to start (default 1)")
+    p.add_argument("--redis-url", help="Redis for the started hubs (default: embedded)")
+    p.add_argument(
+        "--redis-aof",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="embedded Redis keeps an append-only file, like hub serve (default on)",
+    )
+    p.add_argument(
+        "--hub-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra setting for the started hubs (repeatable)",
+    )
+    p.add_argument(
+        "--uvloop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the started hubs on uvloop when installed (default on)",
+    )
+    p.add_argument(
+        "--worker-uvloop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the load generators on uvloop when installed (default on)",
+    )
+    p.add_argument(
+        "--hub-cprofile",
+        action="store_true",
+        help="profile the started hubs with cProfile (CPU clock): hub-<i>.pstats in --out",
+    )
+    p.add_argument("--connect-concurrency", type=int, default=32)
+    p.add_argument("--out", type=Path, help="report directory (default loadtest/reports/<time>)")
+    p.add_argument("--quiet", action="store_true", help="no status line")
+    return p
+
+
+def make_plan(args: argparse.Namespace) -> tuple[Plan, dict[str, str]]:
+    """The workers' plan and the started hubs' extra settings."""
+    ServiceTime.parse(args.service_time_ms)  # fail early on bad syntax
+    interval = 1000.0 if args.job_interval_ms is None else args.job_interval_ms
+    plan = Plan(
+        scenario=args.scenario,
+        sessions=args.sessions,
+        nodes=args.nodes,
+        duration_s=args.duration,
+        service_time=args.service_time_ms,
+        job_interval_ms=interval,
+        inflight=args.inflight,
+        max_outstanding=args.max_outstanding,
+        audio_bytes=args.audio_bytes,
+        max_jobs=args.max_jobs,
+        churn_per_s=args.churn_per_s,
+        drain_s=args.drain_s,
+        connect_timeout_s=30.0 + (args.sessions + args.nodes) / 100,
+        connect_concurrency=args.connect_concurrency,
+        seed=args.seed,
+        worker_uvloop=args.worker_uvloop,
+    )
+    settings: dict[str, str] = {}
+    if args.scenario == "overload" and args.job_interval_ms is None:
+        plan = Plan.from_json(
+            {**plan.to_json(), "job_interval_ms": overload_interval_ms(plan, args.overload_factor)}
+        )
+    if args.scenario == "burst":
+        # A burst of `sessions` jobs should queue, not be refused.
+        settings["queue_max"] = str(max(1000, args.sessions))
+        settings["max_queued_per_session"] = "64"
+    for item in args.hub_set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--hub-set expects NAME=VALUE, got {item!r}")
+        settings[name.strip()] = value
+    return plan, settings
+
+
+def connections_per_hub(plan: Plan, hubs: int) -> list[int]:
+    return [
+        len(range(i, plan.nodes, hubs)) + len(range(i, plan.sessions, hubs)) for i in range(hubs)
+    ]
+
+
+async def run(args: argparse.Namespace) -> int:
+    plan, settings = make_plan(args)
+    out_dir: Path = args.out
+    raise_fd_limit()
+    quiet = args.quiet
+    say = (lambda *_: None) if quiet else (lambda text: print(text, flush=True))
+
+    capacity = plan.capacity_per_s()
+    offered = plan.offered_per_s()
+    say(
+        f"loadtest {plan.scenario}: {plan.sessions} sessions, {plan.nodes} nodes x "
+        f"{plan.max_jobs} slots, {plan.duration_s:g} s"
+        + (f", offered {offered:,.0f} jobs/s" if offered else ", closed loop")
+        + (f", node capacity {capacity:,.0f} jobs/s" if capacity else ", instant nodes")
+        + f"; report in {out_dir}"
+    )
+    if offered and capacity and offered > 0.9 * capacity and plan.scenario != "overload":
+        say(
+            f"warning: offered load is {100 * offered / capacity:.0f}% of the nodes' capacity; "
+            "expect queueing (raise --nodes or --max-jobs)"
+        )
+
+    fleet: Fleet | None = None
+    hubs: list[HubProcess]
+    workers: list[WorkerProcess] = []
+    status = Status(args.processes, quiet)
+    samples: dict[str, Any] = {}
+    finals: list[dict[str, Any]] = []
+    window_s = 0.0
+    harness_pids: list[int] = []
+
+    def harness_cpu() -> float:
+        own = os.times()
+        total = own.user + own.system
+        for pid in harness_pids:
+            total += cpu_seconds(pid) or 0.0
+        return total
+
+    def sample() -> dict[str, Any]:
+        if fleet is not None:
+            return fleet.sample()
+        return {
+            "hubs": [{"cpu_s": cpu_seconds(p), "rss_kb": rss_kb(p)} for p in args.hub_pid],
+            "redis": {},
+            "machine_busy_s": machine_busy_s(),
+            "loadavg": load_average(),
+        }
+
+    try:
+        if args.url:
+            urls = [u.rstrip("/") for u in args.url]
+            for u in urls:
+                if not any(h in u for h in ("127.", "localhost", "[::1]")):
+                    raise SystemExit(f"--url {u}: only loopback addresses are allowed")
+            hubs = [HubProcess(f"external-{i}", u, None) for i, u in enumerate(urls)]
+        else:
+            fleet = Fleet(
+                args.hubs,
+                out_dir,
+                settings=settings,
+                uvloop=args.uvloop,
+                redis_url=args.redis_url,
+                redis_aof=args.redis_aof,
+                cprofile=args.hub_cprofile,
+            )
+            await fleet.start()
+            hubs = fleet.hubs
+            urls = [h.url for h in hubs]
+            say(
+                f"started {len(hubs)} hub(s) {', '.join(urls)} "
+                f"(pids {', '.join(str(h.pid) for h in hubs)}; redis pid {fleet.redis_pid})"
+            )
+        await asyncio.sleep(0.5)  # let the hubs settle before the baseline
+        samples["baseline"] = sample()
+
+        workers = await start_workers(plan, urls, args.processes, out_dir, status)
+        harness_pids = [w.process.pid for w in workers]
+        started = time.perf_counter()
+        async with asyncio.timeout(plan.connect_timeout_s + 15):
+            readies = await asyncio.gather(*(w.ready for w in workers))
+        opened = sum(r["nodes"] + r["sessions"] for r in readies)
+        failures = sum(r["connect_failures"] for r in readies)
+        say(
+            f"connected {opened:,} of {plan.nodes + plan.sessions:,} in "
+            f"{time.perf_counter() - started:.1f} s"
+            + (f" ({failures} failed: see the report)" if failures else "")
+        )
+        await asyncio.sleep(0.5)
+        samples["connected"] = sample()
+        peak = [h.get("rss_kb") or 0 for h in samples["connected"]["hubs"]]
+
+        go_wall = time.time() + 0.3
+        for w in workers:
+            w.command(f"go {go_wall!r}")
+        await asyncio.sleep(max(0.0, go_wall - time.time()))
+        go_perf = time.perf_counter()
+        samples["go"] = sample()
+        samples["harness_go"] = harness_cpu()
+        cpu_series = samples["cpu_series"] = [
+            {
+                "t": 0.0,
+                "hubs_cpu_s": [h.get("cpu_s") for h in samples["go"]["hubs"]],
+                "redis_cpu_s": samples["go"]["redis"].get("cpu_s"),
+                "harness_cpu_s": samples["harness_go"],
+            }
+        ]
+
+        deadline = go_perf + plan.duration_s + plan.drain_s + 15
+        drained = asyncio.gather(*(w.drained for w in workers), return_exceptions=True)
+        while not drained.done() and time.perf_counter() < deadline:
+            await asyncio.wait([drained], timeout=STATUS_INTERVAL_S)
+            now = time.perf_counter()
+            current = sample()
+            for i, h in enumerate(current["hubs"]):
+                peak[i] = max(peak[i], h.get("rss_kb") or 0)
+            elapsed = now - go_perf
+            cpu_series.append(
+                {
+                    "t": round(elapsed, 3),
+                    "hubs_cpu_s": [h.get("cpu_s") for h in current["hubs"]],
+                    "redis_cpu_s": current["redis"].get("cpu_s"),
+                    "harness_cpu_s": harness_cpu(),
+                }
+            )
+            status.show(elapsed, "load" if elapsed <= plan.duration_s else "drain")
+        status.end()
+        samples["end"] = sample()
+        samples["harness_end"] = harness_cpu()
+        samples["peak_rss_kb"] = peak
+        window_s = time.perf_counter() - go_perf
+        if not drained.done():
+            drained.cancel()
+            say("warning: workers did not finish draining in time")
+
+        for w in workers:
+            w.command("close")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(30):
+                results = await asyncio.gather(*(w.final for w in workers), return_exceptions=True)
+                finals = [r for r in results if isinstance(r, dict)]
+    except TimeoutError:
+        print(f"loadtest: error: workers not connected in time; see {out_dir}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as exc:
+        print(f"loadtest: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        for w in workers:
+            await w.kill()
+        if fleet is not None:
+            await fleet.stop()
+
+    if len(finals) != len(workers):
+        print(
+            f"loadtest: error: {len(workers) - len(finals)} worker(s) sent no results; "
+            f"see {out_dir}/worker-*.log",
+            file=sys.stderr,
+        )
+        return 2
+
+    stats = Stats()
+    for f in finals:
+        stats.merge(Stats.from_json(f["stats"]))
+    meta = {
+        "command": "python -m loadtest " + shlex.join(sys.argv[1:]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "hubs": len(hubs),
+        "hub_pids": [h.pid for h in hubs],
+        "hub_urls": urls,
+        "hub_loop": ("uvloop" if args.uvloop and _has_uvloop() else "asyncio")
+        if fleet is not None
+        else "external",
+        "hub_settings": fleet.settings if fleet is not None else None,
+        "redis_pid": fleet.redis_pid if fleet is not None else None,
+        "worker_loop": "uvloop" if args.worker_uvloop and _has_uvloop() else "asyncio",
+        "worker_pids": harness_pids,
+        "processes": args.processes,
+        "offered_per_s": None if offered is None else round(offered, 1),
+        "capacity_per_s": None if capacity is None else round(capacity, 1),
+        "note": "shared 2-core machine: other work may run at the same time; numbers are noisy",
+    }
+    workers_info = [
+        {"index": f["index"], "cpu": f["cpu"], "connect_failures": f["connect_failures"]}
+        for f in finals
+    ]
+    result = reporting.build(
+        meta=meta,
+        plan=plan.to_json(),
+        stats=stats,
+        samples=samples,
+        workers=workers_info,
+        window_s=window_s,
+        connections=connections_per_hub(plan, len(hubs)),
+    )
+    json_path, html_path = reporting.write(result, out_dir)
+    print(reporting.table(result))
+
+    print(f"\nreport: {json_path}\n        {html_path}")
+    return 0 if result["verdict"]["ok"] else 1
+
+
+def profile_summary(path: Path, top: int = 30) -> str:
+    """The functions of a cProfile dump that used the most CPU themselves, as text."""
+    import io
+    import pstats
+
+    out = io.StringIO()
+    stats = pstats.Stats(str(path), stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.out is None:
+        args.out = REPO_ROOT / "loadtest" / "reports" / time.strftime("%Y%m%d-%H%M%S")
+    args.out = args.out.absolute()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in ("sessions", "nodes", "processes", "max_jobs", "inflight", "hubs"):
+        if getattr(args, name) < (0 if name == "sessions" else 1):
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive")
+    try:
+        rc = asyncio.run(run(args))
+    except KeyboardInterrupt:
+        print("\nloadtest: interrupted", file=sys.stderr)
+        return 130
+    if args.hub_cprofile:
+        for path in sorted(args.out.glob("hub-*.pstats")):
+            text = profile_summary(path)
+            path.with_suffix(".txt").write_text(text)
+            print(f"\n{path.name}, by CPU time in the function itself:\n{text}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

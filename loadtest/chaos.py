@@ -1,0 +1,1551 @@
+"""Chaos run: steady load over several hubs while nodes, hubs and Redis die.
+
+Usage::
+
+    python -m loadtest.chaos [--duration 120] [--hubs 3] [--nodes 20]
+        [--sessions 50] [--seed N] [--out DIR]
+
+It starts an embedded Redis (append-only file on, in a temporary directory),
+``--hubs`` hub processes on one cell (``python -m hub serve``, fixed loopback
+ports outside the ephemeral range, so a killed hub comes back on its own
+address), ``--nodes`` node processes (this module's ``node-worker``: one
+:class:`RotatingNodeClient` each, which tries the hubs in turn when its
+connection drops) and ``--sessions`` :class:`RotatingSessionClient`\\ s in
+this process, spread over the hubs, each submitting jobs at a steady pace.
+
+On a schedule drawn from ``--seed`` it SIGKILLs random nodes and hubs and
+starts them again, and stops and restarts Redis once (SIGTERM, then the same
+data directory). Then it stops the load, waits (bounded) for every job to end
+and the fleet to be idle, and checks the ledger:
+
+- every job submitted got exactly one outcome in its session: a result
+  (finished, or failed with a documented code) or a refusal (error frame);
+  no result reached the application twice; the outcome agrees with the job's
+  record in Redis and a finished result is the one computed for its payload;
+- no node ran the same attempt of a job twice;
+- every node's ``running`` in Redis equals its jobs set and the jobs its
+  process really runs (zero once idle);
+- every key of the cell either has a TTL or is one of the persistent
+  structures listed in :data:`PERSISTENT_KEYS`.
+
+It prints the tally and the failover times, and exits 0 only when the ledger
+is clean (1 otherwise, 2 when the run could not start). Every wait is
+bounded, everything listens on loopback, and only processes it started are
+killed, by pid.
+
+The process tooling (:class:`HubProcess`, :class:`NodeProcess`) and the
+rotating clients are also used by the fault tests (``tests/test_fault_*.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from websockets.asyncio.client import ClientConnection
+
+from hub.client import (
+    Backoff,
+    ClientClosed,
+    ConnectionRejected,
+    JobRefused,
+    NodeClient,
+    ResultTimeout,
+    SessionClient,
+    SessionLost,
+)
+from hub.client.node import Job
+from hub.client.transport import endpoint
+from hub.embedded import EmbeddedRedis, kill_on_parent_death
+from hub.keys import Keys
+from hub.protocol import NODE_PATH, SESSION_PATH
+
+__all__ = [
+    "PERSISTENT_KEYS",
+    "ChaosConfig",
+    "HubProcess",
+    "Ledger",
+    "NodeProcess",
+    "RotatingNodeClient",
+    "RotatingSessionClient",
+    "audit_redis",
+    "http_status",
+    "main",
+    "pick_port",
+    "rss_kb_of",
+    "run_chaos",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+DOCUMENTED_FAILURES = frozenset(
+    {"JOB_TIMEOUT", "NODE_LOST", "CANCELLED", "NO_AVAILABLE_NODE", "INTERNAL"}
+)
+"""protocol.md §4.8: the codes a failed ``result`` may carry."""
+
+DOCUMENTED_REFUSALS = frozenset(
+    {
+        "NO_POOL_FOR_LANG_PAIR",
+        "EMPTY_POOL",
+        "NO_AVAILABLE_NODE",
+        "QUEUE_FULL",
+        "UNAVAILABLE",
+        "TOO_MANY_JOBS",
+        "RATE_LIMITED",
+    }
+)
+"""protocol.md §6: error codes a session's ``job`` may be refused with."""
+
+PERSISTENT_KEYS: dict[str, str] = {
+    "node:<id>": "a live (or draining/offline) node's hash, until it is lost",
+    "free:<pool>": "zset of a pool's live nodes with a free slot",
+    "pool:<pool>:nodes": "set of a pool's live nodes",
+    "lang:<src>:<tgt>": "set of the pools serving a pair (bounded by pools x pairs)",
+    "pools": "set of every pool id registered in the cell",
+    "seen": "zset of live nodes -> last heartbeat (the lease)",
+    "stats": "hash of cell-wide counters",
+    "qdepth": "hash of pool -> queued jobs (0 once idle)",
+    "secret": "the resume-token key shared by the hubs of the cell",
+}
+"""Keys of a cell that may live without a TTL, and why (everything else must expire)."""
+
+_PERSISTENT_PATTERNS = (
+    re.compile(r"node:[^:]+"),
+    re.compile(r"free:[^:]+"),
+    re.compile(r"pool:[^:]+:nodes"),
+    re.compile(r"lang:[^:]+:[^:]+"),
+    re.compile(r"pools|seen|stats|qdepth|secret"),
+)
+_READY_LINE = re.compile(r"ws://127\.0\.0\.1:(\d+)/v1/node")
+
+
+def _now() -> float:
+    """Wall clock, shared by every process of the run (one machine)."""
+    return time.time()
+
+
+# Ports and HTTP
+
+
+def pick_port() -> int:
+    """A free loopback port outside the ephemeral range.
+
+    A killed hub comes back on the same port; a port in the ephemeral range
+    could meanwhile be the local end of some client connection, and the new
+    hub could not bind it.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    lo, hi = (20000, low - 1) if low > 21000 else (high + 1, 65000)
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(lo, hi)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found outside the ephemeral range")
+
+
+async def http_status(port: int, path: str, timeout_s: float = 2.0) -> int | None:
+    """HTTP status of ``GET http://127.0.0.1:<port><path>``, or ``None`` if unreachable."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(
+                    f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+                )
+                await writer.drain()
+                line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except (OSError, TimeoutError):
+        return None
+    parts = line.split()
+    return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+
+
+def rss_kb_of(pid: int | None) -> int | None:
+    """Resident set size of a process in KiB (``VmRSS``), or ``None``."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _child_env() -> dict[str, str]:
+    # PYTHONASYNCIODEBUG (set by the test suite) slows every callback down a lot.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"}
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
+    return env
+
+
+def _log_tail(path: Path, size: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-size:]
+    except OSError:
+        return "(no log)"
+
+
+# Processes
+
+
+class HubProcess:
+    """``python -m hub serve`` as a child process that may be SIGKILLed and started again.
+
+    Args:
+        hub_id: the hub's id (kept across restarts, as a pod name would be).
+        redis_url: the shared Redis.
+        cell: the scheduling cell.
+        log_dir: where ``<hub_id>.log`` goes (appended to across restarts).
+        port: the TCP port; ``None`` picks one with :func:`pick_port`.
+        settings: more ``--set NAME=VALUE`` settings.
+    """
+
+    def __init__(
+        self,
+        hub_id: str,
+        *,
+        redis_url: str,
+        cell: str,
+        log_dir: Path,
+        port: int | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        self.hub_id = hub_id
+        self.redis_url = redis_url
+        self.cell = cell
+        self.log_path = Path(log_dir) / f"{hub_id}.log"
+        self.port = port if port is not None else pick_port()
+        self.settings = dict(settings or {})
+        self.process: asyncio.subprocess.Process | None = None
+        self.starts = 0
+        self._drain: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        """``ws://127.0.0.1:<port>``."""
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def start(self, timeout_s: float = 20.0) -> None:
+        """Start the hub and wait for its start line (not for Redis: see :meth:`wait_ready`).
+
+        Raises:
+            RuntimeError: if it exits or prints no start line in time (its log is quoted).
+        """
+        assert not self.alive, f"hub {self.hub_id} already runs"
+        args = [
+            sys.executable, "-m", "hub", "serve",
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--redis-url", self.redis_url,
+            "--cell", self.cell,
+            "--hub-id", self.hub_id,
+            "--redis-wait-s", "0",
+            "--log-level", "WARNING",
+        ]  # fmt: skip
+        for name, value in self.settings.items():
+            args += ["--set", f"{name}={'none' if value is None else value}"]
+        # A raw descriptor: the child writes its log there, nobody reads a pipe.
+        log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                env=_child_env(),
+                cwd=REPO_ROOT,
+                preexec_fn=kill_on_parent_death(),
+            )
+        finally:
+            os.close(log)
+        self.starts += 1
+        stdout = self.process.stdout
+        assert stdout is not None
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    line = await stdout.readline()
+                    if not line:
+                        raise RuntimeError(
+                            f"hub {self.hub_id} exited at start: {_log_tail(self.log_path)}"
+                        )
+                    match = _READY_LINE.search(line.decode(errors="replace"))
+                    if match:
+                        assert int(match.group(1)) == self.port
+                        break
+        except TimeoutError:
+            self.kill()
+            raise RuntimeError(
+                f"hub {self.hub_id} printed no start line in {timeout_s:g} s: "
+                f"{_log_tail(self.log_path)}"
+            ) from None
+        self._drain = asyncio.get_running_loop().create_task(self._read_rest(stdout))
+
+    async def wait_ready(self, timeout_s: float = 20.0) -> None:
+        """Wait until ``/readyz`` answers 200 (Redis reached, scripts loaded)."""
+        async with asyncio.timeout(timeout_s):
+            while await http_status(self.port, "/readyz") != 200:
+                if not self.alive:
+                    raise RuntimeError(f"hub {self.hub_id} exited: {_log_tail(self.log_path)}")
+                await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL, like a crash: nobody tells Redis or the peers."""
+        self.signal(signal.SIGKILL)
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            assert self.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(sig)
+
+    async def wait(self, timeout_s: float = 10.0) -> int | None:
+        """Wait for the process to exit; SIGKILL it after ``timeout_s``."""
+        process = self.process
+        if process is None:
+            return None
+        try:
+            async with asyncio.timeout(timeout_s):
+                await process.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+        if self._drain is not None:
+            self._drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain
+            self._drain = None
+        return process.returncode
+
+    async def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM (orderly shutdown), then SIGKILL after ``timeout_s``."""
+        self.signal(signal.SIGTERM)
+        return await self.wait(timeout_s)
+
+    async def _read_rest(self, stdout: asyncio.StreamReader) -> None:
+        while await stdout.readline():
+            pass
+
+    def __repr__(self) -> str:
+        return f"<HubProcess {self.hub_id} {self.url} pid={self.pid}>"
+
+
+NodeEventCallback = Callable[["NodeProcess", dict[str, Any]], None]
+
+
+class NodeProcess:
+    """A node worker child process (``python -m loadtest.chaos node-worker``).
+
+    The worker runs one :class:`RotatingNodeClient` and reports on its
+    stdout, one JSON object a line (``t`` is Unix time):
+
+    - ``{"e": "reg", "hub": ..., "n": connections, "running": jobs, "t": ...}``
+      after each registration;
+    - ``{"e": "start" | "end" | "cancel", "job": ..., "a": attempt, "t": ...}``
+      per handler invocation;
+    - ``{"e": "status", "running": ..., "unsent": ..., "registered": ...}``
+      in answer to ``status`` on its stdin.
+
+    A job's payload may carry ``"ms"``: its service time, else one is drawn
+    from ``service_ms``.
+
+    Args:
+        node_id: the node's id (kept across restarts).
+        urls: hub base URLs, tried in turn from ``start_index``.
+        log_dir: where ``<node_id>.log`` (stderr) goes.
+        max_jobs: the node's slots.
+        service_ms: (low, high) service time, drawn uniformly.
+        on_event: called with every event, in the parent's loop.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        urls: Sequence[str],
+        *,
+        log_dir: Path,
+        max_jobs: int = 4,
+        service_ms: tuple[float, float] = (100.0, 400.0),
+        start_index: int = 0,
+        languages: Sequence[str] = ("en", "fr"),
+        on_event: NodeEventCallback | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.urls = list(urls)
+        self.log_path = Path(log_dir) / f"{node_id}.log"
+        self.max_jobs = max_jobs
+        self.service_ms = service_ms
+        self.start_index = start_index
+        self.languages = list(languages)
+        self.on_event = on_event
+        self.process: asyncio.subprocess.Process | None = None
+        self.events: list[dict[str, Any]] = []
+        """Every event received, from every incarnation of the process."""
+        self.starts: collections.Counter[tuple[str, int]] = collections.Counter()
+        """Handler invocations per (job id, attempt), over every incarnation."""
+        self.hub_id: str | None = None
+        self.registrations = 0
+        self._registered = asyncio.Event()
+        self._status: asyncio.Future[dict[str, Any]] | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    @property
+    def registered(self) -> bool:
+        return self._registered.is_set()
+
+    async def start(self) -> None:
+        """Start the worker (without waiting for its registration: see :meth:`wait_registered`)."""
+        assert not self.alive, f"node {self.node_id} already runs"
+        config = {
+            "node_id": self.node_id,
+            "urls": self.urls,
+            "start_index": self.start_index,
+            "max_jobs": self.max_jobs,
+            "service_ms": list(self.service_ms),
+            "languages": self.languages,
+        }
+        self._registered.clear()
+        log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "loadtest.chaos",
+                "node-worker",
+                json.dumps(config),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                env=_child_env(),
+                cwd=REPO_ROOT,
+                preexec_fn=kill_on_parent_death(),
+            )
+        finally:
+            os.close(log)
+        assert self.process.stdout is not None
+        self._reader = asyncio.get_running_loop().create_task(self._read(self.process.stdout))
+
+    async def wait_registered(self, timeout_s: float = 20.0) -> None:
+        """Wait for the current incarnation's first registration."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._registered.wait()
+        except TimeoutError:
+            raise RuntimeError(
+                f"node {self.node_id} did not register in {timeout_s:g} s: "
+                f"{_log_tail(self.log_path)}"
+            ) from None
+
+    async def status(self, timeout_s: float = 5.0) -> dict[str, Any] | None:
+        """Ask the worker how many jobs it really runs; ``None`` if it is not running."""
+        process = self.process
+        if process is None or process.returncode is not None or process.stdin is None:
+            return None
+        self._status = asyncio.get_running_loop().create_future()
+        try:
+            process.stdin.write(b"status\n")
+            await process.stdin.drain()
+            async with asyncio.timeout(timeout_s):
+                return await self._status
+        except (OSError, TimeoutError):
+            return None
+        finally:
+            self._status = None
+
+    def kill(self) -> None:
+        """SIGKILL: the node's socket closes without a word."""
+        self.signal(signal.SIGKILL)
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            assert self.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(sig)
+
+    async def wait(self, timeout_s: float = 10.0) -> int | None:
+        """Wait for the process to exit; SIGKILL it after ``timeout_s``."""
+        process = self.process
+        if process is None:
+            return None
+        try:
+            async with asyncio.timeout(timeout_s):
+                await process.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self._reader
+            self._reader = None
+        return process.returncode
+
+    async def stop(self, timeout_s: float = 10.0) -> int | None:
+        """Close stdin (the worker drains, then exits), then SIGKILL after ``timeout_s``."""
+        process = self.process
+        if process is not None and process.stdin is not None and process.returncode is None:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+        return await self.wait(timeout_s)
+
+    async def _read(self, stdout: asyncio.StreamReader) -> None:
+        while True:
+            line = await stdout.readline()
+            if not line:
+                return
+            try:
+                event = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            kind = event.get("e")
+            if kind == "status":
+                if self._status is not None and not self._status.done():
+                    self._status.set_result(event)
+                continue
+            self.events.append(event)
+            if kind == "reg":
+                self.hub_id = str(event.get("hub"))
+                self.registrations += 1
+                self._registered.set()
+            elif kind == "start":
+                self.starts[(str(event["job"]), int(event["a"]))] += 1
+            if self.on_event is not None:
+                self.on_event(self, event)
+
+    def __repr__(self) -> str:
+        return f"<NodeProcess {self.node_id} pid={self.pid} hub={self.hub_id}>"
+
+
+# Clients that try several hubs
+
+
+class RotatingNodeClient(NodeClient):
+    """A :class:`NodeClient` given several hubs: each connection attempt goes to the next.
+
+    When its hub dies the node reconnects (with backoff) to the next hub of
+    the list and registers there with ``resume``; a dead hub in the list
+    costs one refused connection attempt.
+
+    Args:
+        urls: hub base URLs (``ws://host:port``).
+        start_index: the first hub to try.
+        on_registered: called after each registration.
+        **kwargs: as :class:`NodeClient`.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        start_index: int = 0,
+        on_registered: Callable[[RotatingNodeClient], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not urls:
+            raise ValueError("give at least one hub URL")
+        super().__init__(urls[start_index % len(urls)], **kwargs)
+        self.urls = [endpoint(u, NODE_PATH) for u in urls]
+        self._next = start_index
+        self.on_registered = on_registered
+
+    async def _connect_once(self) -> int | None:
+        self.url = self.urls[self._next % len(self.urls)]
+        self._next += 1
+        return await super()._connect_once()
+
+    async def _register(self, ws: ClientConnection) -> None:
+        await super()._register(ws)
+        if self.on_registered is not None:
+            self.on_registered(self)
+
+
+FrameCallback = Callable[["RotatingSessionClient", dict[str, Any]], None]
+
+
+class RotatingSessionClient(SessionClient):
+    """A :class:`SessionClient` given several hubs: each (re)connection tries the next.
+
+    A reconnection resumes the session on whichever hub answers (protocol.md
+    §8: the resume token is valid on every hub of the cell).
+
+    Args:
+        urls: hub base URLs.
+        start_index: the first hub to try.
+        on_frame: called with every frame received, before the client acts on it.
+        on_connected: called after each ``welcome`` (and the frames that follow a resume).
+        **kwargs: as :class:`SessionClient`.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        start_index: int = 0,
+        on_frame: FrameCallback | None = None,
+        on_connected: Callable[[RotatingSessionClient], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not urls:
+            raise ValueError("give at least one hub URL")
+        super().__init__(urls[start_index % len(urls)], **kwargs)
+        self.urls = [endpoint(u, SESSION_PATH) for u in urls]
+        self._next = start_index
+        self.on_frame = on_frame
+        self.on_connected = on_connected
+
+    async def _open(self) -> ClientConnection:
+        self.url = self.urls[self._next % len(self.urls)]
+        self._next += 1
+        ws = await super()._open()
+        if self.on_connected is not None:
+            self.on_connected(self)
+        return ws
+
+    def _on_frame(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
+        if self.on_frame is not None:
+            self.on_frame(self, frame)
+        super()._on_frame(ws, frame)
+
+
+# The node worker (child process)
+
+
+def _emit(event: dict[str, Any]) -> None:
+    sys.stdout.write(orjson.dumps(event).decode() + "\n")
+    sys.stdout.flush()
+
+
+async def _node_worker(config: dict[str, Any]) -> int:
+    node_id = str(config["node_id"])
+    low, high = (float(x) for x in config["service_ms"])
+    rng = random.Random()
+
+    async def handle(job: Job) -> dict[str, Any]:
+        _emit({"e": "start", "job": job.job_id, "a": job.attempt, "t": _now()})
+        ms = job.payload.get("ms")
+        delay_s = (float(ms) if isinstance(ms, int | float) else rng.uniform(low, high)) / 1000
+        text = str(job.payload.get("text", ""))
+        try:
+            await asyncio.sleep(delay_s / 2)
+            await job.partial({"text": text[: len(text) // 2].upper()})
+            await asyncio.sleep(delay_s / 2)
+        except asyncio.CancelledError:
+            _emit({"e": "cancel", "job": job.job_id, "a": job.attempt, "t": _now()})
+            raise
+        _emit({"e": "end", "job": job.job_id, "a": job.attempt, "t": _now()})
+        return {"text": text.upper(), "node": node_id, "attempt": job.attempt}
+
+    def registered(node: RotatingNodeClient) -> None:
+        _emit(
+            {
+                "e": "reg",
+                "node": node_id,
+                "hub": node.hub_id,
+                "n": node.connections,
+                "running": node.running,
+                "t": _now(),
+            }
+        )
+
+    node = RotatingNodeClient(
+        list(config["urls"]),
+        start_index=int(config.get("start_index", 0)),
+        on_registered=registered,
+        node_id=node_id,
+        languages=list(config.get("languages", ["en", "fr"])),
+        max_jobs=int(config.get("max_jobs", 4)),
+        handler=handle,
+        backoff=Backoff(min_s=0.05, max_s=1.0),
+        open_timeout_s=3.0,
+        register_timeout_s=3.0,
+    )
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def commands() -> None:
+        while True:
+            line = await stdin.readline()
+            if not line:
+                stop.set()  # the parent closed the pipe, or died
+                return
+            if line.strip() == b"status":
+                _emit(
+                    {
+                        "e": "status",
+                        "running": node.running,
+                        "unsent": len(node._unsent),
+                        "registered": node.registered,
+                    }
+                )
+
+    reader = loop.create_task(commands())
+    node.start()
+    runner = loop.create_task(node.wait_closed())
+    stopper = loop.create_task(stop.wait())
+    try:
+        await asyncio.wait((runner, stopper), return_when=asyncio.FIRST_COMPLETED)
+        if not runner.done():
+            with contextlib.suppress(TimeoutError, ConnectionRejected):
+                await node.drain(timeout_s=5.0)
+    finally:
+        reader.cancel()
+        stopper.cancel()
+        await node.close()
+    _emit({"e": "exit", "t": _now()})
+    return 0
+
+
+# Redis audit
+
+
+@dataclasses.dataclass
+class Audit:
+    """What :func:`audit_redis` found in a cell."""
+
+    keys: int = 0
+    persistent: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    expiring: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    leaks: list[str] = dataclasses.field(default_factory=list)
+    """Keys that will never expire and are not expected to persist, or residue at idle."""
+    mismatches: list[str] = dataclasses.field(default_factory=list)
+    """Nodes whose ``running`` differs from their jobs (in Redis or in their process)."""
+    live_nodes: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Live node id -> ``running`` in Redis."""
+
+
+def _key_kind(rest: str) -> str:
+    first = rest.split(":", 1)[0]
+    if first in ("node", "session", "queue", "pool", "lang"):
+        parts = rest.split(":")
+        if first == "node":
+            return "node:<id>" if len(parts) == 2 else "node:<id>:" + ":".join(parts[2:])
+        if first == "session":
+            return "session:<id>" if len(parts) == 2 else "session:<id>:" + parts[-1]
+        if first == "queue":
+            return "queue:<pool>" if len(parts) == 2 else "queue:<pool>:s:<session>"
+        if first == "pool":
+            return "pool:<pool>:nodes"
+        return "lang:<src>:<tgt>"
+    if first in ("job", "free"):
+        return f"{first}:<id>"
+    return first
+
+
+async def audit_redis(
+    redis: Redis, keys: Keys, *, real_running: dict[str, int] | None = None
+) -> Audit:
+    """Check a cell at rest: TTLs, residue and every node's ``running``.
+
+    Args:
+        redis: a client on the cell's Redis (bytes replies).
+        keys: the cell.
+        real_running: node id -> jobs its process really runs, when known.
+    """
+    audit = Audit()
+    prefix = keys.prefix
+    pattern = "".join("\\" + c if c in "\\*?[]" else c for c in prefix) + "*"
+    names: list[bytes] = []
+    async for name in redis.scan_iter(match=pattern, count=1000):
+        names.append(name)
+    audit.keys = len(names)
+    pipe = redis.pipeline(transaction=False)
+    for name in names:
+        pipe.pttl(name)
+        pipe.type(name)
+    replies = await pipe.execute()
+    for i, name in enumerate(names):
+        ttl, kind_b = int(replies[2 * i]), replies[2 * i + 1]
+        rest = name.decode()[len(prefix) :]
+        kind = _key_kind(rest)
+        if ttl == -2:
+            continue  # expired meanwhile
+        if ttl >= 0:
+            audit.expiring[kind] += 1
+            if kind == "node:<id>":
+                state = await redis.hget(name, "state")
+                if state != b"lost":
+                    audit.leaks.append(f"{rest}: a {state!r} node hash with a TTL")
+            continue
+        audit.persistent[kind] += 1
+        if not any(p.fullmatch(rest) for p in _PERSISTENT_PATTERNS):
+            audit.leaks.append(f"{rest} ({kind_b.decode()}) has no TTL")
+            continue
+        if kind == "node:<id>":
+            state = await redis.hget(name, "state")
+            if state == b"lost":
+                audit.leaks.append(f"{rest}: a lost node's tombstone without a TTL")
+    # Residue at rest: nothing running, queued or waiting for a deadline.
+    for name, what in (
+        (keys.deadlines, "jobs waiting for their deadline"),
+        (keys.queued, "jobs waiting in a queue"),
+    ):
+        n = await redis.zcard(name)
+        if n:
+            audit.leaks.append(f"{name[len(prefix) :]}: {n} {what} at rest")
+    for pool, depth in (await redis.hgetall(keys.queue_depth)).items():
+        if int(depth) != 0:
+            audit.leaks.append(f"qdepth[{pool.decode()}] = {int(depth)} at rest")
+    # Each node: running = jobs set = jobs its process runs.
+    node_ids = sorted(
+        {
+            n.decode()[len(prefix) + 5 :]
+            for n in names
+            if _key_kind(n.decode()[len(prefix) :]) == "node:<id>"
+        }
+    )
+    seen = {m.decode() for m in await redis.zrange(keys.seen, 0, -1)}
+    for nid in node_ids:
+        f = await redis.hmget(keys.node(nid), "state", "running", "max_jobs")
+        if f[0] is None or f[0] == b"lost":
+            if nid in seen:
+                audit.mismatches.append(f"node {nid}: lost but still in the lease zset")
+            continue
+        running = int(f[1] or 0)
+        jobs = {j.decode() for j in await redis.smembers(keys.node_jobs(nid))}
+        audit.live_nodes[nid] = running
+        if running != len(jobs):
+            audit.mismatches.append(
+                f"node {nid}: running={running} but {len(jobs)} jobs in its set"
+            )
+        if not 0 <= running <= int(f[2] or 0):
+            audit.mismatches.append(f"node {nid}: running={running} out of 0..{f[2]!r}")
+        for jid in jobs:
+            status, on = await redis.hmget(keys.job(jid), "status", "node")
+            if status != b"running" or on != nid.encode():
+                audit.mismatches.append(f"node {nid}: job {jid} in its set is {status!r} on {on!r}")
+        if real_running is not None and nid in real_running and real_running[nid] != running:
+            audit.mismatches.append(
+                f"node {nid}: running={running} in Redis, {real_running[nid]} in its process"
+            )
+    return audit
+
+
+# The chaos run
+
+
+@dataclasses.dataclass
+class ChaosConfig:
+    """Everything the chaos run varies. Times in seconds unless the name says otherwise."""
+
+    duration_s: float = 120.0
+    hubs: int = 3
+    nodes: int = 20
+    sessions: int = 50
+    seed: int | None = None
+    max_jobs: int = 4
+    service_ms: tuple[float, float] = (100.0, 500.0)
+    job_interval_s: float = 1.0
+    """Mean pause of each session between the result of a job and the next job."""
+    job_timeout_ms: int = 10000
+    result_grace_s: float = 30.0
+    heartbeat_interval_ms: int = 500
+    node_kill_every_s: float = 7.0
+    node_down_s: float = 3.0
+    hub_kills: int | None = None
+    """How many hub kills; ``None``: one per 40 s of load (at least one)."""
+    hub_down_s: float = 5.0
+    redis_restart: bool = True
+    redis_down_s: float = 2.0
+    settle_s: float = 60.0
+    out_dir: Path | None = None
+    quiet: bool = False
+
+
+@dataclasses.dataclass
+class JobRecord:
+    """One submit of a session, as the application saw it."""
+
+    session: int
+    text: str
+    submitted: float
+    ref: str | None = None
+    job_id: str | None = None
+    outcome: str | None = None
+    """``finished``, ``failed:<code>``, ``refused:<code>`` or ``lost:<exception>``."""
+    result: dict[str, Any] | None = None
+    ended: float | None = None
+
+
+class Ledger:
+    """What every session submitted and received, on the wire and in the application."""
+
+    def __init__(self) -> None:
+        self.jobs: list[JobRecord] = []
+        self.accepted: dict[str, list[tuple[float, str, int]]] = collections.defaultdict(list)
+        """job id -> (time, node, attempt) of each ``accepted`` frame."""
+        self.refs: dict[tuple[int, str], str] = {}
+        """(session, ref) -> job id, from ``accepted``/``queued`` frames."""
+        self.wire_results: collections.Counter[tuple[int, int, str]] = collections.Counter()
+        """(session, connection, job id) -> ``result`` frames received."""
+        self.app_results: collections.Counter[str] = collections.Counter()
+        """job id -> results handed to the application."""
+
+    def on_frame(self, index: int, client: SessionClient, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind == "accepted" or kind == "queued":
+            job_id = str(frame.get("job_id"))
+            self.refs[(index, str(frame.get("ref")))] = job_id
+            if kind == "accepted":
+                self.accepted[job_id].append(
+                    (_now(), str(frame.get("node_id")), int(frame.get("attempt") or 0))
+                )
+        elif kind == "result":
+            self.wire_results[(index, client.connections, str(frame.get("job_id")))] += 1
+
+
+@dataclasses.dataclass
+class Fault:
+    at: float
+    kind: str
+    target: str
+    back_at: float | None = None
+
+
+class ChaosRun:
+    """One chaos run: see the module docstring."""
+
+    def __init__(self, config: ChaosConfig) -> None:
+        self.config = config
+        self.seed = config.seed if config.seed is not None else random.randrange(1, 10**6)
+        self.rng = random.Random(self.seed)
+        self.cell = "chaos-" + uuid.uuid4().hex[:8]
+        self.keys = Keys(self.cell)
+        self.out_dir = config.out_dir
+        self.tmp: str | None = None
+        self.redis_server: EmbeddedRedis | None = None
+        self.redis: Redis | None = None
+        self.hubs: list[HubProcess] = []
+        self.nodes: list[NodeProcess] = []
+        self.sessions: list[RotatingSessionClient] = []
+        self.ledger = Ledger()
+        self.faults: list[Fault] = []
+        self.reg_events: list[tuple[float, str, str]] = []
+        """(time, node, hub) of every node registration."""
+        self.resumes: list[tuple[float, int, str | None]] = []
+        """(time, session, hub) of every session (re)connection."""
+        self.redis_gap: tuple[float, float] | None = None
+        self._load_on = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.started_at = 0.0
+
+    def log(self, text: str) -> None:
+        if not self.config.quiet:
+            print(f"[{time.monotonic() - self.started_at:7.2f}s] {text}", flush=True)
+
+    # Setup and teardown
+
+    async def start(self) -> None:
+        c = self.config
+        self.started_at = time.monotonic()
+        if self.out_dir is None:
+            self.tmp = tempfile.mkdtemp(prefix="chaos-")
+            self.out_dir = Path(self.tmp)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # A short path of its own: unix socket paths are limited to 107 bytes.
+        self.redis_dir = tempfile.mkdtemp(prefix="chaos-redis-")
+        self.redis_server = EmbeddedRedis(self.redis_dir, appendonly=True)
+        self.redis_server.start()
+        url = self.redis_server.url
+        self.redis = Redis.from_url(
+            url, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+        )
+        settings = {
+            "heartbeat_interval_ms": c.heartbeat_interval_ms,
+            "session_rate_per_s": None,
+            "max_connections_per_ip": None,
+            "shutdown_grace_s": 2,
+            "redis_timeout_s": 1,
+        }
+        self.hubs = [
+            HubProcess(f"h{i + 1}", redis_url=url, cell=self.cell, log_dir=self.out_dir,
+                       settings=settings)
+            for i in range(c.hubs)
+        ]  # fmt: skip
+        await asyncio.gather(*(h.start() for h in self.hubs))
+        await asyncio.gather(*(h.wait_ready() for h in self.hubs))
+        urls = [h.url for h in self.hubs]
+        self.log(f"redis {url}; hubs {', '.join(f'{h.hub_id}={h.url}' for h in self.hubs)}")
+        self.nodes = [
+            NodeProcess(
+                f"n{i + 1:02d}",
+                urls,
+                log_dir=self.out_dir,
+                max_jobs=c.max_jobs,
+                service_ms=c.service_ms,
+                start_index=i,
+                on_event=self._on_node_event,
+            )
+            for i in range(c.nodes)
+        ]
+        await asyncio.gather(*(n.start() for n in self.nodes))
+        await asyncio.gather(*(n.wait_registered(30) for n in self.nodes))
+        self.log(f"{len(self.nodes)} nodes registered")
+        for i in range(c.sessions):
+            session = RotatingSessionClient(
+                urls,
+                start_index=i,
+                on_frame=lambda client, frame, i=i: self.ledger.on_frame(i, client, frame),
+                on_connected=lambda client, i=i: self.resumes.append((_now(), i, client.hub_id)),
+                backoff=Backoff(min_s=0.05, max_s=1.0),
+                default_timeout_s=c.job_timeout_ms / 1000,
+                result_grace_s=c.result_grace_s,
+                open_timeout_s=3.0,
+            )
+            await session.connect()
+            self.sessions.append(session)
+        self.log(f"{len(self.sessions)} sessions connected")
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for session in self.sessions:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await session.close()
+        await asyncio.gather(*(n.stop(10) for n in self.nodes), return_exceptions=True)
+        await asyncio.gather(*(h.stop(10) for h in self.hubs), return_exceptions=True)
+        if self.redis is not None:
+            await self.redis.aclose()
+        if self.redis_server is not None:
+            self.redis_server.stop()
+            if self.out_dir is not None:
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(self.redis_server.log_path, self.out_dir / "redis.log")
+        shutil.rmtree(self.redis_dir, ignore_errors=True)
+
+    # Events
+
+    def _on_node_event(self, node: NodeProcess, event: dict[str, Any]) -> None:
+        if event.get("e") == "reg":
+            self.reg_events.append((float(event["t"]), node.node_id, str(event.get("hub"))))
+
+    # Load
+
+    async def _session_loop(self, index: int, session: RotatingSessionClient) -> None:
+        c = self.config
+        rng = random.Random(self.rng.random())
+        n = 0
+        await asyncio.sleep(rng.uniform(0, c.job_interval_s))
+        while self._load_on:
+            n += 1
+            text = f"s{index}-j{n}-{rng.randrange(10**6)}"
+            record = JobRecord(index, text, _now())
+            self.ledger.jobs.append(record)
+            try:
+                result = await session.submit(
+                    "en", "fr", {"text": text}, timeout_ms=c.job_timeout_ms
+                )
+            except JobRefused as exc:
+                record.ref, record.outcome = exc.ref, f"refused:{exc.code}"
+            except ResultTimeout as exc:
+                record.ref, record.outcome = exc.ref, "lost:ResultTimeout"
+            except (SessionLost, ClientClosed, ConnectionRejected) as exc:
+                record.outcome = f"lost:{type(exc).__name__}"
+            else:
+                record.ref, record.job_id = result.ref, result.job_id
+                record.result = result.result
+                record.outcome = "finished" if result.ok else f"failed:{result.error}"
+                self.ledger.app_results[result.job_id] += 1
+            record.ended = _now()
+            if record.job_id is None and record.ref is not None:
+                record.job_id = self.ledger.refs.get((index, record.ref))
+            await asyncio.sleep(rng.expovariate(1 / c.job_interval_s))
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # Faults
+
+    def schedule(self) -> list[tuple[float, str]]:
+        """When each fault happens, seconds from the start of the load."""
+        c = self.config
+        d = c.duration_s
+        events: list[tuple[float, str]] = []
+        hub_kills = c.hub_kills if c.hub_kills is not None else max(1, int(d // 40))
+        last_fault = d - max(c.hub_down_s, c.node_down_s, c.redis_down_s) - 3
+        for k in range(hub_kills):
+            events.append((d * (k + 1) / (hub_kills + 1) * 0.9, "hub"))
+        if c.redis_restart:
+            events.append((d * 0.5, "redis"))
+        t = min(3.0, d / 6)
+        while c.node_kill_every_s > 0 and t < last_fault:
+            events.append((t, "node"))
+            t += c.node_kill_every_s * self.rng.uniform(0.7, 1.3)
+        return sorted(e for e in events if e[0] <= last_fault)
+
+    async def _kill_node(self, at: float) -> None:
+        live = [n for n in self.nodes if n.alive and n.registered]
+        if not live:
+            return
+        node = self.rng.choice(live)
+        fault = Fault(_now(), "node", node.node_id)
+        self.faults.append(fault)
+        node.kill()
+        await node.wait()
+        self.log(f"killed node {node.node_id} (pid {node.pid})")
+        await asyncio.sleep(self.config.node_down_s)
+        await node.start()
+        fault.back_at = _now()
+
+    async def _kill_hub(self, at: float) -> None:
+        live = [h for h in self.hubs if h.alive]
+        if len(live) < 2:
+            return  # keep one hub up: the sessions need somewhere to go
+        hub = self.rng.choice(live)
+        fault = Fault(_now(), "hub", hub.hub_id)
+        self.faults.append(fault)
+        hub.kill()
+        await hub.wait()
+        self.log(f"killed hub {hub.hub_id} (pid {hub.pid})")
+        await asyncio.sleep(self.config.hub_down_s)
+        await hub.start()
+        await hub.wait_ready()
+        fault.back_at = _now()
+        self.log(f"hub {hub.hub_id} is back")
+
+    async def _restart_redis(self, at: float) -> None:
+        server = self.redis_server
+        assert server is not None
+        fault = Fault(_now(), "redis", "redis")
+        self.faults.append(fault)
+        # Blocking, on purpose in this thread: the server must be our child
+        # from the main thread (PR_SET_PDEATHSIG). Stopping takes a few ms.
+        server.stop()
+        down = _now()
+        self.log("stopped redis")
+        await asyncio.sleep(self.config.redis_down_s)
+        server.start()
+        up = _now()
+        self.log("redis is back")
+        await asyncio.gather(*(h.wait_ready(30) for h in self.hubs if h.alive))
+        fault.back_at = _now()
+        self.redis_gap = (down, up)
+        self.log(f"every hub ready again {fault.back_at - up:.2f} s after redis came back")
+
+    async def _chaos(self) -> None:
+        begin = time.monotonic()
+        actions = {"node": self._kill_node, "hub": self._kill_hub, "redis": self._restart_redis}
+        running: list[asyncio.Task[None]] = []
+        for at, kind in self.schedule():
+            delay = begin + at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            running.append(self._spawn(actions[kind](at)))
+        if running:
+            await asyncio.gather(*running)
+
+    # The run
+
+    async def run(self) -> dict[str, Any]:
+        c = self.config
+        self._load_on = True
+        loops = [self._spawn(self._session_loop(i, s)) for i, s in enumerate(self.sessions)]
+        self.log(f"load on for {c.duration_s:g} s (seed {self.seed})")
+        chaos = self._spawn(self._chaos())
+        await asyncio.sleep(c.duration_s)
+        self._load_on = False
+        self.log("load off; waiting for the last results")
+        # Bounded: a submit ends by its result or by ResultTimeout.
+        async with asyncio.timeout(c.job_timeout_ms / 1000 + c.result_grace_s + 30):
+            await chaos
+            await asyncio.gather(*loops)
+        # Every process back and registered before the audit.
+        for node in self.nodes:
+            if node.alive:
+                await node.wait_registered(30)
+        report = await self._settle_and_audit()
+        return report
+
+    async def _settle_and_audit(self) -> dict[str, Any]:
+        c = self.config
+        assert self.redis is not None
+        deadline = time.monotonic() + c.settle_s
+        audit = Audit()
+        real: dict[str, int] = {}
+        # Bounded poll: the fleet is idle once Redis and every process agree.
+        while True:
+            real = {}
+            for node in self.nodes:
+                status = await node.status()
+                if status is not None:
+                    real[node.node_id] = int(status["running"])
+            try:
+                audit = await audit_redis(self.redis, self.keys, real_running=real)
+            except (redis_errors.RedisError, OSError) as exc:
+                audit = Audit(leaks=[f"redis unreachable: {exc}"])
+            idle = all(v == 0 for v in real.values()) and all(
+                v == 0 for v in audit.live_nodes.values()
+            )
+            if (idle and not audit.leaks and not audit.mismatches) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        stats = {k.decode(): int(v) for k, v in (await self.redis.hgetall(self.keys.stats)).items()}
+        return await self._report(audit, real, stats)
+
+    async def _report(
+        self, audit: Audit, real: dict[str, int], stats: dict[str, int]
+    ) -> dict[str, Any]:
+        assert self.redis is not None
+        ledger = self.ledger
+        outcomes: collections.Counter[str] = collections.Counter()
+        problems: list[str] = []
+        for job in ledger.jobs:
+            outcomes[job.outcome or "none"] += 1
+            if job.outcome is None:
+                problems.append(f"session {job.session} {job.text}: no outcome")
+            elif job.outcome.startswith("lost:"):
+                problems.append(
+                    f"session {job.session} {job.text} ({job.ref}, job {job.job_id}): {job.outcome}"
+                )
+            elif job.outcome.startswith("failed:"):
+                code = job.outcome.split(":", 1)[1]
+                if code not in DOCUMENTED_FAILURES:
+                    problems.append(f"job {job.job_id}: failed with undocumented {code!r}")
+            elif job.outcome.startswith("refused:"):
+                code = job.outcome.split(":", 1)[1]
+                if code not in DOCUMENTED_REFUSALS:
+                    problems.append(f"{job.text}: refused with unexpected {code!r}")
+            elif job.outcome == "finished":
+                expected = job.text.upper()
+                if job.result is None or job.result.get("text") != expected:
+                    problems.append(f"job {job.job_id}: result {job.result!r} is not {expected!r}")
+        # Exactly once to the application; once per connection on the wire.
+        app_duplicates = sum(n - 1 for n in ledger.app_results.values() if n > 1)
+        wire_duplicates = sum(n - 1 for n in ledger.wire_results.values() if n > 1)
+        # Jobs the hub accepted but whose submit saw no result.
+        answered = {j.job_id for j in ledger.jobs if j.outcome and j.outcome[:8] != "refused:"}
+        for (index, ref), job_id in ledger.refs.items():
+            if job_id not in answered:
+                problems.append(f"session {index} {ref}: job {job_id} accepted, no result")
+        # Outcomes agree with Redis (job records live for job_ttl_ms).
+        pipe = self.redis.pipeline(transaction=False)
+        checked = [j for j in ledger.jobs if j.job_id and j.outcome and j.outcome[:8] != "refused:"]
+        for job in checked:
+            pipe.hmget(self.keys.job(job.job_id or ""), "status", "error")
+        for job, (status, error) in zip(checked, await pipe.execute(), strict=True):
+            if status is None:
+                continue  # expired (a run longer than job_ttl_ms)
+            redis_outcome = (
+                "finished"
+                if status == b"finished"
+                else f"{status.decode()}:{(error or b'').decode()}"
+            )
+            if redis_outcome != job.outcome:
+                problems.append(
+                    f"job {job.job_id}: session saw {job.outcome}, Redis has {redis_outcome}"
+                )
+        # A node never runs the same attempt twice.
+        double_runs = []
+        runs: collections.Counter[str] = collections.Counter()
+        for node in self.nodes:
+            for (job_id, attempt), n in node.starts.items():
+                runs[job_id] += n
+                if n > 1:
+                    double_runs.append(f"{node.node_id} ran {job_id} attempt {attempt} {n} times")
+        attempts_by_job: dict[str, set[tuple[str, int]]] = collections.defaultdict(set)
+        for node in self.nodes:
+            for job_id, attempt in node.starts:
+                attempts_by_job[job_id].add((node.node_id, attempt))
+        reruns = sum(1 for v in attempts_by_job.values() if len(v) > 1)
+        failovers = self._failovers()
+        leaks = len(audit.leaks)
+        clean = not (
+            problems
+            or app_duplicates
+            or wire_duplicates
+            or double_runs
+            or leaks
+            or audit.mismatches
+        )
+        report = {
+            "seed": self.seed,
+            "cell": self.cell,
+            "submitted": len(ledger.jobs),
+            "outcomes": dict(sorted(outcomes.items())),
+            "finished": outcomes.get("finished", 0),
+            "failed": {k[7:]: v for k, v in outcomes.items() if k.startswith("failed:")},
+            "refused": {k[8:]: v for k, v in outcomes.items() if k.startswith("refused:")},
+            "redispatched": stats.get("redispatched", 0),
+            "nodes_lost": stats.get("nodes_lost", 0),
+            "jobs_run_on_several_attempts": reruns,
+            "duplicates": app_duplicates,
+            "wire_duplicates_within_a_connection": wire_duplicates,
+            "double_runs": len(double_runs),
+            "leaks": leaks,
+            "mismatches": len(audit.mismatches),
+            "problems": len(problems),
+            "faults": collections.Counter(f.kind for f in self.faults),
+            "failover": failovers,
+            "redis_keys": {
+                "total": audit.keys,
+                "persistent": dict(audit.persistent),
+                "expiring": dict(audit.expiring),
+            },
+            "real_running": real,
+            "stats": stats,
+            "details": {
+                "problems": problems[:20],
+                "leaks": audit.leaks[:20],
+                "mismatches": audit.mismatches[:20],
+                "double_runs": double_runs[:20],
+            },
+            "clean": clean,
+        }
+        report["faults"] = dict(report["faults"])
+        if self.out_dir is not None:
+            (self.out_dir / "chaos.json").write_text(json.dumps(report, indent=2, default=str))
+        return report
+
+    def _failovers(self) -> dict[str, Any]:
+        ledger = self.ledger
+        node_samples: list[float] = []
+        node_kills_with_jobs = 0
+        for fault in (f for f in self.faults if f.kind == "node"):
+            # First job of the killed node that another node took (attempt >= 2).
+            first: float | None = None
+            for events in ledger.accepted.values():
+                for (_, prev_node, _), (t, _, attempt) in itertools.pairwise(events):
+                    if prev_node == fault.target and attempt >= 2 and t >= fault.at:
+                        first = t if first is None else min(first, t)
+            if first is not None:
+                node_kills_with_jobs += 1
+                node_samples.append(first - fault.at)
+        hub_nodes: list[float] = []
+        hub_sessions: list[float] = []
+        for fault in (f for f in self.faults if f.kind == "hub"):
+            # Nodes on the dead hub at the kill: when each registered elsewhere.
+            last_hub: dict[str, str] = {}
+            for t, node_id, hub_id in sorted(self.reg_events):
+                if t < fault.at:
+                    last_hub[node_id] = hub_id
+            for node_id, hub_id in last_hub.items():
+                if hub_id != fault.target:
+                    continue
+                later = [t for t, n, _ in self.reg_events if n == node_id and t >= fault.at]
+                if later:
+                    hub_nodes.append(min(later) - fault.at)
+            # Sessions on the dead hub at the kill: when each resumed elsewhere.
+            session_hub: dict[int, str | None] = {}
+            for t, index, hub_id in sorted(self.resumes):
+                if t < fault.at:
+                    session_hub[index] = hub_id
+            for index, hub_id in session_hub.items():
+                if hub_id != fault.target:
+                    continue
+                later = [t for t, i, _ in self.resumes if i == index and t >= fault.at]
+                if later:
+                    hub_sessions.append(min(later) - fault.at)
+        return {
+            "node_kill_to_first_redispatch_s": _summary(node_samples),
+            "node_kills": sum(1 for f in self.faults if f.kind == "node"),
+            "node_kills_with_running_jobs": node_kills_with_jobs,
+            "hub_kill_to_node_reregistered_s": _summary(hub_nodes),
+            "hub_kill_to_session_resumed_s": _summary(hub_sessions),
+            "redis_restart_to_hubs_ready_s": (
+                round(
+                    max(f.back_at for f in self.faults if f.kind == "redis") - self.redis_gap[1], 3
+                )
+                if self.redis_gap and any(f.kind == "redis" and f.back_at for f in self.faults)
+                else None
+            ),
+        }
+
+
+def _summary(samples: list[float]) -> dict[str, Any] | None:
+    if not samples:
+        return None
+    return {
+        "n": len(samples),
+        "p50": round(statistics.median(samples), 3),
+        "max": round(max(samples), 3),
+    }
+
+
+async def run_chaos(config: ChaosConfig) -> dict[str, Any]:
+    """Run the chaos scenario and return its report (``report["clean"]`` is the verdict)."""
+    run = ChaosRun(config)
+    try:
+        await run.start()
+        return await run.run()
+    finally:
+        await run.close()
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The tally and the failover times, for people."""
+    f = report["failover"]
+
+    def timing(value: dict[str, Any] | None) -> str:
+        if not value:
+            return "n/a"
+        return (
+            f"p50 {value['p50'] * 1000:.0f} ms, max {value['max'] * 1000:.0f} ms (n={value['n']})"
+        )
+
+    lines = [
+        f"chaos run, seed {report['seed']}: {'CLEAN' if report['clean'] else 'NOT CLEAN'}",
+        f"  faults:                {report['faults']}",
+        f"  submitted:             {report['submitted']}",
+        f"  finished:              {report['finished']}",
+        f"  failed by code:        {report['failed'] or '{}'}",
+        f"  refused by code:       {report['refused'] or '{}'}",
+        f"  re-dispatched:         {report['redispatched']} (stats hash), "
+        f"nodes lost: {report['nodes_lost']}, jobs run on several attempts: "
+        f"{report['jobs_run_on_several_attempts']}",
+        f"  duplicates:            {report['duplicates']} to the application, "
+        f"{report['wire_duplicates_within_a_connection']} on one connection's wire, "
+        f"{report['double_runs']} attempts run twice",
+        f"  leaks:                 {report['leaks']} (keys: {report['redis_keys']['total']}, "
+        f"persistent {report['redis_keys']['persistent']})",
+        f"  running mismatches:    {report['mismatches']}",
+        f"  ledger problems:       {report['problems']}",
+        "  failover:",
+        f"    node kill -> first re-dispatched job: "
+        f"{timing(f['node_kill_to_first_redispatch_s'])} "
+        f"({f['node_kills_with_running_jobs']} of {f['node_kills']} kills hit running jobs)",
+        f"    hub kill -> its nodes registered on another hub: "
+        f"{timing(f['hub_kill_to_node_reregistered_s'])}",
+        f"    hub kill -> its sessions resumed on another hub: "
+        f"{timing(f['hub_kill_to_session_resumed_s'])}",
+        "    redis back -> every hub ready: "
+        + (
+            "n/a"
+            if f["redis_restart_to_hubs_ready_s"] is None
+            else f"{f['redis_restart_to_hubs_ready_s'] * 1000:.0f} ms"
+        ),
+    ]
+    details = report["details"]
+    for name in ("problems", "leaks", "mismatches", "double_runs"):
+        for item in details[name]:
+            lines.append(f"  ! {name}: {item}")
+    return "\n".join(lines)
+
+
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest.chaos",
+        description="Kill nodes, hubs and Redis under steady load; check the ledger.",
+    )
+    p.add_argument("--duration", type=float, default=120.0, help="seconds of load (default 120)")
+    p.add_argument("--hubs", type=int, default=3, help="hub processes (default 3)")
+    p.add_argument("--nodes", type=int, default=20, help="node processes (default 20)")
+    p.add_argument("--sessions", type=int, default=50, help="sessions (default 50)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the fault schedule")
+    p.add_argument("--max-jobs", type=int, default=4, help="slots per node (default 4)")
+    p.add_argument(
+        "--job-interval-s",
+        type=float,
+        default=1.0,
+        help="mean pause of a session between jobs (default 1)",
+    )
+    p.add_argument("--node-kill-every-s", type=float, default=7.0, help="default 7")
+    p.add_argument("--hub-kills", type=int, default=None, help="default: one per 40 s")
+    p.add_argument("--no-redis-restart", action="store_true", help="leave Redis alone")
+    p.add_argument("--out", type=Path, default=None, help="logs and chaos.json (default: temp)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["node-worker"]:
+        return asyncio.run(_node_worker(json.loads(args[1])))
+    ns = build_parser().parse_args(args)
+    if ns.hubs < 2:
+        print("chaos: error: --hubs must be at least 2 (one stays up)", file=sys.stderr)
+        return 2
+    config = ChaosConfig(
+        duration_s=ns.duration,
+        hubs=ns.hubs,
+        nodes=ns.nodes,
+        sessions=ns.sessions,
+        seed=ns.seed,
+        max_jobs=ns.max_jobs,
+        job_interval_s=ns.job_interval_s,
+        node_kill_every_s=ns.node_kill_every_s,
+        hub_kills=ns.hub_kills,
+        redis_restart=not ns.no_redis_restart,
+        out_dir=ns.out,
+    )
+    try:
+        report = asyncio.run(run_chaos(config))
+    except (RuntimeError, OSError) as exc:
+        print(f"chaos: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2, default=str) if ns.json else format_report(report))
+    return 0 if report["clean"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

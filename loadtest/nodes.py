@@ -1,0 +1,189 @@
+"""Simulated nodes: register, hold each job for a service time, echo the session's data.
+
+A node answers every job with a ``result`` whose ``result`` object carries
+what the session sent, so the session can check that it got *its* job back:
+
+    {"echo": <the job's payload>, "audio_len": <bytes of audio received>,
+     "audio_tag": <hex of the audio's first 8 bytes>, "hold_us": <time held>}
+
+It also checks the hub's promise that a node never gets more than
+``max_jobs`` jobs at once (protocol.md §3.3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from hub.protocol import split_binary
+
+from . import wsclient
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+__all__ = ["SimNode"]
+
+
+class SimNode:
+    """One simulated node; it reconnects with the same id after churn or a drop."""
+
+    def __init__(self, worker: Worker, index: int, base_url: str) -> None:
+        self.w = worker
+        self.node_id = f"lt-n{index}"
+        self.url = base_url + "/v1/node"
+        self.conn: wsclient.Connection | None = None
+        self.running: dict[str, asyncio.TimerHandle | None] = {}
+        self.registered: asyncio.Future[None] | None = None
+        self.leaving = False
+        """We are closing on purpose (churn or the end): not an error."""
+
+    # Connection
+
+    async def connect(self) -> None:
+        """Connect and register; raises on failure (the caller retries)."""
+        w = self.w
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        self.leaving = False
+        self.registered = loop.create_future()
+        conn = await wsclient.connect(self.url, self.on_message, self.on_close)
+        self.conn = conn
+        plan = w.plan
+        conn.send_text(
+            orjson.dumps(
+                {
+                    "type": "register",
+                    "node_id": self.node_id,
+                    "services": ["asr"],
+                    "lang_pairs": [[plan.src_lang, plan.tgt_lang]],
+                    "max_jobs": plan.max_jobs,
+                }
+            )
+        )
+        try:
+            async with asyncio.timeout(10):
+                await self.registered
+        except BaseException:
+            conn.abort()
+            raise
+        w.stats.hists["connect"].record(int((time.perf_counter() - started) * 1e6))
+
+    def leave(self) -> None:
+        """Disconnect on purpose."""
+        self.leaving = True
+        if self.conn is not None:
+            self.conn.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self.conn is not None and self.conn.is_open
+
+    # Callbacks
+
+    def on_message(self, binary: bool, data: bytes) -> None:
+        w = self.w
+        if self.leaving:
+            return  # the hub re-dispatches what it sent us after we left
+        audio = b""
+        try:
+            if binary:
+                header, audio = split_binary(data)
+                frame = orjson.loads(header)
+            else:
+                frame = orjson.loads(data)
+            kind = frame["type"]
+        except (ValueError, KeyError, TypeError):
+            w.stats.checks["node: bad frame from hub"] += 1
+            return
+        if kind == "job":
+            self._job(frame, audio)
+        elif kind == "cancel":
+            w.stats.counters["node_cancels"] += 1
+            handle = self.running.pop(frame.get("job_id"), None)
+            if handle is not None:
+                handle.cancel()
+        elif kind == "registered":
+            if self.registered is not None and not self.registered.done():
+                self.registered.set_result(None)
+        elif kind == "error":
+            w.stats.node_errors[str(frame.get("code"))] += 1
+        else:
+            w.stats.checks[f"node: unexpected {kind!s:.20} frame"] += 1
+
+    def on_close(self, code: int | None) -> None:
+        for handle in self.running.values():
+            if handle is not None:
+                handle.cancel()
+        self.running.clear()
+        w = self.w
+        if self.registered is not None and not self.registered.done():
+            self.registered.set_exception(ConnectionError(f"closed with {code} before registered"))
+            self.registered.exception()
+        if not self.leaving:
+            if not w.closing:
+                w.stats.disconnects[f"node:{code}"] += 1
+                w.reconnect_later(self)
+        elif w.plan.churn and not w.closing:
+            w.reconnect_later(self)
+
+    # Jobs
+
+    def _job(self, frame: dict[str, Any], audio: bytes) -> None:
+        w = self.w
+        w.stats.counters["node_jobs"] += 1
+        try:
+            job_id = frame["job_id"]
+            attempt = frame["attempt"]
+            payload = frame["payload"]
+        except KeyError:
+            w.stats.checks["node: job frame without job_id/attempt/payload"] += 1
+            return
+        if len(self.running) >= w.plan.max_jobs:
+            w.stats.checks["node: more jobs than max_jobs at once"] += 1
+        if w.plan.audio_bytes and len(audio) != w.plan.audio_bytes:
+            w.stats.checks["node: audio length differs from what was sent"] += 1
+        tag = audio[:8].hex()
+        received = time.perf_counter()
+        if w.instant:
+            self._finish(job_id, attempt, payload, len(audio), tag, received)
+        else:
+            self.running[job_id] = w.loop.call_later(
+                w.service.draw(w.rng),
+                self._finish,
+                job_id,
+                attempt,
+                payload,
+                len(audio),
+                tag,
+                received,
+            )
+
+    def _finish(
+        self, job_id: str, attempt: int, payload: Any, audio_len: int, tag: str, received: float
+    ) -> None:
+        self.running.pop(job_id, None)
+        conn = self.conn
+        if conn is None or not conn.is_open:
+            return
+        hold_us = int((time.perf_counter() - received) * 1e6)
+        conn.send_text(
+            orjson.dumps(
+                {
+                    "type": "result",
+                    "job_id": job_id,
+                    "attempt": attempt,
+                    "status": "finished",
+                    "result": {
+                        "echo": payload,
+                        "audio_len": audio_len,
+                        "audio_tag": tag,
+                        "hold_us": hold_us,
+                    },
+                }
+            )
+        )
+        self.w.stats.counters["node_results"] += 1

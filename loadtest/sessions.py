@@ -1,0 +1,309 @@
+"""Simulated sessions: send audio jobs at a cadence, check every answer.
+
+Each job's ``ref`` is the session's sequence number, its payload names the
+session and the number, and its audio starts with the same two numbers
+packed in 8 bytes. The node echoes all three (see :mod:`loadtest.nodes`), so
+for each ``result`` the session checks that it is the right job, with the
+right payload and the right audio, and that it comes exactly once
+(protocol.md §4.8: "sent exactly once per accepted or queued job").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from hub.protocol import join_binary
+
+from . import wsclient
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+__all__ = ["SimSession"]
+
+_TAG = struct.Struct(">II")
+
+
+class _Job:
+    __slots__ = ("accepted_at", "attempt", "job_id", "sent_at", "seq")
+
+    def __init__(self, seq: int, sent_at: float) -> None:
+        self.seq = seq
+        self.sent_at = sent_at
+        self.accepted_at: float | None = None
+        self.job_id: str | None = None
+        self.attempt = 0
+
+
+class SimSession:
+    """One simulated session; after churn or a drop it connects again as a new session."""
+
+    def __init__(self, worker: Worker, index: int, base_url: str) -> None:
+        self.w = worker
+        self.index = index
+        self.sid = f"s{index}"
+        self.url = base_url + "/v1/session"
+        self.conn: wsclient.Connection | None = None
+        self.jobs: dict[str, _Job] = {}
+        self.refused: dict[str, str] = {}
+        """Refs of the last jobs refused with an error frame -> the error code."""
+        self.seq = 0
+        self.welcomed: asyncio.Future[None] | None = None
+        self.leaving = False
+        self.next_due = 0.0
+        """Open loop: when the next job is due (perf_counter)."""
+        self.timer: asyncio.TimerHandle | None = None
+
+    # Connection
+
+    async def connect(self) -> None:
+        """Connect and wait for ``welcome``; raises on failure (the caller retries)."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        self.leaving = False
+        self.welcomed = loop.create_future()
+        conn = await wsclient.connect(self.url, self.on_message, self.on_close)
+        self.conn = conn
+        try:
+            async with asyncio.timeout(10):
+                await self.welcomed
+        except BaseException:
+            conn.abort()
+            raise
+        self.w.stats.hists["connect"].record(int((time.perf_counter() - started) * 1e6))
+
+    def leave(self) -> None:
+        """Disconnect on purpose: unfinished jobs are abandoned, not errors."""
+        self.leaving = True
+        if self.jobs:
+            self.w.stats.counters["abandoned"] += len(self.jobs)
+            self.jobs.clear()
+        if self.conn is not None:
+            self.conn.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self.conn is not None and self.conn.is_open
+
+    # Sending
+
+    def start(self, first_due: float) -> None:
+        """Start sending: open loop from ``first_due`` on, closed loop at once."""
+        w = self.w
+        if w.plan.open_loop:
+            self.next_due = first_due
+            self.timer = w.loop.call_later(max(0.0, first_due - time.perf_counter()), self._tick)
+        else:
+            for _ in range(w.plan.inflight):
+                self.send_job()
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _tick(self) -> None:
+        w = self.w
+        now = time.perf_counter()
+        if now >= w.end_at:
+            self.timer = None
+            return
+        if not self.is_open:
+            pass  # reconnecting: this tick is lost, like audio of a dropped call
+        elif len(self.jobs) >= w.plan.max_outstanding:
+            w.stats.counters["skipped"] += 1
+        else:
+            self.send_job()
+        self.next_due += w.interval_s
+        if self.next_due < now:  # a stalled loop does not send a catch-up burst
+            self.next_due = now + w.interval_s
+        self.timer = w.loop.call_later(self.next_due - now, self._tick)
+
+    def send_job(self) -> None:
+        w = self.w
+        conn = self.conn
+        if conn is None or not conn.is_open:
+            return
+        now = time.perf_counter()
+        if now >= w.end_at:
+            return
+        self.seq = seq = self.seq + 1
+        ref = str(seq)
+        header = orjson.dumps(
+            {
+                "type": "job",
+                "ref": ref,
+                "src_lang": w.plan.src_lang,
+                "tgt_lang": w.plan.tgt_lang,
+                "payload": {"seq": seq, "sid": self.sid},
+            }
+        )
+        self.jobs[ref] = _Job(seq, now)
+        if w.audio_rest is None:
+            conn.send_text(header)
+        else:
+            conn.send_binary(join_binary(header, _TAG.pack(self.index, seq) + w.audio_rest))
+        w.stats.counters["sent"] += 1
+        w.stats.second(now).sent += 1
+
+    def _next_after_answer(self, refused: bool) -> None:
+        """Closed loop: send the next job (after a short pause when refused)."""
+        w = self.w
+        if w.plan.open_loop or self.leaving:
+            return
+        if refused:
+            w.loop.call_later(0.01, self.send_job)
+        else:
+            self.send_job()
+
+    # Callbacks
+
+    def on_message(self, binary: bool, data: bytes) -> None:
+        w = self.w
+        st = w.stats
+        if self.leaving:
+            return  # frames still in flight to a connection we are closing
+        try:
+            frame = orjson.loads(data)
+            kind = frame["type"]
+        except (ValueError, KeyError, TypeError):
+            st.checks["session: bad frame from hub"] += 1
+            return
+        now = time.perf_counter()
+        if kind == "result":
+            self._result(frame, now)
+        elif kind == "accepted":
+            job = self.jobs.get(frame.get("ref"))
+            if job is None:
+                ref = frame.get("ref")
+                refused = self.refused.get(ref) if type(ref) is str else None
+                if refused is not None:
+                    st.checks[f"session: accepted for a job refused with {refused}"] += 1
+                elif not self._late(ref):
+                    st.checks["session: accepted for an unknown ref"] += 1
+                return
+            attempt = frame.get("attempt", 0)
+            if job.accepted_at is None:
+                job.accepted_at = now
+                us = int((now - job.sent_at) * 1e6)
+                st.hists["accept"].record(us)
+                st.second(now).accept.record(us)
+                st.counters["accepted"] += 1
+                if job.job_id is None:
+                    st.hists["answer"].record(us)
+                    st.counters["answered"] += 1
+            if attempt > 1:
+                st.counters["redispatched"] += 1
+            if job.job_id is None:
+                job.job_id = frame.get("job_id")
+            elif job.job_id != frame.get("job_id"):
+                st.checks["session: accepted with another job_id"] += 1
+            job.attempt = attempt
+        elif kind == "queued":
+            st.counters["queued"] += 1
+            ref = frame.get("ref")
+            job = self.jobs.get(ref) if type(ref) is str else None
+            if job is None:
+                if self._late(ref):
+                    # protocol.md §9.2 rule 4: queued comes before any other frame.
+                    st.checks["session: queued after the job's result (order)"] += 1
+                else:
+                    st.checks["session: queued for an unknown ref"] += 1
+            elif job.job_id is None:
+                job.job_id = frame.get("job_id")
+                st.hists["answer"].record(int((now - job.sent_at) * 1e6))
+                st.counters["answered"] += 1
+        elif kind == "error":
+            ref = frame.get("ref")
+            code = str(frame.get("code"))
+            st.refused[code] += 1
+            st.counters["refused"] += 1
+            st.second(now).refused += 1
+            if ref is None or self.jobs.pop(ref, None) is None:
+                st.checks["session: error frame without a known ref"] += 1
+            else:
+                # Remembered so that a result for a refused job can say so.
+                self.refused[ref] = code
+                if len(self.refused) > 256:
+                    del self.refused[next(iter(self.refused))]
+            self._next_after_answer(refused=True)
+        elif kind == "partial":
+            st.counters["partials"] += 1
+        elif kind == "welcome":
+            if self.welcomed is not None and not self.welcomed.done():
+                self.welcomed.set_result(None)
+        else:
+            st.checks[f"session: unexpected {kind!s:.20} frame"] += 1
+
+    def _late(self, ref: Any) -> bool:
+        """Whether ``ref`` names a job this session sent before (answered or abandoned)."""
+        return type(ref) is str and ref.isdigit() and 0 < int(ref) <= self.seq
+
+    def _result(self, frame: dict[str, Any], now: float) -> None:
+        st = self.w.stats
+        ref = frame.get("ref")
+        job = self.jobs.pop(ref, None) if type(ref) is str else None
+        if job is None:
+            refused = self.refused.get(ref) if type(ref) is str else None
+            if refused is not None:
+                st.checks[f"session: result for a job refused with {refused}"] += 1
+            elif self._late(ref):
+                st.checks["session: result for a job that already ended (duplicate)"] += 1
+            else:
+                st.checks["session: result for an unknown ref"] += 1
+            return
+        st.counters["results"] += 1
+        if job.job_id is not None and frame.get("job_id") != job.job_id:
+            st.checks["session: result with another job_id"] += 1
+        if job.job_id is None:
+            st.checks["session: result before accepted or queued"] += 1
+        second = st.second(now)
+        if frame.get("status") == "finished":
+            st.counters["finished"] += 1
+            result = frame.get("result") or {}
+            echo = result.get("echo") or {}
+            w = self.w
+            if echo.get("seq") != job.seq or echo.get("sid") != self.sid:
+                st.checks["session: result echoes another job's payload"] += 1
+            elif w.audio_rest is not None and (
+                result.get("audio_len") != w.plan.audio_bytes
+                or result.get("audio_tag") != _TAG.pack(self.index, job.seq).hex()
+            ):
+                st.checks["session: result echoes other audio"] += 1
+            else:
+                st.counters["ok"] += 1
+                second.ok += 1
+            us = int((now - job.sent_at) * 1e6)
+            st.hists["e2e"].record(us)
+            second.e2e.record(us)
+            st.recent.record(us)
+            hold = result.get("hold_us")
+            if type(hold) is int:
+                st.hists["overhead"].record(us - hold)
+        else:
+            st.counters["failed"] += 1
+            second.failed += 1
+            st.failed[str(frame.get("error"))] += 1
+        self._next_after_answer(refused=False)
+
+    def on_close(self, code: int | None) -> None:
+        w = self.w
+        if self.welcomed is not None and not self.welcomed.done():
+            self.welcomed.set_exception(ConnectionError(f"closed with {code} before welcome"))
+            self.welcomed.exception()
+        if self.leaving:
+            if w.plan.churn and not w.closing:
+                w.reconnect_later(self)
+            return
+        if w.closing:
+            return
+        w.stats.disconnects[f"session:{code}"] += 1
+        if self.jobs:
+            w.stats.checks["session: jobs lost with a dropped connection"] += len(self.jobs)
+            self.jobs.clear()
+        w.reconnect_later(self)
