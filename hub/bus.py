@@ -92,6 +92,8 @@ class Bus:
         """Messages dropped because the outbox was full or Redis was down."""
         self.subscribed = asyncio.Event()
         """Set while the subscription is live."""
+        self.on_subscribed: Callable[[], None] | None = None
+        """Called after each (re)subscription: messages published meanwhile were lost."""
         self._outbox: list[tuple[str, bytes]] = []
         self._flushing = False
         self._task: asyncio.Task[None] | None = None
@@ -154,6 +156,8 @@ class Bus:
             try:
                 await pubsub.subscribe(self.channel)
                 self.subscribed.set()
+                if self.on_subscribed is not None:
+                    self.on_subscribed()
                 delay = 0.05
                 while not self._closed:
                     msg = await pubsub.get_message(timeout=1.0)

@@ -35,6 +35,12 @@ class Metrics:
         self.bad_frames = Counter(
             "hub_bad_frames", "Frames answered with an error", ["peer", "code"], registry=r
         )
+        self.dropped = Counter(
+            "hub_frames_dropped",
+            "Frames for a peer not connected here (node, session)",
+            ["peer"],
+            registry=r,
+        )
         self.slow_closed = Counter(
             "hub_slow_connections_closed",
             "Connections closed because their send buffer was full",

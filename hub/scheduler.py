@@ -326,6 +326,13 @@ def _parse_events(raw: Sequence[Any], script: str) -> tuple[Event, ...]:
 # Batching
 
 
+class _Ok:
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
 class _Call:
     __slots__ = ("args", "future", "keys", "name")
 
@@ -350,6 +357,7 @@ class Scheduler:
         keys: key names of the cell (default: ``Keys(settings.cell)``).
         max_batch: most script calls in one pipeline.
         max_pipelines: most pipelines in flight at once.
+        max_pending: most calls waiting for a pipeline (bounded memory).
     """
 
     def __init__(
@@ -361,6 +369,7 @@ class Scheduler:
         keys: Keys | None = None,
         max_batch: int = 256,
         max_pipelines: int = 4,
+        max_pending: int = 20000,
     ) -> None:
         self.redis = redis
         self.settings = settings
@@ -376,6 +385,11 @@ class Scheduler:
         self._flush_scheduled = False
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._next_seq = 0
+        self._next_settle = 0
+        self._settled: dict[int, tuple[list[_Call], list[Any]]] = {}
+        self.max_pending = max_pending
+        """Most calls waiting for a pipeline; more fail at once with RedisUnavailable."""
         self._random = random.Random()
         self.batches = 0
         """Pipelines sent so far (for metrics)."""
@@ -479,7 +493,7 @@ class Scheduler:
                 b.load if b.load is not None else "",
                 "" if b.rtt_ms is None else f"{b.rtt_ms:.3f}",
             ]
-        reply = await self._call("heartbeat", [self.keys.seen], args)
+        reply = await self._call("heartbeat", [self.keys.seen], args, urgent=True)
         return [int(r) for r in reply]
 
     async def dispatch_task(
@@ -805,6 +819,40 @@ class Scheduler:
         raw = await self.redis.hgetall(self.keys.job(job_id))
         return {_text(f): _text(v) for f, v in raw.items() if f not in (b"payload", b"audio")}
 
+    async def ended_results(
+        self, session_id: str, *, max_results: int = 1000
+    ) -> tuple[JobEnded, ...]:
+        """The session's ended jobs whose results it has not acknowledged, oldest first.
+
+        A read, unlike :meth:`resume_session`: it does not move the session to
+        this hub. ``session_hub`` of the results is empty.
+
+        Raises:
+            RedisUnavailable: if Redis cannot be reached.
+        """
+        k = self.keys
+        try:
+            job_ids = await self.redis.zrange(k.session_done(session_id), 0, max_results - 1)
+            pipe = self.redis.pipeline(transaction=False)
+            for jid in job_ids:
+                pipe.hmget(k.job(_text(jid)), "status", "ref", "result", "error")
+            rows = await pipe.execute()
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            raise RedisUnavailable("ended results") from exc
+        return tuple(
+            JobEnded(
+                session_hub="",
+                session_id=session_id,
+                job_id=_text(jid),
+                ref=_text(ref or b""),
+                status="finished" if status == b"finished" else "failed",
+                result=bytes(result or b"null"),
+                error=_text(error) if error else None,
+            )
+            for jid, (status, ref, result, error) in zip(job_ids, rows, strict=True)
+            if status in (b"finished", b"failed")
+        )
+
     # Private methods
 
     def _session_ttl_ms(self) -> int:
@@ -814,10 +862,19 @@ class Scheduler:
     def _seed(self) -> int:
         return self._random.randrange(1, 2147483646)
 
-    async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _call(
+        self, name: str, keys: Sequence[str], args: Sequence[Any], *, urgent: bool = False
+    ) -> Any:
+        if len(self._pending) >= self.max_pending and not urgent:
+            # Bounded memory when Redis or this process falls behind: refuse now.
+            raise RedisUnavailable(name)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(_Call(name, keys, args, future))
+        call = _Call(name, keys, args, future)
+        if urgent:
+            self._pending.insert(0, call)  # liveness first: heartbeats, node loss
+        else:
+            self._pending.append(call)
         if not self._flush_scheduled and self._inflight < self.max_pipelines:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -829,7 +886,9 @@ class Scheduler:
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
             self._inflight += 1
-            task = asyncio.get_running_loop().create_task(self._send(batch))
+            seq = self._next_seq
+            self._next_seq += 1
+            task = asyncio.get_running_loop().create_task(self._send(seq, batch))
             self._tasks.add(task)
             task.add_done_callback(self._sent)
 
@@ -840,9 +899,10 @@ class Scheduler:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _send(self, batch: list[_Call]) -> None:
+    async def _send(self, seq: int, batch: list[_Call]) -> None:
         self.batches += 1
         self.calls += len(batch)
+        outcomes: list[Any] = [RedisUnavailable(call.name) for call in batch]
         try:
             results = await self._execute(batch)
             missing = [
@@ -855,30 +915,43 @@ class Scheduler:
                 again = await self._execute([batch[i] for i in missing])
                 for i, r in zip(missing, again, strict=True):
                     results[i] = r
+            for i, (call, result) in enumerate(zip(batch, results, strict=True)):
+                if isinstance(result, redis_errors.ResponseError):
+                    logger.error("! %s.lua failed: %s", call.name, result)
+                    outcomes[i] = ScriptError(call.name, str(result))
+                else:
+                    outcomes[i] = _Ok(result)
         except (
             redis_errors.ConnectionError,
             redis_errors.TimeoutError,
             OSError,
             RedisUnavailable,
         ) as exc:
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(RedisUnavailable(call.name))
             logger.debug("! pipeline of %d calls failed: %s", len(batch), exc)
-            return
         except Exception as exc:  # a bug: fail every caller rather than hang them
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(exc)
+            outcomes = [exc] * len(batch)
             raise
-        for call, result in zip(batch, results, strict=True):
-            if call.future.done():
-                continue
-            if isinstance(result, redis_errors.ResponseError):
-                logger.error("! %s.lua failed: %s", call.name, result)
-                call.future.set_exception(ScriptError(call.name, str(result)))
-            else:
-                call.future.set_result(result)
+        finally:
+            self._settle(seq, batch, outcomes)
+
+    def _settle(self, seq: int, batch: list[_Call], outcomes: list[Any]) -> None:
+        """Resolve pipelines in the order they were sent, whatever order replies come in.
+
+        Pipelines travel on several connections, so a later one can be read
+        first; resolving in order keeps the hubs' view of each job in Redis
+        order (a job's ``queued`` before its ``accepted``).
+        """
+        self._settled[seq] = (batch, outcomes)
+        while self._next_settle in self._settled:
+            done, results = self._settled.pop(self._next_settle)
+            self._next_settle += 1
+            for call, outcome in zip(done, results, strict=True):
+                if call.future.done():
+                    continue
+                if isinstance(outcome, _Ok):
+                    call.future.set_result(outcome.value)
+                else:
+                    call.future.set_exception(outcome)
 
     async def _execute(self, batch: Sequence[_Call]) -> list[Any]:
         pipe = self.redis.pipeline(transaction=False)

@@ -106,6 +106,8 @@ class NodeLink:
         self.ping_at: float | None = None
         self.closing = False
         self.pending = 0
+        self.backlog: list[tuple[str | bytes, tuple[str, _Route] | None, str | None]] = []
+        """Frames that arrived for the node before its registration finished here."""
 
 
 class SessionLink:
@@ -131,6 +133,10 @@ class SessionLink:
         self.last_active = time.monotonic()
         self.pending = 0
         self.closing = False
+        self.ended_early: set[str] = set()
+        """Jobs whose result came before their dispatch reply was handled."""
+        self.abandoned: set[str] = set()
+        """Jobs refused with UNAVAILABLE whose script may have run after all."""
 
 
 class Hub:
@@ -156,9 +162,12 @@ class Hub:
         self.bus = Bus(
             self.redis, self.subscriber, self.keys.channel(self.hub_id), self._on_bus_message
         )
+        self.bus.on_subscribed = self._bus_subscribed
         self.metrics = Metrics(self.hub_id)
         self.auth = Authenticator(settings)
         self._grants: dict[ServerConnection, NodeGrant | SessionGrant] = {}
+        self._registering: dict[str, NodeLink] = {}
+        self._abandoned: dict[str, float] = {}
         self.nodes: dict[str, NodeLink] = {}
         self.sessions: dict[str, SessionLink] = {}
         self.ready = False
@@ -402,10 +411,23 @@ class Hub:
             self._too_slow.add(ws)
             self.metrics.slow_closed.inc()
             logger.warning("! closing a connection whose send buffer is full")
-            self._spawn(ws.close(CloseCode.TOO_SLOW, "too slow: send buffer full"))
+            self._spawn(self._close(ws, CloseCode.TOO_SLOW, "too slow: send buffer full"))
             return False
         broadcast((ws,), frame)
         return True
+
+    async def _close(self, ws: ServerConnection, code: int, reason: str) -> None:
+        """Close a connection whose peer may not read: abort it after ``close_timeout``.
+
+        websockets' ``close()`` first waits, without a timeout, for the write
+        buffer to drain; its ``close_timeout`` starts only after that. A peer
+        that never reads would keep the connection (and its buffer) forever.
+        """
+        try:
+            async with asyncio.timeout(ws.close_timeout):
+                await ws.close(code, reason)
+        except TimeoutError:
+            ws.transport.abort()
 
     def _send_node(
         self,
@@ -418,6 +440,13 @@ class Hub:
         if hub == self.hub_id:
             link = self.nodes.get(node_id)
             if link is None:
+                early = self._registering.get(node_id)
+                if early is not None and len(early.backlog) < 2 * self.limits.max_jobs_per_node:
+                    # Dispatched before this hub saw its register reply: hold it.
+                    early.backlog.append((frame, route, untrack))
+                else:
+                    self.metrics.dropped.labels("node").inc()
+                    logger.warning("! dropped a frame for node %s: not connected here", node_id)
                 return
             if route is not None:
                 link.jobs[route[0]] = route[1]
@@ -435,19 +464,38 @@ class Hub:
             self.bus.publish(self.keys.channel(hub), encode_envelope(b"N", meta, frame))
 
     def _send_session(
-        self, hub: str, session_id: str, frame: str | bytes, ended: str | None = None
+        self,
+        hub: str,
+        session_id: str,
+        frame: str | bytes,
+        ended: str | None = None,
+        job_id: str | None = None,
     ) -> None:
+        """Send a frame about a job to its session (``ended``: the job's result)."""
         if hub == self.hub_id:
             link = self.sessions.get(session_id)
             if link is None:
                 return  # gone: results wait in Redis for its resume
-            if ended is not None:
-                link.conn.job_ended(JobId(ended))
+            jid = ended or job_id
+            if jid is not None and jid in link.abandoned:
+                # The session was told UNAVAILABLE for this job (protocol.md §6).
+                if ended is not None:
+                    link.abandoned.discard(jid)
+                return
+            if (
+                ended is not None
+                and link.conn.job_ended(JobId(ended)) is None
+                and len(link.ended_early) < 1024
+            ):
+                # Ended before this hub handled the dispatch reply (another hub was faster).
+                link.ended_early.add(ended)
             self._push(link.ws, frame)
         elif hub:
             meta: dict[str, Any] = {"s": session_id}
             if ended is not None:
                 meta["e"] = ended
+            if job_id is not None:
+                meta["j"] = job_id
             self.bus.publish(self.keys.channel(hub), encode_envelope(b"S", meta, frame))
 
     def _on_bus_message(self, message: bytes) -> None:
@@ -463,13 +511,13 @@ class Hub:
                 route = (meta["j"], _Route(int(a), sid, shub, ref))
             self._send_node(self.hub_id, meta["n"], frame, route, meta.get("u"))
         elif kind == b"S":
-            self._send_session(self.hub_id, meta["s"], frame, meta.get("e"))
+            self._send_session(self.hub_id, meta["s"], frame, meta.get("e"), meta.get("j"))
         elif kind == b"C":
             link = self.nodes.get(meta["n"])
             if link is not None and link.epoch == meta["e"]:
                 if meta.get("c") == CloseCode.LOST:
                     link.closing = True
-                    self._spawn(link.ws.close(CloseCode.LOST, "lost: register again"))
+                    self._spawn(self._close(link.ws, CloseCode.LOST, "lost: register again"))
                 else:
                     self._spawn(link.ws.close(CloseCode.REPLACED, "replaced by a newer connection"))
 
@@ -502,7 +550,7 @@ class Hub:
                 link = self.nodes.get(event.node_id)
                 if event.hub == self.hub_id and link is not None and link.epoch == event.epoch:
                     link.closing = True
-                    self._spawn(link.ws.close(CloseCode.LOST, "lost: register again"))
+                    self._spawn(self._close(link.ws, CloseCode.LOST, "lost: register again"))
                 elif event.hub and event.hub != self.hub_id:
                     # The sweep ran here; the node's socket is on another hub.
                     self.bus.publish(
@@ -539,6 +587,7 @@ class Hub:
             d.session_hub,
             d.session_id,
             proto.encode_accepted(d.ref, JobId(d.job_id), NodeId(d.node_id), d.attempt),
+            job_id=d.job_id,
         )
         self.metrics.dispatched.inc()
 
@@ -620,6 +669,7 @@ class Hub:
                 self._push(ws, proto.encode_error(None, "UNAVAILABLE", "redis is unavailable"))
                 await ws.close(CloseCode.TRY_AGAIN_LATER, "redis unavailable")
                 return None
+            self._registering[frame.node_id] = link
             try:
                 reg = await self.scheduler.register_node(
                     frame.node_id,
@@ -630,8 +680,12 @@ class Hub:
                     resume=frame.resume,
                 )
             except RedisUnavailable:
+                if self._registering.get(frame.node_id) is link:
+                    del self._registering[frame.node_id]
                 await ws.close(CloseCode.TRY_AGAIN_LATER, "redis unavailable")
                 return None
+            if self._registering.get(frame.node_id) is link:
+                del self._registering[frame.node_id]
             link.node_id = frame.node_id
             link.epoch = reg.epoch
             link.max_jobs = frame.max_jobs
@@ -660,6 +714,9 @@ class Hub:
                 reg.epoch,
                 frame.max_jobs,
             )
+            backlog, link.backlog = link.backlog, []
+            for held, route, untrack in backlog:
+                self._send_node(self.hub_id, frame.node_id, held, route, untrack)
             self._route(
                 tuple(
                     e for e in reg.events if not (type(e) is NodeReplaced and e.hub == self.hub_id)
@@ -742,6 +799,7 @@ class Hub:
             route.session_hub,
             route.session_id,
             proto.encode_partial(route.ref, JobId(frame.job_id), frame.result),
+            job_id=frame.job_id,
         )
         return True
 
@@ -901,9 +959,12 @@ class Hub:
                 ),
             )
             return
+        jid = JobId(new_job_id())
+        if not self.ready:
+            link.pending = max(0, link.pending - 1)
+            self._refuse_unavailable(link, ref)
+            return
         try:
-            if not self.ready:
-                raise RedisUnavailable("dispatch_task")
             reply = await self.scheduler.dispatch_task(
                 link.session_id,
                 frame.src_lang,
@@ -912,7 +973,7 @@ class Hub:
                 ref=ref,
                 audio=frame.audio,
                 timeout_ms=frame.timeout_ms,
-                job_id=new_job_id(),
+                job_id=jid,
             )
         except SchedulingError as exc:
             link.conn.job_refused(ref)
@@ -920,16 +981,19 @@ class Hub:
             self._push(link.ws, proto.encode_error(ref, exc.code, exc.message))
             return
         except RedisUnavailable:
-            link.conn.job_refused(ref)
-            self.metrics.refused.labels("UNAVAILABLE").inc()
-            self._push(
-                link.ws,
-                proto.encode_error(ref, "UNAVAILABLE", "the scheduler is unavailable; try again"),
-            )
+            self._refuse_unavailable(link, ref)
+            # The script may have run before the connection failed: take the job back.
+            if len(link.abandoned) < 1024:
+                link.abandoned.add(jid)
+            self._spawn(self._abandon(link.session_id, jid))
             return
         finally:
             link.pending = max(0, link.pending - 1)
-        jid = JobId(reply.job_id)
+        if jid in link.ended_early:
+            # Its result is already sent; §9.2 wants nothing after it.
+            link.ended_early.discard(jid)
+            link.conn.job_refused(ref)
+            return
         link.conn.job_started(ref, jid)
         if type(reply) is Queued:
             self._push(link.ws, proto.encode_queued(ref, jid))
@@ -954,6 +1018,33 @@ class Hub:
         )
         self._push(link.ws, proto.encode_accepted(ref, jid, NodeId(reply.node_id), reply.attempt))
         self.metrics.dispatched.inc()
+
+    def _refuse_unavailable(self, link: SessionLink, ref: str) -> None:
+        link.conn.job_refused(ref)
+        self.metrics.refused.labels("UNAVAILABLE").inc()
+        self._push(
+            link.ws,
+            proto.encode_error(ref, "UNAVAILABLE", "the scheduler is unavailable; try again"),
+        )
+
+    async def _abandon(self, session_id: str, job_id: str) -> None:
+        """End a job whose dispatch reply was lost, once Redis answers again (bounded)."""
+        delay = 0.1
+        for _ in range(40):
+            try:
+                done = await self.scheduler.cancel_task(job_id, session_id, reason="UNAVAILABLE")
+            except SchedulingError:
+                pass  # it never ran (UNKNOWN_JOB) or already ended
+            except RedisUnavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            else:
+                self._route(tuple(e for e in done.events if type(e) is not JobEnded))
+            with contextlib.suppress(RedisUnavailable):
+                await self.scheduler.ack_results(session_id, [job_id])
+            return
+        logger.warning("! could not take back job %s after a Redis failure", job_id)
 
     async def _cancel(self, link: SessionLink, frame: proto.CancelJob) -> None:
         jid = link.conn.job_for(frame.ref)
@@ -1000,6 +1091,31 @@ class Hub:
             self._route(events)
             if not done or not any(type(e) is JobEnded for e in events):
                 return
+
+    def _bus_subscribed(self) -> None:
+        if self.sessions and not self._stopping:
+            self._spawn(self._resend_lost_results())
+
+    async def _resend_lost_results(self) -> None:
+        """After the bus was down (Redis restart): send results published here meanwhile.
+
+        protocol.md §8: the bus is at most once, the outcome stays in Redis.
+        Only jobs still open on the connection, so each result goes once per
+        connection.
+        """
+        for session_id, link in list(self.sessions.items()):
+            if link.conn.open_refs == 0:
+                continue
+            try:
+                ended = await self.scheduler.ended_results(session_id)
+            except RedisUnavailable:
+                return  # the next subscription tries again
+            for e in ended:
+                jid = JobId(e.job_id)
+                if self.sessions.get(session_id) is link and link.conn.job_ended(jid) is not None:
+                    self._push(
+                        link.ws, proto.encode_result(e.ref, jid, e.status, e.result, e.error)
+                    )
 
     def _resume_token(self, session_id: str) -> str:
         return hmac.new(self._secret, session_id.encode(), hashlib.sha256).hexdigest()[:32]
@@ -1098,7 +1214,7 @@ class Hub:
                     self._spawn(link.ws.close(CloseCode.REPLACED, "replaced by a newer connection"))
                 elif link is not None and link.epoch == beat.epoch:
                     link.closing = True
-                    self._spawn(link.ws.close(CloseCode.LOST, "lost: register again"))
+                    self._spawn(self._close(link.ws, CloseCode.LOST, "lost: register again"))
 
     async def _sweep_loop(self) -> None:
         interval = self.settings.sweep_interval_ms / 1000
