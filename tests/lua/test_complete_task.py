@@ -1,0 +1,260 @@
+"""complete_task.lua: every line of its Returns block, and the state it leaves."""
+
+from __future__ import annotations
+
+import pytest
+from lua_support import T0, dispatches, free, job_hash, node_hash, pool_of, register, smembers
+
+from hub.errors import ErrorCode, SchedulingError
+from hub.scheduler import Beat, Completion, Dispatch, JobEnded, Queued
+
+POOL = pool_of()
+
+
+async def dispatch(scheduler, session_id, job_id, **kwargs):
+    kwargs.setdefault("now_ms", T0)
+    return await scheduler.dispatch_task(session_id, "en", "fr", b"{}", job_id=job_id, **kwargs)
+
+
+async def refused(scheduler, *args, **kwargs) -> SchedulingError:
+    kwargs.setdefault("now_ms", T0 + 50)
+    with pytest.raises(SchedulingError) as caught:
+        await scheduler.complete_task(*args, **kwargs)
+    return caught.value
+
+
+# Returns: {1, result_event, drained, {events}}
+
+
+async def test_complete_task_finished_ends_the_job_and_releases_the_slot(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=2)
+    await scheduler.dispatch_task(
+        "s1", "en", "fr", b'{"a":1}', audio=b"\x00\x01", ref="r1", job_id="j1", now_ms=T0
+    )
+
+    done = await scheduler.complete_task(
+        "j1", "n1", 1, "finished", result=b'{"text":"salut"}', now_ms=T0 + 40
+    )
+
+    assert done == Completion(
+        JobEnded("h1", "s1", "j1", "r1", "finished", b'{"text":"salut"}', None), False, ()
+    )
+    job = await job_hash(redis, keys, "j1")
+    assert (job["status"], job["result"], job["error"], job["ended"]) == (
+        b"finished",
+        b'{"text":"salut"}',
+        b"",
+        str(T0 + 40).encode(),
+    )
+    assert "payload" not in job and "audio" not in job
+    assert 0 < await redis.pttl(keys.job("j1")) <= scheduler.settings.job_ttl_ms
+    assert await redis.zscore(keys.deadlines, "j1") is None
+    assert await smembers(redis, keys.session_jobs("s1")) == set()
+    assert await redis.zscore(keys.session_done("s1"), "j1") == T0 + 40
+    assert (await node_hash(redis, keys, "n1"))["running"] == "0"
+    assert await smembers(redis, keys.node_jobs("n1")) == set()
+    assert await free(redis, keys, POOL) == {"n1": 0.0}
+    assert await redis.hget(keys.stats, "finished") == b"1"
+
+
+async def test_complete_task_failed_keeps_the_error(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=1)
+    await dispatch(scheduler, "s1", "j1")
+
+    done = await scheduler.complete_task("j1", "n1", 1, "failed", error="MODEL_ERROR", now_ms=T0)
+
+    assert done.ended == JobEnded("h1", "s1", "j1", "", "failed", b"null", "MODEL_ERROR")
+    job = await job_hash(redis, keys, "j1")
+    assert (job["status"], job["error"], job["result"]) == (b"failed", b"MODEL_ERROR", b"null")
+    assert await free(redis, keys, POOL) == {"n1": 0.0}
+    assert await redis.hget(keys.stats, "error:MODEL_ERROR") == b"1"
+
+
+async def test_complete_task_hands_the_freed_slot_the_next_queued_job(scheduler, redis, keys):
+    audio = bytes(range(256))
+    await register(scheduler, "n1", max_jobs=1, hub_id="hn")
+    await dispatch(scheduler, "s1", "j1")
+    queued = await scheduler.dispatch_task(
+        "s2", "en", "fr", b'{"q":2}', audio=audio, ref="r2", job_id="j2", session_hub="hs",
+        now_ms=T0 + 1,
+    )  # fmt: skip
+    assert isinstance(queued, Queued)
+
+    done = await scheduler.complete_task("j1", "n1", 1, "finished", now_ms=T0 + 20)
+
+    assert done.events == (
+        Dispatch(
+            node_hub="hn",
+            node_id="n1",
+            job_id="j2",
+            attempt=1,
+            session_id="s2",
+            src_lang="en",
+            tgt_lang="fr",
+            deadline_ms=T0 + 1 + 10_000,
+            payload=b'{"q":2}',
+            audio=audio,
+            session_hub="hs",
+            ref="r2",
+        ),
+    )
+    job = await job_hash(redis, keys, "j2")
+    assert (job["status"], job["node"], job["attempt"], job["started"]) == (
+        b"running",
+        b"n1",
+        b"1",
+        str(T0 + 20).encode(),
+    )
+    assert "qpool" not in job
+    assert (await node_hash(redis, keys, "n1"))["running"] == "1"
+    assert await smembers(redis, keys.node_jobs("n1")) == {"j2"}
+    assert await free(redis, keys, POOL) == {}
+    assert await redis.hget(keys.queue_depth, POOL) == b"0"
+    assert await redis.zcard(keys.queued) == 0
+    assert await redis.exists(keys.queue(POOL), keys.session_queue(POOL, "s2")) == 0
+    assert (await redis.hget(keys.session("s2"), "node")) == b"n1"
+
+
+async def test_complete_task_serves_the_queue_in_order_taking_turns(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=1)
+    await dispatch(scheduler, "s0", "j0")
+    for jid in ("A1", "A2", "A3"):
+        await dispatch(scheduler, "A", jid)
+    await dispatch(scheduler, "B", "B1")
+
+    order = []
+    running = "j0"
+    for t in range(4):
+        done = await scheduler.complete_task(running, "n1", 1, "finished", now_ms=T0 + t)
+        (started,) = dispatches(done.events)
+        running = started.job_id
+        order.append(running)
+
+    assert order == ["A1", "B1", "A2", "A3"]
+    await scheduler.complete_task(running, "n1", 1, "finished", now_ms=T0 + 9)
+    assert await free(redis, keys, POOL) == {"n1": 0.0}
+    assert await redis.hget(keys.queue_depth, POOL) == b"0"
+
+
+async def test_complete_task_fills_every_free_slot(scheduler, redis, keys):
+    # A node back online has free slots while jobs wait (heartbeat.lua hands
+    # out no jobs): its next completion fills all of its slots, not just one.
+    await register(scheduler, "n1", max_jobs=3)
+    await dispatch(scheduler, "s0", "j0")
+    await scheduler.heartbeat([Beat("n1", 1, online=False)], now_ms=T0)
+    for i in range(4):
+        assert isinstance(await dispatch(scheduler, f"s{i + 1}", f"q{i}"), Queued)
+    await scheduler.heartbeat([Beat("n1", 1, online=True)], now_ms=T0 + 1)
+
+    done = await scheduler.complete_task("j0", "n1", 1, "finished", now_ms=T0 + 2)
+
+    assert [d.job_id for d in dispatches(done.events)] == ["q0", "q1", "q2"]
+    assert (await node_hash(redis, keys, "n1"))["running"] == "3"
+    assert await free(redis, keys, POOL) == {}
+    assert await redis.hget(keys.queue_depth, POOL) == b"1"
+
+
+async def test_complete_task_reports_a_draining_node_drained(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=2)
+    await dispatch(scheduler, "s1", "j1")
+    await dispatch(scheduler, "s1", "j2")
+    assert isinstance(await dispatch(scheduler, "s2", "j3"), Queued)
+    assert await scheduler.drain_node("n1", epoch=1) == 2
+
+    first = await scheduler.complete_task("j1", "n1", 1, "finished", now_ms=T0 + 1)
+    last = await scheduler.complete_task("j2", "n1", 1, "finished", now_ms=T0 + 2)
+
+    # A draining node is handed no queued job.
+    assert (first.drained, first.events) == (False, ())
+    assert (last.drained, last.events) == (True, ())
+    assert (await node_hash(redis, keys, "n1"))["running"] == "0"
+    assert await free(redis, keys, POOL) == {}
+    assert (await job_hash(redis, keys, "j3"))["status"] == b"queued"
+
+
+# Returns: -5, -6, -7
+
+
+async def test_complete_task_of_an_unknown_job_returns_unknown_job(scheduler, redis, keys):
+    await register(scheduler, "n1")
+    await dispatch(scheduler, "s1", "j1")
+    await redis.delete(keys.job("j1"))  # as when its record expired
+
+    for jid in ("never", "j1"):
+        error = await refused(scheduler, jid, "n1", 1, "finished")
+        assert error.error_code is ErrorCode.UNKNOWN_JOB
+        assert str(error) == "UNKNOWN_JOB: no such job"
+    assert await redis.exists(keys.job("never")) == 0
+    assert (await node_hash(redis, keys, "n1"))["running"] == "1"
+
+
+async def test_complete_task_by_another_node_returns_node_mismatch(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=1)
+    await dispatch(scheduler, "s1", "j1")
+    await register(scheduler, "n2", max_jobs=1)
+    await dispatch(scheduler, "s2", "j2")
+    assert isinstance(await dispatch(scheduler, "s3", "j3"), Queued)
+
+    wrong = await refused(scheduler, "j1", "n2", 1, "finished")
+    never = await refused(scheduler, "j3", "n1", 0, "finished")
+
+    assert wrong.error_code is ErrorCode.NODE_MISMATCH
+    assert str(wrong) == "NODE_MISMATCH: the job was not dispatched to this node"
+    assert never.error_code is ErrorCode.NODE_MISMATCH
+    assert (await job_hash(redis, keys, "j1"))["status"] == b"running"
+    assert (await job_hash(redis, keys, "j3"))["status"] == b"queued"
+    assert (await node_hash(redis, keys, "n1"))["running"] == "1"
+    assert (await node_hash(redis, keys, "n2"))["running"] == "1"
+
+
+async def test_complete_task_twice_returns_stale_attempt(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=2)
+    await dispatch(scheduler, "s1", "j1")
+    await dispatch(scheduler, "s1", "j2")
+    await scheduler.complete_task("j1", "n1", 1, "finished", result=b"1", now_ms=T0 + 1)
+
+    error = await refused(scheduler, "j1", "n1", 1, "failed", error="LATE")
+
+    assert error.error_code is ErrorCode.STALE_ATTEMPT
+    assert str(error) == "STALE_ATTEMPT: the attempt is stale or the job has already ended"
+    job = await job_hash(redis, keys, "j1")
+    assert (job["status"], job["result"], job["ended"]) == (b"finished", b"1", b"1000001")
+    # The slot was released once: j2 still holds one.
+    assert (await node_hash(redis, keys, "n1"))["running"] == "1"
+    assert await redis.hget(keys.stats, "finished") == b"1"
+    assert await redis.hget(keys.stats, "failed") is None
+
+
+async def test_complete_task_of_an_older_attempt_returns_stale_attempt(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=1)
+    await dispatch(scheduler, "s1", "j1")
+    await register(scheduler, "n2", max_jobs=1)
+    events = await scheduler.node_lost("n1", now_ms=T0 + 1)
+    assert [(d.node_id, d.attempt) for d in dispatches(events)] == [("n2", 2)]
+
+    lost_node = await refused(scheduler, "j1", "n1", 1, "finished")
+    old_attempt = await refused(scheduler, "j1", "n2", 1, "finished")
+    future_attempt = await refused(scheduler, "j1", "n2", 3, "finished")
+
+    assert lost_node.error_code is ErrorCode.STALE_ATTEMPT
+    assert old_attempt.error_code is ErrorCode.STALE_ATTEMPT
+    assert future_attempt.error_code is ErrorCode.STALE_ATTEMPT
+    job = await job_hash(redis, keys, "j1")
+    assert (job["status"], job["node"], job["attempt"]) == (b"running", b"n2", b"2")
+    assert (await node_hash(redis, keys, "n2"))["running"] == "1"
+    done = await scheduler.complete_task("j1", "n2", 2, "finished", now_ms=T0 + 2)
+    assert done.ended.status == "finished"
+    assert (await node_hash(redis, keys, "n2"))["running"] == "0"
+
+
+async def test_complete_task_of_a_cancelled_job_returns_stale_attempt(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=2)
+    await dispatch(scheduler, "s1", "j1")
+    await dispatch(scheduler, "s1", "j2")
+    await scheduler.cancel_task("j1", "s1", now_ms=T0 + 1)
+
+    error = await refused(scheduler, "j1", "n1", 1, "finished")
+
+    assert error.error_code is ErrorCode.STALE_ATTEMPT
+    assert (await job_hash(redis, keys, "j1"))["error"] == b"CANCELLED"
+    assert (await node_hash(redis, keys, "n1"))["running"] == "1"

@@ -1,0 +1,305 @@
+"""dispatch_task.lua: every line of its Returns block, and how it picks a node."""
+
+from __future__ import annotations
+
+import pytest
+from lua_support import T0, free, job_hash, node_hash, pool_of, register, smembers
+
+from hub.errors import ErrorCode, SchedulingError
+from hub.scheduler import Accepted, Queued
+
+POOL = pool_of()
+ALPHA = pool_of("alpha")
+BETA = pool_of("beta")
+
+
+async def dispatch(scheduler, session_id="s1", src="en", tgt="fr", **kwargs):
+    kwargs.setdefault("now_ms", T0)
+    return await scheduler.dispatch_task(session_id, src, tgt, b"{}", **kwargs)
+
+
+async def refused(scheduler, session_id="s1", src="en", tgt="fr", **kwargs) -> SchedulingError:
+    with pytest.raises(SchedulingError) as caught:
+        await dispatch(scheduler, session_id, src, tgt, **kwargs)
+    return caught.value
+
+
+# Returns: {1, node_id, attempt, node_hub, deadline_ms}
+
+
+async def test_dispatch_task_accepted_takes_a_slot(scheduler, redis, keys):
+    audio = bytes(range(256))
+    await register(scheduler, "n1", max_jobs=2, hub_id="hn")
+
+    accepted = await scheduler.dispatch_task(
+        "s1",
+        "EN",
+        "Fr",
+        b'{"text":"hello"}',
+        ref="r1",
+        audio=audio,
+        timeout_ms=7_000,
+        job_id="j1",
+        session_hub="hs",
+        now_ms=T0 + 10,
+    )
+
+    assert accepted == Accepted("j1", "n1", 1, "hn", T0 + 10 + 7_000)
+    job = await job_hash(redis, keys, "j1")
+    assert job == {
+        "session": b"s1",
+        "ref": b"r1",
+        "src": b"en",
+        "tgt": b"fr",
+        "payload": b'{"text":"hello"}',
+        "audio": audio,
+        "deadline": str(T0 + 7_010).encode(),
+        "shub": b"hs",
+        "created": str(T0 + 10).encode(),
+        "started": str(T0 + 10).encode(),
+        "status": b"running",
+        "attempt": b"1",
+        "node": b"n1",
+        "pool": POOL.encode(),
+        "hist": b",n1@1,",
+    }
+    assert await redis.pttl(keys.job("j1")) == -1  # kept until the job ends
+    assert await redis.zscore(keys.deadlines, "j1") == T0 + 7_010
+    assert await redis.zscore(keys.queued, "j1") is None
+    assert (await node_hash(redis, keys, "n1"))["running"] == "1"
+    assert await smembers(redis, keys.node_jobs("n1")) == {"j1"}
+    assert await free(redis, keys, POOL) == {"n1": 0.5}
+    assert await smembers(redis, keys.session_jobs("s1")) == {"j1"}
+    session = await redis.hgetall(keys.session("s1"))
+    assert session == {
+        b"hub": b"hs",
+        b"pool": POOL.encode(),
+        b"node": b"n1",
+        b"pair": b"en:fr",
+    }
+    assert await redis.pttl(keys.session("s1")) > 0
+    assert await redis.pttl(keys.session_jobs("s1")) > 0
+
+
+async def test_dispatch_task_uses_the_default_timeout(scheduler):
+    await register(scheduler, "n1")
+
+    accepted = await dispatch(scheduler, now_ms=T0 + 1)
+
+    assert accepted.deadline_ms == T0 + 1 + scheduler.settings.job_timeout_ms
+
+
+async def test_dispatch_task_picks_the_least_loaded_node(scheduler, redis, keys):
+    await register(scheduler, "n2", max_jobs=2)
+    assert (await dispatch(scheduler, "s0")).node_id == "n2"  # n2 at 0.5
+    await register(scheduler, "n1", max_jobs=5)
+
+    # Fresh sessions each time, so no session affinity gets in the way.
+    picks = [(await dispatch(scheduler, f"s{i}")).node_id for i in range(1, 7)]
+
+    # n1: 0 -> .2 -> .4 -> .6; n2 (.5) is lower; n1: .6 -> .8 -> 1.
+    assert picks == ["n1", "n1", "n1", "n2", "n1", "n1"]
+    assert (await node_hash(redis, keys, "n1"))["running"] == "5"
+    assert (await node_hash(redis, keys, "n2"))["running"] == "2"
+    assert await free(redis, keys, POOL) == {}
+
+
+async def test_dispatch_task_never_runs_more_than_max_jobs(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=2)
+    await register(scheduler, "n2", max_jobs=3)
+
+    replies = [await dispatch(scheduler, f"s{i}") for i in range(9)]
+
+    accepted = [r for r in replies if isinstance(r, Accepted)]
+    assert [type(r) for r in replies] == [Accepted] * 5 + [Queued] * 4
+    assert sum(r.node_id == "n1" for r in accepted) == 2
+    assert sum(r.node_id == "n2" for r in accepted) == 3
+    assert (await node_hash(redis, keys, "n1"))["running"] == "2"
+    assert (await node_hash(redis, keys, "n2"))["running"] == "3"
+
+
+async def test_dispatch_task_breaks_ties_at_random_within_a_pool(scheduler):
+    await register(scheduler, "n1", max_jobs=1)
+    await register(scheduler, "n2", max_jobs=1)
+    picks = set()
+
+    for i in range(40):
+        accepted = await dispatch(scheduler, f"s{i}", job_id=f"j{i}")
+        picks.add(accepted.node_id)
+        await scheduler.cancel_task(f"j{i}", f"s{i}", now_ms=T0)
+
+    # Each pick is a fair coin (the seed comes from the hub); 40 heads in a
+    # row has probability 2**-39.
+    assert picks == {"n1", "n2"}
+
+
+async def test_dispatch_task_breaks_ties_at_random_between_pools(scheduler):
+    await register(scheduler, "a1", max_jobs=1, pools=("alpha",))
+    await register(scheduler, "b1", max_jobs=1, pools=("beta",))
+    picks = set()
+
+    for i in range(40):
+        accepted = await dispatch(scheduler, f"s{i}", job_id=f"j{i}")
+        picks.add(accepted.node_id)
+        await scheduler.cancel_task(f"j{i}", f"s{i}", now_ms=T0)
+
+    assert picks == {"a1", "b1"}
+
+
+# Session affinity
+
+
+async def test_dispatch_task_prefers_the_sessions_pool_then_falls_back(scheduler, redis, keys):
+    await register(scheduler, "a1", max_jobs=1, pools=("alpha",))
+    assert (await dispatch(scheduler, "s", job_id="j1")).node_id == "a1"
+    await register(scheduler, "a2", max_jobs=2, pools=("alpha",))
+    await register(scheduler, "b1", max_jobs=4, pools=("beta",))
+
+    # a1 is full: another node of the session's pool, although b1 is as idle.
+    assert (await dispatch(scheduler, "s", job_id="j2")).node_id == "a2"
+    # The session's previous node while it has a free slot, though b1 is idler.
+    assert await free(redis, keys, ALPHA) == {"a2": 0.5}
+    assert await free(redis, keys, BETA) == {"b1": 0.0}
+    assert (await dispatch(scheduler, "s", job_id="j3")).node_id == "a2"
+    # The pool is full: any pool that serves the pair.
+    assert (await dispatch(scheduler, "s", job_id="j4")).node_id == "b1"
+
+    session = await redis.hgetall(keys.session("s"))
+    assert (session[b"pool"], session[b"node"], session[b"pair"]) == (
+        BETA.encode(),
+        b"b1",
+        b"en:fr",
+    )
+    assert (await job_hash(redis, keys, "j4"))["pool"] == BETA.encode()
+    # And the new preference sticks.
+    assert (await dispatch(scheduler, "s", job_id="j5")).node_id == "b1"
+
+
+async def test_dispatch_task_forgets_the_preference_when_the_pair_changes(scheduler, redis, keys):
+    de_en = (("de", "en"),)
+    await register(scheduler, "a1", max_jobs=4, pools=("alpha",))
+    assert (await dispatch(scheduler, "s")).node_id == "a1"
+    await register(scheduler, "b1", max_jobs=4, pools=("beta",))
+    await register(scheduler, "g1", max_jobs=4, pairs=de_en)
+    # Same pair: the previous node, though b1 is idler.
+    assert (await dispatch(scheduler, "s")).node_id == "a1"
+
+    assert (await dispatch(scheduler, "s", "de", "en")).node_id == "g1"
+    assert (await redis.hget(keys.session("s"), "pair")) == b"de:en"
+    # Back to en:fr: no preference left, so the least-loaded node.
+    assert await free(redis, keys, ALPHA) == {"a1": 0.5}
+    assert (await dispatch(scheduler, "s")).node_id == "b1"
+
+
+async def test_dispatch_task_queues_in_the_sessions_pool(scheduler, redis, keys):
+    await register(scheduler, "a1", max_jobs=1, pools=("alpha",))
+    assert (await dispatch(scheduler, "s1")).node_id == "a1"
+    for i in range(3):
+        await register(scheduler, f"b{i}", max_jobs=1, pools=("beta",))
+        await dispatch(scheduler, f"other{i}")
+
+    # Every node busy: s1 waits in its own pool, a fresh session in the
+    # pool with the most nodes.
+    assert (await dispatch(scheduler, "s1")).pool == ALPHA
+    assert (await dispatch(scheduler, "s2")).pool == BETA
+
+
+# Returns: {0, pool, deadline_ms}
+
+
+async def test_dispatch_task_queued_when_every_node_is_busy(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=1)
+    await dispatch(scheduler, "s1", job_id="j1")
+
+    queued = await dispatch(scheduler, "s2", job_id="j2", ref="r2", now_ms=T0 + 5)
+
+    assert queued == Queued("j2", POOL, T0 + 5 + 10_000)
+    job = await job_hash(redis, keys, "j2")
+    assert (job["status"], job["attempt"], job["qpool"], job["ref"]) == (
+        b"queued",
+        b"0",
+        POOL.encode(),
+        b"r2",
+    )
+    assert "node" not in job and "audio" not in job
+    assert await redis.lrange(keys.queue(POOL), 0, -1) == [b"s2"]
+    assert await redis.lrange(keys.session_queue(POOL, "s2"), 0, -1) == [b"j2"]
+    assert await redis.hget(keys.queue_depth, POOL) == b"1"
+    assert await redis.zscore(keys.queued, "j2") == T0 + 5 + 5_000
+    assert await redis.zscore(keys.deadlines, "j2") == T0 + 5 + 10_000
+    assert await smembers(redis, keys.session_jobs("s2")) == {"j2"}
+    assert (await node_hash(redis, keys, "n1"))["running"] == "1"
+
+
+# Returns: -1 .. -4, -11
+
+
+async def test_dispatch_task_refused_when_no_pool_serves_the_pair(scheduler, redis, keys):
+    await register(scheduler, "n1")
+
+    error = await refused(scheduler, "s1", "en", "ja", ref="r9", job_id="j1")
+
+    assert error.error_code is ErrorCode.NO_POOL_FOR_LANG_PAIR
+    assert error.code == "NO_POOL_FOR_LANG_PAIR"
+    assert error.ref == "r9"
+    assert str(error) == "NO_POOL_FOR_LANG_PAIR: no pool serves this language pair"
+    assert await redis.exists(keys.job("j1"), keys.session("s1"), keys.session_jobs("s1")) == 0
+
+
+async def test_dispatch_task_refused_when_no_live_node_serves_the_pair(scheduler, redis, keys):
+    await register(scheduler, "n1")
+    await scheduler.node_lost("n1", now_ms=T0)
+
+    error = await refused(scheduler, job_id="j1")
+
+    assert error.error_code is ErrorCode.EMPTY_POOL
+    assert str(error) == "EMPTY_POOL: no live node serves this language pair"
+    assert await redis.exists(keys.job("j1")) == 0
+
+
+async def test_dispatch_task_refused_when_busy_and_queueing_is_off(make_scheduler, redis, keys):
+    scheduler = await make_scheduler(queue_wait_ms=0)
+    await register(scheduler, "n1", max_jobs=1)
+    await dispatch(scheduler, "s1")
+
+    error = await refused(scheduler, "s2", job_id="j2")
+
+    assert error.error_code is ErrorCode.NO_AVAILABLE_NODE
+    assert str(error) == "NO_AVAILABLE_NODE: every node for this language pair is busy"
+    assert await redis.exists(keys.job("j2")) == 0
+    assert await redis.hget(keys.queue_depth, POOL) is None
+    assert await redis.hget(keys.stats, "refused:NO_AVAILABLE_NODE") == b"1"
+
+
+async def test_dispatch_task_refused_when_the_queue_is_full(make_scheduler, redis, keys):
+    scheduler = await make_scheduler(queue_max=2)
+    await register(scheduler, "n1", max_jobs=1)
+    await dispatch(scheduler, "s0")
+    await dispatch(scheduler, "s1")
+    await dispatch(scheduler, "s2")
+
+    error = await refused(scheduler, "s3", job_id="j3")
+
+    assert error.error_code is ErrorCode.QUEUE_FULL
+    assert str(error) == "QUEUE_FULL: the queue for this language pair is full"
+    assert await redis.exists(keys.job("j3")) == 0
+    assert await redis.hget(keys.queue_depth, POOL) == b"2"
+    assert await redis.lrange(keys.queue(POOL), 0, -1) == [b"s1", b"s2"]
+
+
+async def test_dispatch_task_refused_when_the_session_queued_too_many(make_scheduler, redis, keys):
+    scheduler = await make_scheduler(max_queued_per_session=2)
+    await register(scheduler, "n1", max_jobs=1)
+    await dispatch(scheduler, "s1")
+    await dispatch(scheduler, "s1")
+    await dispatch(scheduler, "s1")
+
+    error = await refused(scheduler, "s1", job_id="j4")
+
+    assert error.error_code is ErrorCode.SESSION_QUEUE_FULL
+    assert error.code == "QUEUE_FULL"
+    assert str(error) == "QUEUE_FULL: this session has too many queued jobs"
+    assert await redis.exists(keys.job("j4")) == 0
+    assert await redis.hget(keys.queue_depth, POOL) == b"2"
+    # Another session still gets in.
+    assert isinstance(await dispatch(scheduler, "s2"), Queued)

@@ -1,0 +1,168 @@
+"""Lint of lua/: every script states its contract, and the loader inlines includes.
+
+STYLE.md §5: every script starts with a ``--[[`` header listing KEYS, ARGV and
+Returns; a Lua file and its Python wrapper have the same name; includes are
+inlined once each and cycles are rejected.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+import hub.scheduler as scheduler_module
+from hub.scheduler import SCRIPT_NAMES, Scheduler, load_script_sources
+
+LUA_DIR = Path(__file__).resolve().parents[2] / "lua"
+SCRIPTS = sorted(LUA_DIR.glob("*.lua"))
+INCLUDE = re.compile(r'^--- @include "([\w/.-]+)"\s*$', re.MULTILINE)
+
+
+def header_of(source: str) -> str:
+    assert source.startswith("--[[\n"), "the file must start with a --[[ header"
+    end = source.find("]]")
+    assert end > 0, "the header must be closed with ]]"
+    return source[5:end]
+
+
+def test_lua_dir_has_the_scripts():
+    assert {p.stem for p in SCRIPTS} >= {
+        "register_node",
+        "heartbeat",
+        "dispatch_task",
+        "complete_task",
+        "cancel_task",
+        "node_lost",
+        "drain_node",
+        "sweep",
+    }
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_script_starts_with_its_contract(path: Path):
+    source = path.read_text(encoding="utf-8")
+    header = header_of(source)
+    body = source[source.find("]]") + 2 :]
+
+    summary = header.strip().splitlines()[0]
+    assert summary.strip(), "the header starts with a summary line"
+    key_docs = [int(n) for n in re.findall(r"^\s*KEYS\[(\d+)\]", header, re.MULTILINE)]
+    argv_docs = [int(n) for n in re.findall(r"^\s*ARGV\[(\d+)\]", header, re.MULTILINE)]
+    assert key_docs, "KEYS section missing"
+    assert argv_docs, "ARGV section missing"
+    assert key_docs == list(range(1, len(key_docs) + 1)), "KEYS numbered 1..n in order"
+    assert argv_docs == list(range(1, len(argv_docs) + 1)), "ARGV numbered 1..n in order"
+    returns = re.search(r"^\s*Returns:\s*\n((?:[ \t]+\S.*\n?)+)", header, re.MULTILINE)
+    assert returns, "Returns section missing or empty"
+    # What the body reads is documented.
+    used_keys = {int(n) for n in re.findall(r"KEYS\[(\d+)\]", body)}
+    used_argv = {int(n) for n in re.findall(r"ARGV\[(\d+)\]", body)}
+    assert used_keys <= set(key_docs)
+    assert used_argv <= set(argv_docs)
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_script_includes_exist(path: Path):
+    for name in INCLUDE.findall(path.read_text(encoding="utf-8")):
+        include = LUA_DIR / f"{name}.lua"
+        assert include.is_file(), f"{path.name} includes missing {name}"
+        header_of(include.read_text(encoding="utf-8"))
+
+
+def test_every_script_has_a_file_and_a_wrapper_of_the_same_name():
+    assert len(set(SCRIPT_NAMES)) == len(SCRIPT_NAMES)
+    assert {p.stem for p in SCRIPTS} == set(SCRIPT_NAMES), "no script without a wrapper"
+    for name in SCRIPT_NAMES:
+        assert (LUA_DIR / f"{name}.lua").is_file()
+        method = getattr(Scheduler, name, None)
+        assert method is not None, f"Scheduler.{name}() missing"
+        assert inspect.iscoroutinefunction(method), f"Scheduler.{name}() must be async"
+        assert f"{name}.lua" in (method.__doc__ or ""), f"Scheduler.{name}() names its script"
+
+
+def test_loaded_sources_inline_core_once_and_keep_no_directive():
+    sources = load_script_sources()
+
+    assert set(sources) == set(SCRIPT_NAMES)
+    core = (LUA_DIR / "includes" / "core.lua").read_text(encoding="utf-8")
+    core_functions = re.findall(r"^local function (\w+)", core, re.MULTILINE)
+    assert core_functions
+    for name, source in sources.items():
+        assert not INCLUDE.search(source)
+        includes_core = "includes/core" in INCLUDE.findall((LUA_DIR / f"{name}.lua").read_text())
+        for function in core_functions:
+            count = len(re.findall(rf"^local function {function}\b", source, re.MULTILINE))
+            assert count == (1 if includes_core else 0), (name, function)
+
+
+# The include loader, on made-up files.
+
+
+def fake_reader(files: dict[str, str]):
+    def read(name: str) -> str:
+        return files[name]
+
+    return read
+
+
+def test_inline_includes_each_file_once(monkeypatch):
+    monkeypatch.setattr(
+        scheduler_module,
+        "_read_lua",
+        fake_reader(
+            {
+                "inc/a": '--- @include "inc/b"\nA_BODY\n',
+                "inc/b": "B_BODY\n",
+            }
+        ),
+    )
+    source = '--- @include "inc/a"\n--- @include "inc/b"\n--- @include "inc/a"\nMAIN\n'
+
+    inlined = scheduler_module._inline(source, ("main",), set())
+
+    assert inlined.count("A_BODY") == 1
+    assert inlined.count("B_BODY") == 1
+    assert inlined.index("B_BODY") < inlined.index("A_BODY") < inlined.index("MAIN")
+    assert "@include" not in inlined
+
+
+def test_inline_rejects_a_cycle(monkeypatch):
+    monkeypatch.setattr(
+        scheduler_module,
+        "_read_lua",
+        fake_reader(
+            {
+                "inc/a": '--- @include "inc/b"\nA\n',
+                "inc/b": '--- @include "inc/c"\nB\n',
+                "inc/c": '--- @include "inc/a"\nC\n',
+            }
+        ),
+    )
+
+    with pytest.raises(
+        ValueError, match=r"^include cycle: main -> inc/a -> inc/b -> inc/c -> inc/a$"
+    ):
+        scheduler_module._inline('--- @include "inc/a"\n', ("main",), set())
+
+
+def test_inline_rejects_a_script_including_itself(monkeypatch):
+    monkeypatch.setattr(
+        scheduler_module, "_read_lua", fake_reader({"main": '--- @include "main"\n'})
+    )
+
+    with pytest.raises(ValueError, match="include cycle: main -> main"):
+        scheduler_module._inline('--- @include "main"\n', ("main",), set())
+
+
+def test_load_script_sources_rejects_a_cycle(monkeypatch):
+    files = {name: f"-- {name}\n" for name in SCRIPT_NAMES}
+    files["sweep"] = '--- @include "inc/x"\n'
+    files["inc/x"] = '--- @include "inc/y"\n'
+    files["inc/y"] = '--- @include "inc/x"\n'
+    monkeypatch.setattr(scheduler_module, "_read_lua", fake_reader(files))
+
+    with pytest.raises(ValueError, match="include cycle: sweep -> inc/x -> inc/y -> inc/x"):
+        load_script_sources()
