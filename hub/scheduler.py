@@ -262,6 +262,15 @@ class Beat:
     rtt_ms: float | None = None
 
 
+class Heartbeats(list[int]):
+    """heartbeat's reply: one code per beat, plus ``events`` (jobs started on
+    nodes that came back online)."""
+
+    def __init__(self, codes: Iterable[int], events: tuple[Event, ...]) -> None:
+        super().__init__(codes)
+        self.events = events
+
+
 def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode()
@@ -473,17 +482,18 @@ class Scheduler:
         except (TypeError, ValueError) as exc:
             raise ScriptError("register_node", reply) from exc
 
-    async def heartbeat(self, beats: Sequence[Beat], *, now_ms: int = 0) -> list[int]:
+    async def heartbeat(self, beats: Sequence[Beat], *, now_ms: int = 0) -> Heartbeats:
         """Record heartbeats of many nodes in one call (heartbeat.lua).
 
         KEYS: seen. ARGV: prefix, now, then per node: id, epoch, online, load, rtt.
 
         Returns:
             One code per beat: 1 recorded, 0 recorded as offline, -8 unknown
-            node, -9 stale epoch (the node re-registered elsewhere).
+            node, -9 stale epoch (the node re-registered elsewhere); its
+            ``events`` start queued jobs on nodes that came back online.
         """
         if not beats:
-            return []
+            return Heartbeats((), ())
         args: list[Any] = [self.keys.prefix, now_ms]
         for b in beats:
             args += [
@@ -494,7 +504,7 @@ class Scheduler:
                 "" if b.rtt_ms is None else f"{b.rtt_ms:.3f}",
             ]
         reply = await self._call("heartbeat", [self.keys.seen], args, urgent=True)
-        return [int(r) for r in reply]
+        return Heartbeats((int(r) for r in reply[0]), _parse_events(reply[1], "heartbeat"))
 
     async def dispatch_task(
         self,

@@ -1204,6 +1204,7 @@ class Hub:
             codes = await self.scheduler.heartbeat(beats)
         except RedisUnavailable:
             return
+        self._route(codes.events)
         for beat, code in zip(beats, codes, strict=True):
             if code < 0:
                 link = self.nodes.get(beat.node_id)

@@ -8,7 +8,8 @@
            node id, epoch of the connection, online flag (1 | 0),
            load JSON object ('' = unchanged), round trip ms ('' = unknown)
   Returns:
-    {r1, r2, ...}, one per node:
+    {{r1, r2, ...}, {events}}: a code per node, then 'dispatch' events for
+    queued jobs handed to nodes that came back online. Codes:
      1  recorded
      0  online flag 0 recorded: the node takes no new jobs until a heartbeat with 1
     -8  no such node (lost or never registered): close and re-register (UNKNOWN_NODE)
@@ -21,6 +22,7 @@ local prefix = ARGV[1]
 local now = now_ms(ARGV[2])
 
 local out = {}
+local events = {}
 for i = 3, #ARGV - 4, 5 do
   local nid, epoch, online, load, rtt = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local nkey = prefix .. 'node:' .. nid
@@ -43,10 +45,11 @@ for i = 3, #ARGV - 4, 5 do
     else
       if f[2] == 'offline' then
         rcall('HSET', nkey, 'state', 'live')
-        refresh_free(prefix, nid)
+        -- Back online: its free slots take the jobs waiting in its pools.
+        fill_slots(prefix, nid, now, events)
       end
       out[#out + 1] = 1
     end
   end
 end
-return out
+return { out, events }

@@ -136,19 +136,20 @@ async def test_complete_task_serves_the_queue_in_order_taking_turns(scheduler, r
     assert await redis.hget(keys.queue_depth, POOL) == b"0"
 
 
-async def test_complete_task_fills_every_free_slot(scheduler, redis, keys):
-    # A node back online has free slots while jobs wait (heartbeat.lua hands
-    # out no jobs): its next completion fills all of its slots, not just one.
+async def test_node_back_online_fills_its_free_slots_then_each_completion_one(
+    scheduler, redis, keys
+):
     await register(scheduler, "n1", max_jobs=3)
     await dispatch(scheduler, "s0", "j0")
     await scheduler.heartbeat([Beat("n1", 1, online=False)], now_ms=T0)
     for i in range(4):
         assert isinstance(await dispatch(scheduler, f"s{i + 1}", f"q{i}"), Queued)
-    await scheduler.heartbeat([Beat("n1", 1, online=True)], now_ms=T0 + 1)
 
+    back = await scheduler.heartbeat([Beat("n1", 1, online=True)], now_ms=T0 + 1)
+    assert [d.job_id for d in dispatches(back.events)] == ["q0", "q1"]
     done = await scheduler.complete_task("j0", "n1", 1, "finished", now_ms=T0 + 2)
 
-    assert [d.job_id for d in dispatches(done.events)] == ["q0", "q1", "q2"]
+    assert [d.job_id for d in dispatches(done.events)] == ["q2"]
     assert (await node_hash(redis, keys, "n1"))["running"] == "3"
     assert await free(redis, keys, POOL) == {}
     assert await redis.hget(keys.queue_depth, POOL) == b"1"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from lua_support import T0, free, job_hash, node_hash, pool_of, register
 
 from hub.errors import ErrorCode
@@ -148,17 +147,17 @@ async def test_heartbeat_keeps_a_node_from_losing_its_lease(scheduler, redis, ke
     assert (await node_hash(redis, keys, "n2"))["state"] == "lost"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: heartbeat.lua puts a node back online without handing it the jobs "
-    "waiting in its pools; they start at its next completion or expire (NO_AVAILABLE_NODE)",
-)
 async def test_heartbeat_online_again_starts_the_jobs_waiting_for_it(scheduler, redis, keys):
     await register(scheduler, "n1", max_jobs=1)
     await scheduler.heartbeat([Beat("n1", 1, online=False)], now_ms=T0)
     queued = await scheduler.dispatch_task("s1", "en", "fr", b"{}", job_id="j1", now_ms=T0 + 1)
     assert isinstance(queued, Queued)
 
-    await scheduler.heartbeat([Beat("n1", 1, online=True)], now_ms=T0 + 2)
+    codes = await scheduler.heartbeat([Beat("n1", 1, online=True)], now_ms=T0 + 2)
+
+    assert codes == [1]
+    assert [(type(e).__name__, e.job_id, e.node_id) for e in codes.events] == [
+        ("Dispatch", "j1", "n1")
+    ]
 
     assert (await job_hash(redis, keys, "j1"))["status"] == b"running"
