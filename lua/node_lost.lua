@@ -14,7 +14,8 @@
   ARGV[7]  random seed
   Returns:
      {1, {events}}  lost; for each of its jobs a 'cancel' for the node, then a
-                    'dispatch' (new attempt elsewhere) or a 'result' (NODE_LOST)
+                    'dispatch' (new attempt elsewhere) or a 'result' (NODE_LOST);
+                    last a 'lost' for the node's hub (close its socket if open)
     -8  no such node: already lost                     (UNKNOWN_NODE)
     -9  the node registered again on a newer connection: nothing changed
                                                        (STALE_EPOCH)

@@ -12,19 +12,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import random
-from collections.abc import AsyncIterator, Iterable
+import signal
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import pytest
-from helpers import RedisProcess
+from helpers import MS, RedisProcess, wait_for
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from hub.config import Settings
-from hub.errors import ErrorCode, SchedulingError
+from hub.errors import ErrorCode, RedisUnavailable, SchedulingError, ScriptError
 from hub.keys import Keys
+from hub.redisconn import client_from_url
 from hub.scheduler import (
     Accepted,
     Beat,
@@ -216,6 +219,7 @@ class Fleet:
             ]
             codes = await hub.heartbeat(beats, now_ms=self.now)
             assert set(codes) <= {1}, codes
+            self.record(codes.events)
 
     async def sweep(self, hub: Scheduler) -> None:
         report = await hub.sweep(now_ms=self.now, lease_ms=0)
@@ -454,4 +458,60 @@ async def test_call_after_a_restart_without_persistence_reloads_the_scripts(spaw
 
         assert reg.epoch == 1
     finally:
+        await client.aclose()
+
+
+# The pipeline on the wire (Scheduler._execute)
+
+
+async def test_error_reply_fails_only_its_call(redis, keys, caplog):
+    scheduler = Scheduler(redis, SETTINGS, hub_id="h1", keys=keys)
+    await scheduler.load_scripts()
+    await scheduler.register_node(
+        "n1", services=SERVICES, lang_pairs=[("en", "fr")], max_jobs=2, now_ms=T0
+    )
+    # A key of the wrong type: drain_node.lua fails with a WRONGTYPE error reply.
+    await redis.set(keys.node("broken"), "not a hash")
+    batches = scheduler.batches
+
+    with caplog.at_level(logging.ERROR, logger="hub.scheduler"):
+        drained, dispatched, beat = await asyncio.gather(
+            scheduler.drain_node("broken", epoch=1),
+            scheduler.dispatch_task("s1", "en", "fr", b"{}", now_ms=T0),
+            scheduler.heartbeat([Beat("n1", 1)], now_ms=T0),
+            return_exceptions=True,
+        )
+
+    assert scheduler.batches == batches + 1
+    assert isinstance(drained, ScriptError)
+    assert "WRONGTYPE" in str(drained)
+    assert isinstance(dispatched, Accepted)
+    assert beat == [1]
+    assert "drain_node.lua failed" in caplog.text
+
+
+@pytest.mark.parametrize("make_client", [Redis.from_url, client_from_url])
+async def test_reply_timeout_fails_the_batch_and_never_reuses_its_socket(
+    spawn_redis: Callable[..., RedisProcess], make_client: Callable[..., Redis]
+):
+    server = spawn_redis()
+    client = make_client(server.url, socket_timeout=200 * MS, retry=Retry(NoBackoff(), 0))
+    scheduler = Scheduler(client, SETTINGS, hub_id="h1", keys=Keys("timeout"))
+    try:
+        await scheduler.load_scripts()
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RedisUnavailable):
+                await scheduler.register_node(
+                    "n1", services=SERVICES, lang_pairs=[("en", "fr")], max_jobs=1, now_ms=T0
+                )
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        # The socket was closed: register_node's late reply is never read as
+        # the reply to another call. (The script did run once SIGCONT came.)
+        assert not any(c.is_connected for c in client.connection_pool._available_connections)
+        assert await wait_for(lambda: client.exists(scheduler.keys.node("n1")))
+        assert await scheduler.heartbeat([Beat("n1", 1)], now_ms=T0) == [1]
+    finally:
+        await scheduler.close()
         await client.aclose()

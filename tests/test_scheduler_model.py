@@ -418,14 +418,26 @@ class SchedulerMachine(RuleBasedStateMachine):
         )
     )
     def heartbeat(self, beats: list[tuple[str, bool, bool]]) -> None:
+        nodes = self.model.nodes
+        self.beat(
+            [
+                Beat(name, max(nodes[name].epoch, 1) - stale, online=online)
+                for name, online, stale in beats
+            ]
+        )
+
+    @rule()
+    def heartbeat_fleet(self) -> None:
+        """Every registered node's connection beats: its lease starts again."""
+        alive = [n for n in self.model.nodes.values() if n.state not in (None, "lost")]
+        assert self.beat([Beat(n.name, n.epoch) for n in alive]) == [1] * len(alive)
+
+    def beat(self, beats: list[Beat]) -> list[int]:
         model = self.model
-        sent = [
-            Beat(name, max(model.nodes[name].epoch, 1) - stale, online=online)
-            for name, online, stale in beats
-        ]
-        codes = self.run(self.scheduler.heartbeat(sent, now_ms=model.now))
+        reply = self.run(self.scheduler.heartbeat(beats, now_ms=model.now))
+        cursor = Cursor(reply.events)
         expected = []
-        for beat in sent:
+        for beat in beats:
             node = model.nodes[beat.node_id]
             if node.state in (None, "lost"):
                 expected.append(ErrorCode.UNKNOWN_NODE)
@@ -433,25 +445,16 @@ class SchedulerMachine(RuleBasedStateMachine):
                 expected.append(ErrorCode.STALE_EPOCH)
             else:
                 node.seen = model.now
-                if beat.online:
-                    node.state = "live" if node.state == "offline" else node.state
-                else:
-                    node.state = "offline" if node.state == "live" else node.state
+                if beat.online and node.state == "offline":
+                    # Back online: its free slots take the jobs waiting for them.
+                    node.state = "live"
+                    model.fill_slots(node.name, cursor)
+                elif not beat.online and node.state == "live":
+                    node.state = "offline"
                 expected.append(1 if beat.online else 0)
-        assert codes == expected
-
-    @rule()
-    def heartbeat_fleet(self) -> None:
-        """Every registered node's connection beats: its lease starts again."""
-        model = self.model
-        alive = [n for n in model.nodes.values() if n.state not in (None, "lost")]
-        codes = self.run(
-            self.scheduler.heartbeat([Beat(n.name, n.epoch) for n in alive], now_ms=model.now)
-        )
-        assert codes == [1] * len(alive)
-        for node in alive:
-            node.seen = model.now
-            node.state = "live" if node.state == "offline" else node.state
+        cursor.done()
+        assert list(reply) == expected
+        return list(reply)
 
     @rule(
         jobs=st.lists(
@@ -755,6 +758,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert model.ends == sum(j.status in TERMINAL for j in jobs)
 
 
+# A pass takes seconds; a failure takes longer, while Hypothesis shrinks it.
+@pytest.mark.timeout(600)
 def test_scripts_match_the_model(redis_server: RedisProcess, monkeypatch):
     monkeypatch.setattr(SchedulerMachine, "redis_url", redis_server.url)
     run_state_machine_as_test(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from lua_support import T0, free, job_hash, node_hash, pool_of, register
 
 from hub.errors import ErrorCode
-from hub.scheduler import Accepted, Beat, Queued
+from hub.scheduler import Accepted, Beat, Dispatch, Queued
 
 POOL = pool_of()
 
@@ -111,8 +111,9 @@ async def test_heartbeat_online_again_restores_the_free_slot_with_its_load(sched
     await scheduler.heartbeat([Beat("n1", 1, online=False)], now_ms=T0 + 1)
     assert await free(redis, keys, POOL) == {}
 
-    assert await scheduler.heartbeat([Beat("n1", 1, online=True)], now_ms=T0 + 2) == [1]
+    codes = await scheduler.heartbeat([Beat("n1", 1, online=True)], now_ms=T0 + 2)
 
+    assert (codes, codes.events) == ([1], ())
     assert (await node_hash(redis, keys, "n1"))["state"] == "live"
     assert await free(redis, keys, POOL) == {"n1": 0.25}
     accepted = await scheduler.dispatch_task("s2", "en", "fr", b"{}", now_ms=T0 + 3)
@@ -156,8 +157,11 @@ async def test_heartbeat_online_again_starts_the_jobs_waiting_for_it(scheduler, 
     codes = await scheduler.heartbeat([Beat("n1", 1, online=True)], now_ms=T0 + 2)
 
     assert codes == [1]
-    assert [(type(e).__name__, e.job_id, e.node_id) for e in codes.events] == [
-        ("Dispatch", "j1", "n1")
-    ]
-
-    assert (await job_hash(redis, keys, "j1"))["status"] == b"running"
+    (started,) = codes.events
+    assert isinstance(started, Dispatch)
+    assert (started.job_id, started.node_id, started.attempt) == ("j1", "n1", 1)
+    job = await job_hash(redis, keys, "j1")
+    assert (job["status"], job["node"], job["started"]) == (b"running", b"n1", str(T0 + 2).encode())
+    assert (await node_hash(redis, keys, "n1"))["running"] == "1"
+    assert await free(redis, keys, POOL) == {}
+    assert await redis.hget(keys.queue_depth, POOL) == b"0"
