@@ -64,8 +64,9 @@ temporary directory, started exactly as ``hub serve`` starts it without a
 Redis URL (unix socket, append-only file with fsync every second), and
 stopped at the end. That is the hub's default deployment, so it is the
 representative one; pass ``--redis-url redis://127.0.0.1:6379/0`` to measure a
-server over TCP. The client is built like the hub's (no retries, bytes
-replies) and the loop is uvloop when installed, as ``hub serve`` does.
+server over TCP. The client is the hub's own (``hub.server.redis_client``:
+hiredis packing, no retries, bytes replies) and the loop is uvloop when
+installed, as ``hub serve`` does.
 The benchmark's cells are deleted at the end.
 """
 
@@ -86,14 +87,13 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from hub.config import Settings
 from hub.errors import HubError
 from hub.keys import Keys
 from hub.scheduler import Accepted, Scheduler
+from hub.server import redis_client
 
 __all__ = [
     "BenchScheduler",
@@ -137,11 +137,11 @@ class BenchScheduler(Scheduler):
 
     # A plain function returning the coroutine: no extra frame on the measured path.
     def _call(
-        self, name: str, keys: Sequence[str], args: Sequence[Any]
+        self, name: str, keys: Sequence[str], args: Sequence[Any], **kwargs: Any
     ) -> Coroutine[Any, Any, Any]:
         if self.recording:
             self.shapes[name] = (keys, args)
-        return super()._call(name, keys, args)
+        return super()._call(name, keys, args, **kwargs)
 
 
 def lang_pairs(count: int) -> list[tuple[str, str]]:
@@ -155,16 +155,8 @@ def lang_pairs(count: int) -> list[tuple[str, str]]:
 
 
 def client(url: str) -> Redis:
-    """A client built like the hub's (hub/server.py): no retries, bytes replies."""
-    return Redis.from_url(
-        url,
-        socket_connect_timeout=5.0,
-        socket_timeout=5.0,
-        retry=Retry(NoBackoff(), 0),
-        decode_responses=False,
-        health_check_interval=0,
-        max_connections=64,
-    )
+    """The client the hub uses (hub/server.py): hiredis packing, no retries, bytes replies."""
+    return redis_client(url, Settings(redis_timeout_s=5.0))
 
 
 @dataclasses.dataclass

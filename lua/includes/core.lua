@@ -64,14 +64,16 @@ local function refresh_free(prefix, nid)
 end
 
 -- Least-loaded node of one pool, ties broken at random: O(log N).
-local function pick_in_pool(prefix, pool)
+-- `first` is the pool's ZRANGE 0 0 WITHSCORES when the caller read it already.
+local function pick_in_pool(prefix, pool, first)
   local fkey = prefix .. 'free:' .. pool
-  local first = rcall('ZRANGE', fkey, 0, 0, 'WITHSCORES')
+  first = first or rcall('ZRANGE', fkey, 0, 0, 'WITHSCORES')
   if #first == 0 then return nil end
   local ties = rcall('ZCOUNT', fkey, first[2], first[2])
   if ties <= 1 then return first[1] end
   local i = math.floor(random_unit() * ties)
   if i >= ties then i = ties - 1 end
+  if i == 0 then return first[1] end
   return rcall('ZRANGE', fkey, i, i)[1]
 end
 
@@ -90,10 +92,16 @@ local function pick_node(prefix, pools, pref_pool, pref_node)
       if nid then return nid, pref_pool end
     end
   end
-  local best_score, best = nil, {}
+  if #pools == 1 then
+    local nid = pick_in_pool(prefix, pools[1])
+    if nid then return nid, pools[1] end
+    return nil
+  end
+  local best_score, best, firsts = nil, {}, {}
   for _, p in ipairs(pools) do
     local first = rcall('ZRANGE', prefix .. 'free:' .. p, 0, 0, 'WITHSCORES')
     if #first > 0 then
+      firsts[p] = first
       local s = tonumber(first[2])
       if best_score == nil or s < best_score then
         best_score, best = s, { p }
@@ -105,7 +113,7 @@ local function pick_node(prefix, pools, pref_pool, pref_node)
   if #best == 0 then return nil end
   local i = math.floor(random_unit() * #best) + 1
   if i > #best then i = #best end
-  return pick_in_pool(prefix, best[i]), best[i]
+  return pick_in_pool(prefix, best[i], firsts[best[i]]), best[i]
 end
 
 local function take_slot(prefix, nid)
