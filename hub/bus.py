@@ -172,7 +172,8 @@ class Bus:
                 self.subscribed.clear()
                 logger.warning("! bus subscription lost (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                # Capped low: what is published to this hub meanwhile is lost.
+                delay = min(delay * 2, 0.5)
             finally:
                 self.subscribed.clear()
                 with contextlib.suppress(redis_errors.RedisError, OSError):

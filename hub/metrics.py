@@ -12,6 +12,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Metrics"]
 
+_MAX_CACHED_CHILDREN = 256
+"""Most labelled children cached per counter (node error texts are open-ended)."""
+
 
 class Metrics:
     """Counters and gauges of a hub. A registry per hub, so several hubs share a process."""
@@ -60,6 +63,34 @@ class Metrics:
         self.script_calls = Gauge("hub_script_calls", "Script calls sent to Redis", registry=r)
         self.pipelines = Gauge("hub_pipelines", "Pipelines sent to Redis", registry=r)
         self.hub_id = hub_id
+        self._ended: dict[tuple[str, str], Counter] = {}
+        self._refused: dict[str, Counter] = {}
+
+    def job_ended(self, status: str, error: str) -> None:
+        """Count a job that ended (``hub_jobs_ended``), by status and error code.
+
+        Called once per job: the labelled child is cached, so the hot path
+        skips ``labels()`` (label validation, a lock, a dict lookup).
+        """
+        key = (status, error)
+        child = self._ended.get(key)
+        if child is None:
+            child = self.ended.labels(status, error)
+            if len(self._ended) < _MAX_CACHED_CHILDREN:
+                self._ended[key] = child
+        child.inc()
+
+    def job_refused(self, code: str) -> None:
+        """Count a refused job or connection (``hub_jobs_refused``), by code.
+
+        Cached like :meth:`job_ended`: an overloaded hub refuses many jobs.
+        """
+        child = self._refused.get(code)
+        if child is None:
+            child = self.refused.labels(code)
+            if len(self._refused) < _MAX_CACHED_CHILDREN:
+                self._refused[code] = child
+        child.inc()
 
     def render(self, hub: Hub) -> tuple[bytes, str]:
         """The text exposition format, with gauges read from ``hub`` now."""

@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import math
 import random
 import re
 import secrets
@@ -29,6 +30,7 @@ from typing import Any, Literal, TypeAlias
 import orjson
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 
 from .config import Settings
 from .errors import RedisUnavailable, ScriptError, error_for_code
@@ -400,6 +402,8 @@ class Scheduler:
         self.max_pending = max_pending
         """Most calls waiting for a pipeline; more fail at once with RedisUnavailable."""
         self._random = random.Random()
+        self._idle: list[AbstractConnection] = []
+        """Connections kept between pipelines (at most ``max_pipelines``): :meth:`_connection`."""
         self.batches = 0
         """Pipelines sent so far (for metrics)."""
         self.calls = 0
@@ -422,9 +426,12 @@ class Scheduler:
             raise RedisUnavailable("script load") from exc
 
     async def close(self) -> None:
-        """Wait for pipelines in flight (bounded by the Redis timeout)."""
+        """Wait for pipelines in flight (bounded by the Redis timeout); give back connections."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self.redis.connection_pool.release(conn)
 
     async def register_node(
         self,
@@ -685,7 +692,9 @@ class Scheduler:
             raise error_for_code(reply)
         return int(reply[1])
 
-    async def sweep(self, *, now_ms: int = 0, lease_ms: int | None = None) -> SweepReport:
+    async def sweep(
+        self, *, now_ms: int = 0, lease_ms: int | None = None, expire_nodes: bool = True
+    ) -> SweepReport:
         """Expire overdue jobs, expired queue waits and silent nodes (sweep.lua).
 
         KEYS: deadlines, queued, seen, sweep lease. ARGV: prefix, now, node
@@ -694,6 +703,8 @@ class Scheduler:
         Args:
             lease_ms: how long this hub keeps the sweep to itself; default
                 twice the sweep interval; 0 always runs.
+            expire_nodes: False leaves silent nodes alone this time (a node
+                lease longer than any clock).
         """
         k = self.keys
         s = self.settings
@@ -705,7 +716,7 @@ class Scheduler:
             [
                 k.prefix,
                 now_ms,
-                s.lease_ms,
+                s.lease_ms if expire_nodes else 10**15,
                 s.sweep_batch,
                 s.max_attempts,
                 s.job_ttl_ms,
@@ -964,11 +975,92 @@ class Scheduler:
                     call.future.set_exception(outcome)
 
     async def _execute(self, batch: Sequence[_Call]) -> list[Any]:
-        pipe = self.redis.pipeline(transaction=False)
-        for call in batch:
-            pipe.evalsha(self.shas[call.name], len(call.keys), *call.keys, *call.args)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
+        """Send a batch as one pipeline of EVALSHA (no MULTI); one reply per call.
+
+        What ``pipeline(transaction=False).execute(raise_on_error=False)`` does,
+        without its per-command machinery (command stack, callbacks, one
+        Pipeline object per batch): pack every call, write them at once, read
+        the replies in order. An error reply (``NOSCRIPT``, a Lua error) is
+        returned in its call's place as a ``ResponseError``.
+
+        Raises:
+            redis.exceptions.ConnectionError, TimeoutError, OSError: the batch
+                may have run in part; the connection is closed, never kept or
+                returned to the pool with replies left unread. TimeoutError:
+                not every reply came within the client's ``socket_timeout`` of
+                the write.
+        """
+        conn = await self._connection()
+        reusable = False
+        try:
+            shas = self.shas
+            packed = conn.pack_commands(
+                [("EVALSHA", shas[c.name], len(c.keys), *c.keys, *c.args) for c in batch]
+            )
+            try:
+                await conn.send_packed_command(packed)
+                results: list[Any] = []
+                # One deadline for all the replies rather than one per reply
+                # (math.inf: no timeout of redis-py's own in read_response).
+                async with asyncio.timeout(conn.socket_timeout or None):
+                    for _ in batch:
+                        try:
+                            results.append(await conn.read_response(timeout=math.inf))
+                        except redis_errors.ResponseError as exc:
+                            results.append(exc)
+            except BaseException:
+                # Replies may be left unread (timeout, cancel): drop the socket.
+                await conn.disconnect(nowait=True)
+                raise
+            reusable = True
+        except TimeoutError as exc:  # asyncio's, from the deadline above
+            raise redis_errors.TimeoutError(f"no reply within {conn.socket_timeout} s") from exc
+        finally:
+            await self._release(conn, reusable)
         return results
+
+    async def _connection(self) -> AbstractConnection:
+        """A connection for a pipeline: one kept from an earlier pipeline, else the pool's.
+
+        Keeping a few connections (one per pipeline in flight) skips the
+        pool's checkout and release on every pipeline (a lock, a check of the
+        socket, metrics events), which cost about as much as packing.
+        """
+        if not self._idle:
+            pool = self.redis.connection_pool
+            # redis-py leaves get_connection() untyped (a decorator for deprecated args).
+            new: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            return new
+        conn = self._idle.pop()
+        if not conn.is_connected:
+            return conn  # the write connects it
+        # The pool's own check: bytes nobody asked for, or EOF (Redis
+        # restarted, the server closed an idle client). Then the write
+        # reconnects.
+        try:
+            try:
+                stale = await conn.can_read()
+            except (redis_errors.ConnectionError, OSError):
+                stale = True
+            if stale:
+                await conn.disconnect(nowait=True)
+        except BaseException:
+            await self.redis.connection_pool.release(conn)
+            raise
+        return conn
+
+    async def _release(self, conn: AbstractConnection, reusable: bool) -> None:
+        """Keep a connection for the next pipeline, or give it back to the pool.
+
+        Args:
+            reusable: every reply was read (else the connection is closed).
+        """
+        # redis-py leaves should_reconnect() untyped (maintenance notifications).
+        renew: bool = conn.should_reconnect()  # type: ignore[no-untyped-call]
+        if reusable and not renew and len(self._idle) < self.max_pipelines:
+            self._idle.append(conn)
+        else:
+            await self.redis.connection_pool.release(conn)
 
 
 def new_job_id() -> str:

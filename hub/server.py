@@ -44,6 +44,7 @@ from .errors import ClientError, ErrorCode, RedisUnavailable, SchedulingError, U
 from .keys import Keys
 from .metrics import Metrics
 from .protocol import CloseCode, JobId, NodeId, SessionId
+from .redisconn import client_from_url
 from .scheduler import (
     Beat,
     CancelAttempt,
@@ -69,7 +70,7 @@ def redis_client(url: str, settings: Settings, *, pubsub: bool = False) -> Redis
     Command clients get ``redis_timeout_s`` and no automatic retry (a retried
     script could run twice); the pub/sub client waits without a read timeout.
     """
-    dsn = RedisDSN.parse(url)
+    RedisDSN.parse(url)  # ConfigError on a bad URL, with the password redacted
     kwargs: dict[str, Any] = {
         "socket_connect_timeout": settings.redis_timeout_s,
         "socket_timeout": None if pubsub else settings.redis_timeout_s,
@@ -79,7 +80,8 @@ def redis_client(url: str, settings: Settings, *, pubsub: bool = False) -> Redis
     }
     if not pubsub:
         kwargs["max_connections"] = 64
-    return Redis.from_url(url, **kwargs) if dsn else Redis()
+    # Connections that pack commands with hiredis (hub/redisconn.py).
+    return client_from_url(url, **kwargs)
 
 
 @dataclasses.dataclass(slots=True)
@@ -106,6 +108,8 @@ class NodeLink:
         self.ping_at: float | None = None
         self.closing = False
         self.pending = 0
+        self.slice = secrets.randbelow(10)
+        """Which tenth of the heartbeat interval this node is pinged in."""
         self.backlog: list[tuple[str | bytes, tuple[str, _Route] | None, str | None]] = []
         """Frames that arrived for the node before its registration finished here."""
 
@@ -172,6 +176,7 @@ class Hub:
         self.sessions: dict[str, SessionLink] = {}
         self.ready = False
         """True while Redis answers and the scripts are loaded (``/readyz``)."""
+        self._ready_at = 0.0
         self.server: Server | None = None
         self.port: int = settings.port
         self._secret = b""
@@ -594,7 +599,7 @@ class Hub:
     def _route_ended(self, e: JobEnded) -> None:
         frame = proto.encode_result(e.ref, JobId(e.job_id), e.status, e.result, e.error)
         self._send_session(e.session_hub, e.session_id, frame, ended=e.job_id)
-        self.metrics.ended.labels(e.status, e.error or "").inc()
+        self.metrics.job_ended(e.status, e.error or "")
 
     async def _bounded(
         self, link: NodeLink | SessionLink, limit: int, coro: Coroutine[Any, Any, None]
@@ -977,7 +982,7 @@ class Hub:
             )
         except SchedulingError as exc:
             link.conn.job_refused(ref)
-            self.metrics.refused.labels(exc.code).inc()
+            self.metrics.job_refused(exc.code)
             self._push(link.ws, proto.encode_error(ref, exc.code, exc.message))
             return
         except RedisUnavailable:
@@ -1021,7 +1026,7 @@ class Hub:
 
     def _refuse_unavailable(self, link: SessionLink, ref: str) -> None:
         link.conn.job_refused(ref)
-        self.metrics.refused.labels("UNAVAILABLE").inc()
+        self.metrics.job_refused("UNAVAILABLE")
         self._push(
             link.ws,
             proto.encode_error(ref, "UNAVAILABLE", "the scheduler is unavailable; try again"),
@@ -1106,10 +1111,15 @@ class Hub:
         for session_id, link in list(self.sessions.items()):
             if link.conn.open_refs == 0:
                 continue
-            try:
-                ended = await self.scheduler.ended_results(session_id)
-            except RedisUnavailable:
-                return  # the next subscription tries again
+            # Bounded: the pool may still hold connections that died with Redis.
+            for delay in (0.05, 0.1, 0.2, 0.5, 1.0, 0):
+                try:
+                    ended = await self.scheduler.ended_results(session_id)
+                    break
+                except RedisUnavailable:
+                    if not delay:
+                        return  # Redis is gone again: the next subscription retries
+                    await asyncio.sleep(delay)
             for e in ended:
                 jid = JobId(e.job_id)
                 if self.sessions.get(session_id) is link and link.conn.job_ended(jid) is not None:
@@ -1136,6 +1146,7 @@ class Hub:
                         logger.info(
                             "= redis ready at %s", RedisDSN.parse(str(self.redis_url)).redacted()
                         )
+                    self._ready_at = time.monotonic()
                     self.ready = True
                     delay = 0.05
                 else:
@@ -1148,7 +1159,8 @@ class Hub:
                     logger.warning("! redis unavailable: %s", exc)
                 self.ready = False
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                # Capped low: every job is refused until ready again.
+                delay = min(delay * 2, 0.5)
 
     async def _load_secret(self) -> None:
         if self._secret:
@@ -1164,14 +1176,22 @@ class Hub:
         self._secret = value
 
     async def _heartbeat_loop(self) -> None:
+        """Ping every node once per interval, a slice of the fleet at a time.
+
+        Pinging all nodes at once makes a burst of pongs and one large
+        heartbeat call every interval (a latency spike for everyone); slices
+        spread that work evenly. Pongs of each slice go to Redis in one call.
+        """
         interval = self.settings.heartbeat_interval_ms / 1000
+        slices = 10
+        tick = 0
         while not self._stopping:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval / slices)
+            tick = (tick + 1) % slices
             for link in list(self.nodes.values()):
-                if link.node_id is None or link.closing:
+                if link.node_id is None or link.closing or link.slice != tick:
                     continue
                 self._ping(link)
-            await asyncio.sleep(min(0.2, interval / 4))
             await self._flush_beats()
 
     def _ping(self, link: NodeLink) -> None:
@@ -1225,8 +1245,11 @@ class Hub:
             await asyncio.sleep(interval)
             if self.ready:
                 try:
+                    # No heartbeat could be recorded while Redis was away: the
+                    # nodes get one lease to send one before any is expired.
+                    grace = time.monotonic() - self._ready_at < self.settings.lease_ms / 1000
                     for _ in range(16):  # bounded catch-up after an outage
-                        report = await self.scheduler.sweep()
+                        report = await self.scheduler.sweep(expire_nodes=not grace)
                         self._route(report.events)
                         if not report.ran or len(report.events) == 0:
                             break

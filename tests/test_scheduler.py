@@ -515,3 +515,31 @@ async def test_reply_timeout_fails_the_batch_and_never_reuses_its_socket(
     finally:
         await scheduler.close()
         await client.aclose()
+
+
+async def test_kept_connection_reconnects_after_a_restart(spawn_redis):
+    server = spawn_redis()
+    client = client_from_url(server.url, socket_timeout=5, retry=Retry(NoBackoff(), 0))
+    scheduler = Scheduler(client, SETTINGS, hub_id="h1", keys=Keys("kept"))
+    try:
+        await scheduler.load_scripts()
+        assert await scheduler.heartbeat([Beat("nobody", 1)], now_ms=T0) == [-8]
+        # The restart closes the connection the scheduler kept for its next pipeline.
+        await asyncio.to_thread(server.restart)
+
+        assert await scheduler.heartbeat([Beat("nobody", 1)], now_ms=T0) == [-8]
+    finally:
+        await scheduler.close()
+        await client.aclose()
+
+
+async def test_close_gives_the_kept_connections_back_to_the_pool(redis, keys):
+    scheduler = Scheduler(redis, SETTINGS, hub_id="h1", keys=keys)
+    await scheduler.load_scripts()
+    await asyncio.gather(*(scheduler.heartbeat([Beat(f"n{i}", 1)], now_ms=T0) for i in range(3)))
+    pool = redis.connection_pool
+    assert pool._in_use_connections
+
+    await scheduler.close()
+
+    assert not pool._in_use_connections
