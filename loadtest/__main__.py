@@ -3,7 +3,7 @@
 Usage::
 
     python -m loadtest [--sessions 1000] [--nodes 40] [--duration 30]
-        [--scenario steady|burst|overload|churn] [--url ws://HOST:PORT ...]
+        [--scenario steady|burst|overload|churn|chaos] [--url ws://HOST:PORT ...]
         [--hubs N] [--service-time-ms 50..300] [--job-interval-ms 1000]
         [--max-jobs 8] [--audio-bytes 16000] [--processes K] [--out DIR]
         [--uvloop | --no-uvloop] ...
@@ -60,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m loadtest",
         description="Load-test lockless-hub with simulated sessions and nodes.",
     )
-    p.add_argument("--scenario", choices=SCENARIOS, default="steady")
+    p.add_argument(
+        "--scenario",
+        choices=(*SCENARIOS, "chaos"),
+        default="steady",
+        help="chaos runs loadtest.chaos (see python -m loadtest.chaos --help)",
+    )
     p.add_argument("--sessions", type=int, default=1000, help="simulated sessions (default 1000)")
     p.add_argument("--nodes", type=int, default=40, help="simulated nodes (default 40)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load (default 30)")
@@ -407,8 +412,25 @@ def _has_uvloop() -> bool:
     return True
 
 
+def _chaos_args(argv: list[str]) -> list[str] | None:
+    """The arguments for loadtest.chaos when ``--scenario chaos`` is asked for, else None."""
+    for i, arg in enumerate(argv):
+        if arg == "--scenario=chaos":
+            return argv[:i] + argv[i + 1 :]
+        if arg == "--scenario" and argv[i + 1 : i + 2] == ["chaos"]:
+            return argv[:i] + argv[i + 2 :]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    chaos = _chaos_args(raw)
+    if chaos is not None:
+        # Its own harness: hubs, nodes and Redis killed and restarted on a schedule.
+        from .chaos import main as chaos_main
+
+        return chaos_main(chaos)
+    args = build_parser().parse_args(raw)
     if args.out is None:
         args.out = REPO_ROOT / "loadtest" / "reports" / time.strftime("%Y%m%d-%H%M%S")
     args.out = args.out.absolute()
