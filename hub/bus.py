@@ -140,14 +140,25 @@ class Bus:
             task.add_done_callback(self._flush_tasks.discard)
 
     async def _send(self, batch: list[tuple[str, bytes]]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for channel, message in batch:
-            pipe.publish(channel, message)
-        try:
-            await pipe.execute()
-        except (redis_errors.RedisError, OSError) as exc:
-            self.dropped += len(batch)
-            logger.warning("! could not publish %d bus messages: %s", len(batch), exc)
+        for delay in (0.02, 0.1, 0):
+            pipe = self.redis.pipeline(transaction=False)
+            for channel, message in batch:
+                pipe.publish(channel, message)
+            try:
+                await pipe.execute()
+                return
+            except redis_errors.ConnectionError as exc:
+                # After a Redis restart, each pooled connection fails once
+                # ("Connection closed by server"): the old server never ran it.
+                error: Exception = exc
+                if not delay:
+                    break
+                await asyncio.sleep(delay)
+            except (redis_errors.RedisError, OSError) as exc:
+                error = exc  # a timeout may have published: no retry
+                break
+        self.dropped += len(batch)
+        logger.warning("! could not publish %d bus messages: %s", len(batch), error)
 
     async def _listen(self) -> None:
         delay = 0.05

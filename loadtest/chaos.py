@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import random
 import re
@@ -433,6 +434,8 @@ class NodeProcess:
         """Every event received, from every incarnation of the process."""
         self.starts: collections.Counter[tuple[str, int]] = collections.Counter()
         """Handler invocations per (job id, attempt), over every incarnation."""
+        self.inflight: set[tuple[str, int]] = set()
+        """(job id, attempt) its handler runs right now, in the current incarnation."""
         self.hub_id: str | None = None
         self.registrations = 0
         self._registered = asyncio.Event()
@@ -463,6 +466,7 @@ class NodeProcess:
             "languages": self.languages,
         }
         self._registered.clear()
+        self.inflight.clear()
         log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             self.process = await asyncio.create_subprocess_exec(
@@ -570,6 +574,9 @@ class NodeProcess:
                 self._registered.set()
             elif kind == "start":
                 self.starts[(str(event["job"]), int(event["a"]))] += 1
+                self.inflight.add((str(event["job"]), int(event["a"])))
+            elif kind in ("end", "cancel"):
+                self.inflight.discard((str(event["job"]), int(event["a"])))
             if self.on_event is not None:
                 self.on_event(self, event)
 
@@ -677,6 +684,13 @@ def _emit(event: dict[str, Any]) -> None:
 
 
 async def _node_worker(config: dict[str, Any]) -> int:
+    # Connections, registrations and resumes go to the worker's log (stderr).
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("websockets").setLevel(logging.WARNING)
     node_id = str(config["node_id"])
     low, high = (float(x) for x in config["service_ms"])
     rng = random.Random()
@@ -986,10 +1000,13 @@ class ChaosRun:
         self.faults: list[Fault] = []
         self.reg_events: list[tuple[float, str, str]] = []
         """(time, node, hub) of every node registration."""
+        self.rereg_events: list[tuple[float, str, str]] = []
+        """The same, for reconnections only (not a restarted process's first one)."""
         self.resumes: list[tuple[float, int, str | None]] = []
         """(time, session, hub) of every session (re)connection."""
         self.redis_gap: tuple[float, float] | None = None
         self._load_on = False
+        self.load_started = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started_at = 0.0
 
@@ -1082,7 +1099,10 @@ class ChaosRun:
 
     def _on_node_event(self, node: NodeProcess, event: dict[str, Any]) -> None:
         if event.get("e") == "reg":
-            self.reg_events.append((float(event["t"]), node.node_id, str(event.get("hub"))))
+            entry = (float(event["t"]), node.node_id, str(event.get("hub")))
+            self.reg_events.append(entry)
+            if int(event.get("n") or 1) > 1:
+                self.rereg_events.append(entry)
 
     # Load
 
@@ -1131,7 +1151,9 @@ class ChaosRun:
         events: list[tuple[float, str]] = []
         hub_kills = c.hub_kills if c.hub_kills is not None else max(1, int(d // 40))
         last_fault = d - max(c.hub_down_s, c.node_down_s, c.redis_down_s) - 3
-        for k in range(hub_kills):
+        if hub_kills == 1:
+            events.append((d * 0.25, "hub"))  # back before Redis stops at d / 2
+        for k in range(hub_kills if hub_kills > 1 else 0):
             events.append((d * (k + 1) / (hub_kills + 1) * 0.9, "hub"))
         if c.redis_restart:
             events.append((d * 0.5, "redis"))
@@ -1145,7 +1167,8 @@ class ChaosRun:
         live = [n for n in self.nodes if n.alive and n.registered]
         if not live:
             return
-        node = self.rng.choice(live)
+        # A busy node when there is one: its jobs must move.
+        node = self.rng.choice([n for n in live if n.inflight] or live)
         fault = Fault(_now(), "node", node.node_id)
         self.faults.append(fault)
         node.kill()
@@ -1207,6 +1230,7 @@ class ChaosRun:
     async def run(self) -> dict[str, Any]:
         c = self.config
         self._load_on = True
+        self.load_started = _now()
         loops = [self._spawn(self._session_loop(i, s)) for i, s in enumerate(self.sessions)]
         self.log(f"load on for {c.duration_s:g} s (seed {self.seed})")
         chaos = self._spawn(self._chaos())
@@ -1302,6 +1326,22 @@ class ChaosRun:
                 problems.append(
                     f"job {job.job_id}: session saw {job.outcome}, Redis has {redis_outcome}"
                 )
+        # Why each failed job failed: its attempts in Redis, and where it ran.
+        ran_on: dict[str, list[str]] = collections.defaultdict(list)
+        for node in self.nodes:
+            for job_id, attempt in node.starts:
+                ran_on[job_id].append(f"{node.node_id}@{attempt}")
+        failed_jobs = []
+        for job in ledger.jobs:
+            if job.outcome and job.outcome.startswith("failed:") and job.job_id:
+                hist = await self.redis.hget(self.keys.job(job.job_id), "hist")
+                begin = job.submitted - self.load_started
+                end = (job.ended or 0) - self.load_started
+                failed_jobs.append(
+                    f"{job.job_id} {job.outcome}: dispatched {(hist or b'').decode().strip(',')}"
+                    f", ran {','.join(sorted(ran_on[job.job_id])) or 'nowhere'}"
+                    f", from {begin:.1f} s to {end:.1f} s of the load"
+                )
         # A node never runs the same attempt twice.
         double_runs = []
         runs: collections.Counter[str] = collections.Counter()
@@ -1356,6 +1396,7 @@ class ChaosRun:
                 "leaks": audit.leaks[:20],
                 "mismatches": audit.mismatches[:20],
                 "double_runs": double_runs[:20],
+                "failed_jobs": failed_jobs[:20],
             },
             "clean": clean,
         }
@@ -1367,7 +1408,9 @@ class ChaosRun:
     def _failovers(self) -> dict[str, Any]:
         ledger = self.ledger
         node_samples: list[float] = []
+        during_outage: list[float] = []
         node_kills_with_jobs = 0
+        outages = [(f.at, f.back_at or f.at) for f in self.faults if f.kind == "redis"]
         for fault in (f for f in self.faults if f.kind == "node"):
             # First job of the killed node that another node took (attempt >= 2).
             first: float | None = None
@@ -1377,7 +1420,11 @@ class ChaosRun:
                         first = t if first is None else min(first, t)
             if first is not None:
                 node_kills_with_jobs += 1
-                node_samples.append(first - fault.at)
+                # With Redis down, node_lost waits for Redis (then the sweep): apart.
+                if any(down - 1 <= fault.at <= up for down, up in outages):
+                    during_outage.append(first - fault.at)
+                else:
+                    node_samples.append(first - fault.at)
         hub_nodes: list[float] = []
         hub_sessions: list[float] = []
         for fault in (f for f in self.faults if f.kind == "hub"):
@@ -1389,7 +1436,8 @@ class ChaosRun:
             for node_id, hub_id in last_hub.items():
                 if hub_id != fault.target:
                     continue
-                later = [t for t, n, _ in self.reg_events if n == node_id and t >= fault.at]
+                # The same process reconnecting (a node killed meanwhile does not count).
+                later = [t for t, n, _ in self.rereg_events if n == node_id and t >= fault.at]
                 if later:
                     hub_nodes.append(min(later) - fault.at)
             # Sessions on the dead hub at the kill: when each resumed elsewhere.
@@ -1405,6 +1453,7 @@ class ChaosRun:
                     hub_sessions.append(min(later) - fault.at)
         return {
             "node_kill_to_first_redispatch_s": _summary(node_samples),
+            "node_kill_during_redis_outage_to_first_redispatch_s": _summary(during_outage),
             "node_kills": sum(1 for f in self.faults if f.kind == "node"),
             "node_kills_with_running_jobs": node_kills_with_jobs,
             "hub_kill_to_node_reregistered_s": _summary(hub_nodes),
@@ -1471,6 +1520,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"    node kill -> first re-dispatched job: "
         f"{timing(f['node_kill_to_first_redispatch_s'])} "
         f"({f['node_kills_with_running_jobs']} of {f['node_kills']} kills hit running jobs)",
+        f"    node kill while redis was down -> first re-dispatched job: "
+        f"{timing(f['node_kill_during_redis_outage_to_first_redispatch_s'])}",
         f"    hub kill -> its nodes registered on another hub: "
         f"{timing(f['hub_kill_to_node_reregistered_s'])}",
         f"    hub kill -> its sessions resumed on another hub: "
@@ -1483,7 +1534,7 @@ def format_report(report: dict[str, Any]) -> str:
         ),
     ]
     details = report["details"]
-    for name in ("problems", "leaks", "mismatches", "double_runs"):
+    for name in ("problems", "leaks", "mismatches", "double_runs", "failed_jobs"):
         for item in details[name]:
             lines.append(f"  ! {name}: {item}")
     return "\n".join(lines)
