@@ -171,6 +171,7 @@ class Hub:
         self.auth = Authenticator(settings)
         self._grants: dict[ServerConnection, NodeGrant | SessionGrant] = {}
         self._registering: dict[str, NodeLink] = {}
+        self._abandoning = 0
         self._abandoned: dict[str, float] = {}
         self.nodes: dict[str, NodeLink] = {}
         self.sessions: dict[str, SessionLink] = {}
@@ -990,7 +991,10 @@ class Hub:
             # The script may have run before the connection failed: take the job back.
             if len(link.abandoned) < 1024:
                 link.abandoned.add(jid)
-            self._spawn(self._abandon(link.session_id, jid))
+            # Bounded: past it, such a job ends by its deadline (the sweep) instead.
+            if self._abandoning < 1000:
+                self._abandoning += 1
+                self._spawn(self._abandon(link.session_id, jid))
             return
         finally:
             link.pending = max(0, link.pending - 1)
@@ -1034,6 +1038,12 @@ class Hub:
 
     async def _abandon(self, session_id: str, job_id: str) -> None:
         """End a job whose dispatch reply was lost, once Redis answers again (bounded)."""
+        try:
+            await self._take_back(session_id, job_id)
+        finally:
+            self._abandoning -= 1
+
+    async def _take_back(self, session_id: str, job_id: str) -> None:
         delay = 0.1
         for _ in range(40):
             try:
@@ -1135,6 +1145,7 @@ class Hub:
     async def _redis_watch(self) -> None:
         """Keep ``ready`` true exactly while Redis answers and the scripts are loaded."""
         delay = 0.05
+        slow_pings = 0
         # Not "while True": on Python 3.11, redis-py's asyncio.wait_for() can swallow
         # the cancel of close(), and this loop would outlive the hub.
         while not self._stopping:
@@ -1151,10 +1162,16 @@ class Hub:
                     delay = 0.05
                 else:
                     await self.redis.ping()
+                    slow_pings = 0
                 await asyncio.sleep(0.5)
             except asyncio.CancelledError:
                 raise
             except (redis_errors.RedisError, OSError, RedisUnavailable) as exc:
+                if self.ready and isinstance(exc, redis_errors.TimeoutError) and slow_pings < 2:
+                    # A slow answer under load (a busy event loop reads late) is not
+                    # an outage: refusing every job for it would only add load.
+                    slow_pings += 1
+                    continue
                 if self.ready:
                     logger.warning("! redis unavailable: %s", exc)
                 self.ready = False
