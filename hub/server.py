@@ -266,9 +266,9 @@ class Hub:
             await asyncio.sleep(0.05)
         for slink in list(self.sessions.values()):
             slink.closing = True
-            self._spawn(slink.ws.close(CloseCode.GOING_AWAY, "hub shutting down"))
+            self._spawn(self._close(slink.ws, CloseCode.GOING_AWAY, "hub shutting down"))
         for link in list(self.nodes.values()):
-            self._spawn(link.ws.close(CloseCode.GOING_AWAY, "hub shutting down"))
+            self._spawn(self._close(link.ws, CloseCode.GOING_AWAY, "hub shutting down"))
         if self.server is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.shutdown_grace_s + 3):
@@ -525,7 +525,9 @@ class Hub:
                     link.closing = True
                     self._spawn(self._close(link.ws, CloseCode.LOST, "lost: register again"))
                 else:
-                    self._spawn(link.ws.close(CloseCode.REPLACED, "replaced by a newer connection"))
+                    self._spawn(
+                        self._close(link.ws, CloseCode.REPLACED, "replaced by a newer connection")
+                    )
 
     def _route(self, events: tuple[Event, ...]) -> None:
         for event in events:
@@ -568,9 +570,9 @@ class Hub:
             elif type(event) is NodeDrained:
                 link = self.nodes.get(event.node_id)
                 if link is not None and self._closing:
-                    self._spawn(link.ws.close(CloseCode.GOING_AWAY, "hub shutting down"))
+                    self._spawn(self._close(link.ws, CloseCode.GOING_AWAY, "hub shutting down"))
                 elif link is not None:
-                    self._spawn(link.ws.close(CloseCode.DRAINED, "drained"))
+                    self._spawn(self._close(link.ws, CloseCode.DRAINED, "drained"))
 
     def _route_dispatch(self, d: Dispatch) -> None:
         frame = proto.encode_job(
@@ -700,7 +702,9 @@ class Hub:
             self.nodes[frame.node_id] = link
             if old is not None and old is not link:
                 old.closing = True
-                self._spawn(old.ws.close(CloseCode.REPLACED, "replaced by a newer connection"))
+                self._spawn(
+                    self._close(old.ws, CloseCode.REPLACED, "replaced by a newer connection")
+                )
             for jid in reg.resumed:
                 # Routes of resumed jobs are fetched lazily on their first partial.
                 link.jobs.setdefault(jid, _Route(0, "", "", ""))
@@ -786,9 +790,9 @@ class Hub:
             link.closing = True
             # protocol.md §7: a node the hub drained for its shutdown gets 1001, not 4003.
             if self._closing:
-                self._spawn(link.ws.close(CloseCode.GOING_AWAY, "hub shutting down"))
+                self._spawn(self._close(link.ws, CloseCode.GOING_AWAY, "hub shutting down"))
             else:
-                self._spawn(link.ws.close(CloseCode.DRAINED, "drained"))
+                self._spawn(self._close(link.ws, CloseCode.DRAINED, "drained"))
 
     def _partial(self, link: NodeLink, frame: proto.NodePartial) -> bool:
         """Relay a partial whose route this hub knows; False when Redis must be asked."""
@@ -890,7 +894,7 @@ class Hub:
         self.sessions[session_id] = link
         if old is not None:
             old.closing = True
-            self._spawn(old.ws.close(CloseCode.REPLACED, "replaced by a newer connection"))
+            self._spawn(self._close(old.ws, CloseCode.REPLACED, "replaced by a newer connection"))
         handle = self._gone.pop(session_id, None)
         if handle is not None:
             handle.cancel()
@@ -1249,7 +1253,9 @@ class Hub:
                     # protocol.md §7: a newer connection holds the id; 4004 would
                     # make the old one reconnect and take it back.
                     link.closing = True
-                    self._spawn(link.ws.close(CloseCode.REPLACED, "replaced by a newer connection"))
+                    self._spawn(
+                        self._close(link.ws, CloseCode.REPLACED, "replaced by a newer connection")
+                    )
                 elif link is not None and link.epoch == beat.epoch:
                     link.closing = True
                     self._spawn(self._close(link.ws, CloseCode.LOST, "lost: register again"))
@@ -1278,7 +1284,7 @@ class Hub:
                 for slink in list(self.sessions.values()):
                     if now - slink.last_active > idle and not slink.closing:
                         slink.closing = True
-                        self._spawn(slink.ws.close(CloseCode.IDLE_TIMEOUT, "idle timeout"))
+                        self._spawn(self._close(slink.ws, CloseCode.IDLE_TIMEOUT, "idle timeout"))
 
 
 def check_exposure(settings: Settings) -> None:
