@@ -237,6 +237,16 @@ def test_installed_wheel_has_the_hub_command(wheel_venv: Path) -> None:
     assert "serve" in out
 
 
+def test_installed_wheel_runs_the_demo_outside_the_checkout(wheel_venv: Path) -> None:
+    # A newcomer's first command after installing: an embedded hub, demo
+    # nodes and a session, all from the installed package.
+    out = run([wheel_venv / "bin" / "hub", "demo"], cwd=wheel_venv.parent, timeout=120)
+    assert "'WHERE IS THE STATION?'" in out
+    assert "audio_bytes=32000" in out
+    assert "refused: NO_POOL_FOR_LANG_PAIR" in out
+    assert "hub demo: done" in out
+
+
 def test_editable_install_reads_the_scripts_from_the_sources(
     tmp_path: Path, redis_server: RedisProcess
 ) -> None:
