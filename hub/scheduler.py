@@ -176,14 +176,6 @@ class NodeReplaced:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class NodeDrained:
-    """A draining node finished its last job: its connection may close."""
-
-    hub: str
-    node_id: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class NodeLost:
     """A node was taken out (lease expired, socket closed): its connection must close."""
 
@@ -192,7 +184,7 @@ class NodeLost:
     epoch: int
 
 
-Event: TypeAlias = Dispatch | JobEnded | CancelAttempt | NodeReplaced | NodeDrained | NodeLost
+Event: TypeAlias = Dispatch | JobEnded | CancelAttempt | NodeReplaced | NodeLost
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -307,8 +299,6 @@ def _parse_event(raw: Sequence[Any], script: str) -> Event:
         return NodeReplaced(_text(raw[1]), _text(raw[2]), int(raw[3]))
     if kind == "lost":
         return NodeLost(_text(raw[1]), _text(raw[2]), int(raw[3]))
-    if kind == "drained":
-        return NodeDrained(_text(raw[1]), _text(raw[2]))
     raise ScriptError(script, raw)
 
 

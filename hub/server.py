@@ -51,7 +51,6 @@ from .scheduler import (
     Dispatch,
     Event,
     JobEnded,
-    NodeDrained,
     NodeLost,
     NodeReplaced,
     Queued,
@@ -265,10 +264,9 @@ class Hub:
         ):
             await asyncio.sleep(0.05)
         for slink in list(self.sessions.values()):
-            slink.closing = True
-            self._spawn(self._close(slink.ws, CloseCode.GOING_AWAY, "hub shutting down"))
+            self._shut(slink, CloseCode.GOING_AWAY)
         for link in list(self.nodes.values()):
-            self._spawn(self._close(link.ws, CloseCode.GOING_AWAY, "hub shutting down"))
+            self._shut(link, CloseCode.GOING_AWAY)
         if self.server is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.shutdown_grace_s + 3):
@@ -422,6 +420,20 @@ class Hub:
         broadcast((ws,), frame)
         return True
 
+    def _node_link(self, node_id: str, epoch: int) -> NodeLink | None:
+        """This hub's connection of a node, if it is the registration ``epoch`` names."""
+        link = self.nodes.get(node_id)
+        return link if link is not None and link.epoch == epoch else None
+
+    def _shut(self, link: NodeLink | SessionLink, code: CloseCode) -> None:
+        """Close a node or session connection in the background (protocol.md §7)."""
+        link.closing = True
+        self._spawn(self._close(link.ws, code, _CLOSE_REASONS[code]))
+
+    def _shut_drained(self, link: NodeLink) -> None:
+        # protocol.md §7: a node the hub drained for its shutdown gets 1001, not 4003.
+        self._shut(link, CloseCode.GOING_AWAY if self._closing else CloseCode.DRAINED)
+
     async def _close(self, ws: ServerConnection, code: int, reason: str) -> None:
         """Close a connection whose peer may not read: abort it after ``close_timeout``.
 
@@ -519,15 +531,10 @@ class Hub:
         elif kind == b"S":
             self._send_session(self.hub_id, meta["s"], frame, meta.get("e"), meta.get("j"))
         elif kind == b"C":
-            link = self.nodes.get(meta["n"])
-            if link is not None and link.epoch == meta["e"]:
-                if meta.get("c") == CloseCode.LOST:
-                    link.closing = True
-                    self._spawn(self._close(link.ws, CloseCode.LOST, "lost: register again"))
-                else:
-                    self._spawn(
-                        self._close(link.ws, CloseCode.REPLACED, "replaced by a newer connection")
-                    )
+            link = self._node_link(meta["n"], meta["e"])
+            if link is not None:
+                lost = meta.get("c") == CloseCode.LOST
+                self._shut(link, CloseCode.LOST if lost else CloseCode.REPLACED)
 
     def _route(self, events: tuple[Event, ...]) -> None:
         for event in events:
@@ -544,22 +551,20 @@ class Hub:
                 )
             elif type(event) is NodeReplaced:
                 if event.hub == self.hub_id:
-                    link = self.nodes.get(event.node_id)
-                    if link is not None and link.epoch == event.epoch:
-                        self._spawn(
-                            link.ws.close(CloseCode.REPLACED, "replaced by a newer connection")
-                        )
+                    link = self._node_link(event.node_id, event.epoch)
+                    if link is not None:
+                        self._shut(link, CloseCode.REPLACED)
                 elif event.hub:
                     self.bus.publish(
                         self.keys.channel(event.hub),
                         encode_envelope(b"C", {"n": event.node_id, "e": event.epoch}, b""),
                     )
             elif type(event) is NodeLost:
-                link = self.nodes.get(event.node_id)
-                if event.hub == self.hub_id and link is not None and link.epoch == event.epoch:
-                    link.closing = True
-                    self._spawn(self._close(link.ws, CloseCode.LOST, "lost: register again"))
-                elif event.hub and event.hub != self.hub_id:
+                if event.hub == self.hub_id:
+                    link = self._node_link(event.node_id, event.epoch)
+                    if link is not None:
+                        self._shut(link, CloseCode.LOST)
+                elif event.hub:
                     # The sweep ran here; the node's socket is on another hub.
                     self.bus.publish(
                         self.keys.channel(event.hub),
@@ -567,12 +572,6 @@ class Hub:
                             b"C", {"n": event.node_id, "e": event.epoch, "c": CloseCode.LOST}, b""
                         ),
                     )
-            elif type(event) is NodeDrained:
-                link = self.nodes.get(event.node_id)
-                if link is not None and self._closing:
-                    self._spawn(self._close(link.ws, CloseCode.GOING_AWAY, "hub shutting down"))
-                elif link is not None:
-                    self._spawn(self._close(link.ws, CloseCode.DRAINED, "drained"))
 
     def _route_dispatch(self, d: Dispatch) -> None:
         frame = proto.encode_job(
@@ -701,10 +700,7 @@ class Hub:
             old = self.nodes.get(frame.node_id)
             self.nodes[frame.node_id] = link
             if old is not None and old is not link:
-                old.closing = True
-                self._spawn(
-                    self._close(old.ws, CloseCode.REPLACED, "replaced by a newer connection")
-                )
+                self._shut(old, CloseCode.REPLACED)
             for jid in reg.resumed:
                 # Routes of resumed jobs are fetched lazily on their first partial.
                 link.jobs.setdefault(jid, _Route(0, "", "", ""))
@@ -787,12 +783,7 @@ class Hub:
         self._route_ended(done.ended)
         self._route(done.events)
         if done.drained:
-            link.closing = True
-            # protocol.md §7: a node the hub drained for its shutdown gets 1001, not 4003.
-            if self._closing:
-                self._spawn(self._close(link.ws, CloseCode.GOING_AWAY, "hub shutting down"))
-            else:
-                self._spawn(self._close(link.ws, CloseCode.DRAINED, "drained"))
+            self._shut_drained(link)
 
     def _partial(self, link: NodeLink, frame: proto.NodePartial) -> bool:
         """Relay a partial whose route this hub knows; False when Redis must be asked."""
@@ -850,8 +841,7 @@ class Hub:
             return
         logger.info("= node %s draining (%d jobs left)", link.node_id, running)
         if running == 0:
-            link.closing = True
-            await link.ws.close(CloseCode.DRAINED, "drained")
+            self._shut_drained(link)
 
     async def _node_gone(self, link: NodeLink) -> None:
         node_id = link.node_id
@@ -893,8 +883,7 @@ class Hub:
         old = self.sessions.get(session_id)
         self.sessions[session_id] = link
         if old is not None:
-            old.closing = True
-            self._spawn(self._close(old.ws, CloseCode.REPLACED, "replaced by a newer connection"))
+            self._shut(old, CloseCode.REPLACED)
         handle = self._gone.pop(session_id, None)
         if handle is not None:
             handle.cancel()
@@ -1248,17 +1237,12 @@ class Hub:
         self._route(codes.events)
         for beat, code in zip(beats, codes, strict=True):
             if code < 0:
-                link = self.nodes.get(beat.node_id)
-                if link is not None and link.epoch == beat.epoch and code == ErrorCode.STALE_EPOCH:
-                    # protocol.md §7: a newer connection holds the id; 4004 would
-                    # make the old one reconnect and take it back.
-                    link.closing = True
-                    self._spawn(
-                        self._close(link.ws, CloseCode.REPLACED, "replaced by a newer connection")
-                    )
-                elif link is not None and link.epoch == beat.epoch:
-                    link.closing = True
-                    self._spawn(self._close(link.ws, CloseCode.LOST, "lost: register again"))
+                link = self._node_link(beat.node_id, beat.epoch)
+                if link is not None:
+                    # protocol.md §7: when a newer connection holds the id, 4004
+                    # would make the old one reconnect and take it back.
+                    stale = code == ErrorCode.STALE_EPOCH
+                    self._shut(link, CloseCode.REPLACED if stale else CloseCode.LOST)
 
     async def _sweep_loop(self) -> None:
         interval = self.settings.sweep_interval_ms / 1000
@@ -1283,8 +1267,16 @@ class Hub:
                 next_idle_check = now + 1
                 for slink in list(self.sessions.values()):
                     if now - slink.last_active > idle and not slink.closing:
-                        slink.closing = True
-                        self._spawn(self._close(slink.ws, CloseCode.IDLE_TIMEOUT, "idle timeout"))
+                        self._shut(slink, CloseCode.IDLE_TIMEOUT)
+
+
+_CLOSE_REASONS = {
+    CloseCode.GOING_AWAY: "hub shutting down",
+    CloseCode.REPLACED: "replaced by a newer connection",
+    CloseCode.DRAINED: "drained",
+    CloseCode.LOST: "lost: register again",
+    CloseCode.IDLE_TIMEOUT: "idle timeout",
+}
 
 
 def check_exposure(settings: Settings) -> None:

@@ -12,7 +12,6 @@
     {'result', session_hub, session_id, job_id, ref, status, result, error}
     {'cancel', node_hub, node_id, job_id, attempt, reason}
     {'replaced', old_hub, node_id, old_epoch}
-    {'drained', node_hub, node_id, epoch}
     {'lost', node_hub, node_id, epoch}
 ]]
 local rcall = redis.call
