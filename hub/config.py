@@ -265,11 +265,6 @@ class Settings:
             return self.node_lease_ms
         return 3 * self.heartbeat_interval_ms
 
-    @property
-    def auth_enabled(self) -> bool:
-        """Whether any authentication is configured."""
-        return bool(self.node_secret or self.node_token_key or self.session_jwt_key)
-
     # Loading
 
     @classmethod
