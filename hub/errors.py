@@ -1,4 +1,4 @@
-"""Errors raised by the hub, and the codes Lua scripts return.
+"""Error codes of the protocol, errors raised by the hub, and the codes Lua scripts return.
 
 Hierarchy::
 
@@ -13,9 +13,15 @@ Hierarchy::
         ├── RedisUnavailable   Redis cannot be reached right now
         └── ScriptError        a script returned something we cannot read
 
+:class:`Code` is the one list of the protocol's error codes (protocol.md §6),
+used by the hub and by the client SDKs. It lives here, beside the exceptions
+that carry it, because this module imports nothing but :mod:`enum`: the
+Sans-I/O protocol layer, the server and the SDKs can all import it.
+
 Lua scripts return negative integers for expected failures; :class:`ErrorCode`
-lists them and :func:`error_for_code` maps a code to its exception, so Python
-never parses Redis error strings.
+lists those script return codes, :attr:`ErrorCode.code` names the protocol
+code each one is sent as, and :func:`error_for_code` maps a script's code to
+its exception, so Python never parses Redis error strings.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import enum
 
 __all__ = [
     "ClientError",
+    "Code",
     "ErrorCode",
     "FrameTooLarge",
     "HubError",
@@ -38,8 +45,43 @@ __all__ = [
 ]
 
 
+class Code(enum.StrEnum):
+    """Error codes of the protocol (protocol.md §6).
+
+    Each member is the string sent on the wire (``Code.UNAVAILABLE ==
+    "UNAVAILABLE"``), in ``error`` frames, as the ``error`` of a failed
+    ``result`` and as the ``reason`` of a ``cancel``.
+    """
+
+    NO_POOL_FOR_LANG_PAIR = "NO_POOL_FOR_LANG_PAIR"
+    EMPTY_POOL = "EMPTY_POOL"
+    NO_AVAILABLE_NODE = "NO_AVAILABLE_NODE"
+    QUEUE_FULL = "QUEUE_FULL"
+    NODE_MISMATCH = "NODE_MISMATCH"
+    UNKNOWN_JOB = "UNKNOWN_JOB"
+    JOB_TIMEOUT = "JOB_TIMEOUT"
+    NODE_LOST = "NODE_LOST"
+    CANCELLED = "CANCELLED"
+    BAD_FRAME = "BAD_FRAME"
+    UNKNOWN_TYPE = "UNKNOWN_TYPE"
+    NOT_REGISTERED = "NOT_REGISTERED"
+    ALREADY_REGISTERED = "ALREADY_REGISTERED"
+    STALE_ATTEMPT = "STALE_ATTEMPT"
+    DUPLICATE_REF = "DUPLICATE_REF"
+    TOO_LARGE = "TOO_LARGE"
+    RATE_LIMITED = "RATE_LIMITED"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    INTERNAL = "INTERNAL"
+    UNAVAILABLE = "UNAVAILABLE"
+    TOO_MANY_JOBS = "TOO_MANY_JOBS"
+
+
 class ErrorCode(enum.IntEnum):
-    """Negative codes returned by the Lua scripts (first element of the reply)."""
+    """Negative return codes of the Lua scripts (first element of the reply).
+
+    These never go on the wire: :attr:`code` is the protocol code each one
+    is sent as.
+    """
 
     NO_POOL_FOR_LANG_PAIR = -1
     EMPTY_POOL = -2
@@ -53,6 +95,11 @@ class ErrorCode(enum.IntEnum):
     SESSION_MISMATCH = -10
     SESSION_QUEUE_FULL = -11
 
+    @property
+    def code(self) -> Code:
+        """The protocol code this script code is sent as: the one of the same name, if any."""
+        return _WIRE_ALIASES.get(self) or Code[self.name]
+
 
 class HubError(Exception):
     """Base class of every error the hub raises on purpose."""
@@ -61,9 +108,9 @@ class HubError(Exception):
 class ClientError(HubError):
     """A client's fault. ``code`` is the protocol error code; the text is safe to send."""
 
-    code: str = "BAD_FRAME"
+    code: Code = Code.BAD_FRAME
 
-    def __init__(self, message: str = "", *, code: str | None = None, ref: str | None = None):
+    def __init__(self, message: str = "", *, code: Code | None = None, ref: str | None = None):
         super().__init__(message)
         if code is not None:
             self.code = code
@@ -79,32 +126,32 @@ class ClientError(HubError):
 class ProtocolError(ClientError):
     """A frame that does not follow protocol.md."""
 
-    code = "BAD_FRAME"
+    code = Code.BAD_FRAME
 
 
 class FrameTooLarge(ProtocolError):
     """A frame larger than ``max_frame_bytes``."""
 
-    code = "TOO_LARGE"
+    code = Code.TOO_LARGE
 
 
 class LimitExceeded(ClientError):
     """A configured limit (rate, count, size) was hit."""
 
-    code = "RATE_LIMITED"
+    code = Code.RATE_LIMITED
 
 
 class Unauthorized(ClientError):
     """Missing, invalid or insufficient credentials."""
 
-    code = "UNAUTHORIZED"
+    code = Code.UNAUTHORIZED
 
 
 class SchedulingError(ClientError):
     """A scheduling script refused the transition; ``code`` names why."""
 
     def __init__(self, error_code: ErrorCode, *, ref: str | None = None):
-        super().__init__(_MESSAGES[error_code], code=_WIRE_CODES[error_code], ref=ref)
+        super().__init__(_MESSAGES[error_code], code=error_code.code, ref=ref)
         self.error_code = error_code
         """The script's return code."""
 
@@ -136,18 +183,12 @@ class ScriptError(ServerError):
         return f"unexpected reply from {self.script}.lua: {self.reply!r}"
 
 
-_WIRE_CODES: dict[ErrorCode, str] = {
-    ErrorCode.NO_POOL_FOR_LANG_PAIR: "NO_POOL_FOR_LANG_PAIR",
-    ErrorCode.EMPTY_POOL: "EMPTY_POOL",
-    ErrorCode.NO_AVAILABLE_NODE: "NO_AVAILABLE_NODE",
-    ErrorCode.QUEUE_FULL: "QUEUE_FULL",
-    ErrorCode.UNKNOWN_JOB: "UNKNOWN_JOB",
-    ErrorCode.NODE_MISMATCH: "NODE_MISMATCH",
-    ErrorCode.STALE_ATTEMPT: "STALE_ATTEMPT",
-    ErrorCode.UNKNOWN_NODE: "NOT_REGISTERED",
-    ErrorCode.STALE_EPOCH: "NOT_REGISTERED",
-    ErrorCode.SESSION_MISMATCH: "UNKNOWN_JOB",
-    ErrorCode.SESSION_QUEUE_FULL: "QUEUE_FULL",
+# Script codes sent as a protocol code of another name.
+_WIRE_ALIASES: dict[ErrorCode, Code] = {
+    ErrorCode.UNKNOWN_NODE: Code.NOT_REGISTERED,
+    ErrorCode.STALE_EPOCH: Code.NOT_REGISTERED,
+    ErrorCode.SESSION_MISMATCH: Code.UNKNOWN_JOB,
+    ErrorCode.SESSION_QUEUE_FULL: Code.QUEUE_FULL,
 }
 
 _MESSAGES: dict[ErrorCode, str] = {

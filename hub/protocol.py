@@ -24,14 +24,13 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NewType, TypeAlias, cast
 
 import orjson
 
-from hub.errors import LimitExceeded, ProtocolError
+from hub.errors import Code, LimitExceeded, ProtocolError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from hub.config import Settings
 
 __all__ = [
     "DEFAULT_POOL",
-    "ERROR_CODES",
     "NODE_PATH",
     "SESSION_PATH",
     "Ack",
@@ -81,31 +80,6 @@ SESSION_PATH: Final = "/v1/session"
 """WebSocket endpoint of sessions (protocol.md §1)."""
 DEFAULT_POOL: Final = "default"
 """Pool of a node whose ``register`` names none."""
-
-ERROR_CODES: Final = (
-    "NO_POOL_FOR_LANG_PAIR",
-    "EMPTY_POOL",
-    "NO_AVAILABLE_NODE",
-    "QUEUE_FULL",
-    "NODE_MISMATCH",
-    "UNKNOWN_JOB",
-    "JOB_TIMEOUT",
-    "NODE_LOST",
-    "CANCELLED",
-    "BAD_FRAME",
-    "UNKNOWN_TYPE",
-    "NOT_REGISTERED",
-    "ALREADY_REGISTERED",
-    "STALE_ATTEMPT",
-    "DUPLICATE_REF",
-    "TOO_LARGE",
-    "RATE_LIMITED",
-    "UNAUTHORIZED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "TOO_MANY_JOBS",
-)
-"""Every error code of protocol.md §6, as sent in ``error`` frames and results."""
 
 
 class CloseCode(enum.IntEnum):
@@ -330,7 +304,7 @@ def parse_node_frame(message: str | bytes, limits: Limits) -> NodeFrame:
         raise ProtocolError(_NO_TYPE)
     parse = _NODE_PARSERS.get(kind)
     if parse is None:
-        raise ProtocolError(_unknown_type(kind), code="UNKNOWN_TYPE")
+        raise ProtocolError(_unknown_type(kind), code=Code.UNKNOWN_TYPE)
     return parse(frame, limits)
 
 
@@ -368,7 +342,7 @@ def parse_session_frame(message: str | bytes, limits: Limits) -> SessionFrame:
         return CancelJob(ref)
     if kind == "ack":
         return Ack(_job_ids(frame.get("job_ids"), "job_ids", 0, limits.max_ack_ids, limits))
-    raise ProtocolError(_unknown_type(kind), code="UNKNOWN_TYPE", ref=ref)
+    raise ProtocolError(_unknown_type(kind), code=Code.UNKNOWN_TYPE, ref=ref)
 
 
 def _load(data: str | bytes) -> dict[str, Any]:
@@ -526,7 +500,7 @@ def _parse_submit_job(
             raise ProtocolError(_NO_AUDIO, ref=ref)
         if len(audio) > limits.max_audio_bytes:
             raise ProtocolError(
-                f"audio is larger than {limits.max_audio_bytes} bytes", code="TOO_LARGE", ref=ref
+                f"audio is larger than {limits.max_audio_bytes} bytes", code=Code.TOO_LARGE, ref=ref
             )
     return SubmitJob(ref, src_lang, tgt_lang, encoded, audio, timeout_ms)
 
@@ -619,7 +593,7 @@ def _encode_object(value: object, field: str, max_bytes: int, ref: str | None = 
         raise ProtocolError(f"'{field}' is nested too deeply", ref=ref) from exc
     if len(encoded) > max_bytes:
         raise ProtocolError(
-            f"'{field}' is larger than {max_bytes} bytes", code="TOO_LARGE", ref=ref
+            f"'{field}' is larger than {max_bytes} bytes", code=Code.TOO_LARGE, ref=ref
         )
     return encoded
 
@@ -761,7 +735,7 @@ def encode_error(ref: str | None, code: str, message: str) -> str:
 
     Args:
         ref: the ``ref`` of the session's job concerned, if any.
-        code: one of :data:`ERROR_CODES`.
+        code: a :class:`~hub.errors.Code`.
         message: human-readable text, safe to send.
     """
     return orjson.dumps({"type": "error", "ref": ref, "code": code, "message": message}).decode()
@@ -824,10 +798,10 @@ class NodeConnection:
         frame = parse_node_frame(message, self.limits)
         if type(frame) is Register:
             if self._register_received:
-                raise ProtocolError("the node is already registered", code="ALREADY_REGISTERED")
+                raise ProtocolError("the node is already registered", code=Code.ALREADY_REGISTERED)
             self._register_received = True
         elif self.state is NodeState.CONNECTING:
-            raise ProtocolError("send register first", code="NOT_REGISTERED")
+            raise ProtocolError("send register first", code=Code.NOT_REGISTERED)
         elif type(frame) is Drain:
             self.state = NodeState.DRAINING
         return frame
@@ -937,15 +911,19 @@ class SessionConnection:
             self._take_token(now, ref)
             if ref in self._job_by_ref:
                 raise ProtocolError(
-                    "'ref' is already used by an unfinished job", code="DUPLICATE_REF", ref=ref
+                    "'ref' is already used by an unfinished job", code=Code.DUPLICATE_REF, ref=ref
                 )
             if len(self._job_by_ref) >= self.max_inflight:
                 raise LimitExceeded(
-                    f"more than {self.max_inflight} unfinished jobs", code="TOO_MANY_JOBS", ref=ref
+                    f"more than {self.max_inflight} unfinished jobs",
+                    code=Code.TOO_MANY_JOBS,
+                    ref=ref,
                 )
             self._job_by_ref[ref] = None
         elif type(frame) is CancelJob and frame.ref not in self._job_by_ref:
-            raise ProtocolError("no unfinished job has this ref", code="UNKNOWN_JOB", ref=frame.ref)
+            raise ProtocolError(
+                "no unfinished job has this ref", code=Code.UNKNOWN_JOB, ref=frame.ref
+            )
         return frame
 
     def job_started(self, ref: str, job_id: JobId) -> bool:
@@ -1022,5 +1000,5 @@ class SessionConnection:
         # A clock that goes back refills nothing, but counts from the new time.
         self._tokens_at = now
         if self._tokens < 1.0:
-            raise LimitExceeded("too many jobs per second", code="RATE_LIMITED", ref=ref)
+            raise LimitExceeded("too many jobs per second", code=Code.RATE_LIMITED, ref=ref)
         self._tokens -= 1.0

@@ -17,10 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hub.config import Settings
-from hub.errors import ClientError, LimitExceeded, ProtocolError
+from hub.errors import ClientError, Code, ErrorCode, LimitExceeded, ProtocolError
 from hub.protocol import (
     DEFAULT_POOL,
-    ERROR_CODES,
     Ack,
     CancelJob,
     CloseCode,
@@ -192,12 +191,38 @@ def test_protocol_imports_no_io_library_when_parsed() -> None:
     assert found.isdisjoint(banned), found & banned
 
 
-def test_protocol_md_lists_every_error_and_close_code_when_read() -> None:
-    doc = (ROOT / "protocol.md").read_text()
-    for code in ERROR_CODES:
-        assert re.search(rf"`{code}`", doc), code
-    for close in CloseCode:
-        assert re.search(rf"\b{close.value}\b", doc), close
+def doc_table(heading: str) -> list[list[str]]:
+    """The rows of the first table under ``heading`` in protocol.md, as stripped cells."""
+    section = (ROOT / "protocol.md").read_text().split(f"\n{heading}\n", 1)[1]
+    rows = []
+    for line in section.split("\n## ", 1)[0].splitlines():
+        if line.startswith("| `"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_protocol_md_documents_each_error_code_once_when_read() -> None:
+    documented = [row[0].strip("`") for row in doc_table("## 6. Error codes")]
+    assert sorted(documented) == sorted(Code)
+    assert len(documented) == len(set(documented))
+
+
+def test_protocol_md_documents_each_close_code_once_when_read() -> None:
+    rows = doc_table("## 7. Close codes")
+    documented = [(int(code.strip("`")), name) for code, name, *_ in rows]
+    assert documented == [
+        (close.value, close.name.lower().replace("_", " ")) for close in CloseCode
+    ]
+
+
+def test_script_codes_are_sent_as_protocol_codes_when_mapped() -> None:
+    assert {c: c.code for c in ErrorCode if c.code.name != c.name} == {
+        ErrorCode.UNKNOWN_NODE: Code.NOT_REGISTERED,
+        ErrorCode.STALE_EPOCH: Code.NOT_REGISTERED,
+        ErrorCode.SESSION_MISMATCH: Code.UNKNOWN_JOB,
+        ErrorCode.SESSION_QUEUE_FULL: Code.QUEUE_FULL,
+    }
+    assert str(ErrorCode.QUEUE_FULL.code) == "QUEUE_FULL"
 
 
 def test_limits_refuse_zero_when_built() -> None:

@@ -41,7 +41,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from ..errors import HubError
+from ..errors import Code, HubError
 from ..protocol import NODE_PATH, CloseCode, split_binary
 from .backoff import Backoff
 from .errors import ConnectionRejected
@@ -424,7 +424,7 @@ class NodeClient:
                     break
                 if kind == "error":
                     code = str(reply.get("code"))
-                    if code == "UNAVAILABLE":
+                    if code == Code.UNAVAILABLE:
                         continue  # protocol.md §7: the hub closes with 1013; retry
                     raise ConnectionRejected(code, str(reply.get("message", "")))
         self.hub_id = str(reply.get("hub_id", ""))
@@ -566,7 +566,7 @@ class NodeClient:
 
     def _on_error(self, frame: dict[str, Any]) -> None:
         code, job_id = frame.get("code"), frame.get("ref")
-        if code == "UNAVAILABLE" and isinstance(job_id, str) and job_id in self._recent:
+        if code == Code.UNAVAILABLE and isinstance(job_id, str) and job_id in self._recent:
             # protocol.md §6: Redis was down, the result did not count: retry.
             sent = self._recent[job_id]
             sent.tries += 1
@@ -585,7 +585,7 @@ class NodeClient:
                 delay,
             )
             self._spawn(self._resend(job_id, sent.frame, delay))
-        elif code in ("STALE_ATTEMPT", "UNKNOWN_JOB", "NODE_MISMATCH"):
+        elif code in (Code.STALE_ATTEMPT, Code.UNKNOWN_JOB, Code.NODE_MISMATCH):
             # The job is no longer ours (cancelled, timed out, retried elsewhere).
             logger.debug("< node %s: %s for %s", self.node_id, code, job_id)
             if isinstance(job_id, str):

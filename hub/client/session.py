@@ -34,6 +34,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from ..errors import Code
 from ..protocol import SESSION_PATH, CloseCode, join_binary
 from .backoff import Backoff
 from .errors import (
@@ -572,7 +573,7 @@ class SessionClient:
         if pending is None:
             logger.debug("< session error %s for %r: %s", code, ref, message)
             return
-        if code == "DUPLICATE_REF" and pending.resent:
+        if code == Code.DUPLICATE_REF and pending.resent:
             pending.resent = False  # the hub still has the job: its result will come
             return
         if pending.job_id is None:
