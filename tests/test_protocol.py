@@ -1,11 +1,13 @@
-"""Tests of hub/protocol.py: plain synchronous calls, no event loop, no sockets.
+"""Tests of the Sans-I/O layer, hub/protocol/ and hub/errors.py: plain calls, no loop, no sockets.
 
-This file alone covers every branch of hub/protocol.py (STYLE.md §8).
+This file alone covers every branch of hub/protocol/, so that the protocol
+is tested by its own rules and not through the server.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,34 +19,63 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hub.config import Settings
-from hub.errors import ClientError, Code, ErrorCode, LimitExceeded, ProtocolError
+from hub.errors import (
+    ClientError,
+    Code,
+    ErrorCode,
+    LimitExceeded,
+    ProtocolError,
+    RedisUnavailable,
+    ScriptError,
+    error_for_code,
+)
 from hub.protocol import (
     DEFAULT_POOL,
+    Accepted,
     Ack,
     CancelJob,
     CloseCode,
     Drain,
+    ErrorReply,
     JobId,
     Limits,
     Load,
+    NodeCancel,
     NodeConnection,
     NodeId,
+    NodeJob,
     NodePartial,
     NodeResult,
     NodeState,
+    Queued,
     Register,
+    Registered,
     SessionConnection,
     SessionId,
+    SessionPartial,
+    SessionResult,
     SessionState,
     SubmitJob,
+    Welcome,
+    decode_to_node,
+    decode_to_session,
     encode_accepted,
+    encode_ack,
     encode_cancel,
+    encode_cancel_job,
+    encode_drain,
     encode_error,
     encode_job,
+    encode_load,
+    encode_node_partial,
+    encode_node_result,
     encode_partial,
     encode_queued,
+    encode_register,
     encode_registered,
     encode_result,
+    encode_submit_job,
+    encode_submit_job_audio,
     encode_welcome,
     join_binary,
     parse_node_frame,
@@ -167,18 +198,28 @@ def attempt(call: Callable[..., object], *args: object) -> object:
 # Module rules
 
 
-def test_protocol_imports_no_io_library_when_parsed() -> None:
+def module_path(name: str) -> Path:
+    """The file of a module of the hub: ``hub.protocol`` or ``hub.errors``."""
+    path = ROOT / name.replace(".", "/")
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def test_sans_io_layer_imports_no_io_library_when_parsed() -> None:
     banned = {"asyncio", "redis", "websockets", "socket", "time"}
-    seen: set[str] = set()
-    todo = [ROOT / "hub" / "protocol.py"]
+    modules = (ROOT / "hub" / "protocol").glob("*.py")
+    todo = ["hub.protocol", *(f"hub.protocol.{p.stem}" for p in modules if p.stem != "__init__")]
+    seen = set(todo)
     found: set[str] = set()
     while todo:
-        path = todo.pop()
+        module = todo.pop()
+        path = module_path(module)
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
+            elif isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                names = [".".join(filter(None, (base, node.module)))]
             else:
                 continue
             for name in names:
@@ -186,7 +227,8 @@ def test_protocol_imports_no_io_library_when_parsed() -> None:
                 # Follow the hub's own modules: an I/O import there counts too.
                 if name.startswith("hub.") and name not in seen:
                     seen.add(name)
-                    todo.append(ROOT / (name.replace(".", "/") + ".py"))
+                    todo.append(name)
+    assert {"hub.errors", "hub.config", "hub.protocol.frames"} <= seen
     assert "orjson" in found
     assert found.isdisjoint(banned), found & banned
 
@@ -747,6 +789,242 @@ def test_hub_sends_error_when_frame_is_refused() -> None:
         '{"type":"error","ref":null,"code":"BAD_FRAME","message":"frame is not valid JSON"}'
     )
     assert orjson.loads(encode_error("c-1", "QUEUE_FULL", "full"))["ref"] == "c-1"
+
+
+# The peers' side: their encoders, read back by the hub's parser (protocol.md §3, §4)
+
+
+def test_node_encodes_register_when_it_serves_languages() -> None:
+    frame = encode_register("gpu-1", ("asr", "nmt"), 4, languages=["zh", "en"])
+    assert frame == (
+        b'{"type":"register","node_id":"gpu-1","services":["asr","nmt"],'
+        b'"languages":["zh","en"],"max_jobs":4}'
+    )
+    assert parse_node_frame(frame.decode(), LIMITS) == Register(
+        NodeId("gpu-1"), ("asr", "nmt"), (("zh", "en"), ("en", "zh")), 4
+    )
+
+
+def test_node_encodes_register_when_it_serves_pairs_and_resumes() -> None:
+    frame = encode_register(
+        "gpu-1", ["asr"], 2, lang_pairs=[("en", "zh")], pools=["p"], resume=["j-1"]
+    )
+    assert parse_node_frame(frame.decode(), LIMITS) == Register(
+        NodeId("gpu-1"), ("asr",), (("en", "zh"),), 2, ("p",), (JobId("j-1"),)
+    )
+
+
+@pytest.mark.parametrize("languages", [None, ["zh", "en"]])
+def test_node_encodes_register_when_languages_and_pairs_are_not_one(
+    languages: list[str] | None,
+) -> None:
+    pairs = None if languages is None else [("zh", "en")]
+    with pytest.raises(ValueError, match=exactly("give exactly one of languages and lang_pairs")):
+        encode_register("gpu-1", ["asr"], 1, languages=languages, lang_pairs=pairs)
+
+
+def test_node_encodes_result_when_finished_or_failed() -> None:
+    finished = encode_node_result("j-1", 2, "finished", {"text": "hi"})
+    assert finished == (
+        b'{"type":"result","job_id":"j-1","attempt":2,"status":"finished","result":{"text":"hi"}}'
+    )
+    assert parse_node_frame(finished.decode(), LIMITS) == NodeResult(
+        JobId("j-1"), 2, "finished", b'{"text":"hi"}', None
+    )
+    failed = encode_node_result("j-1", 1, "failed", error="boom")
+    assert parse_node_frame(failed.decode(), LIMITS) == NodeResult(
+        JobId("j-1"), 1, "failed", b"null", "boom"
+    )
+
+
+def test_node_encodes_result_when_it_is_not_json() -> None:
+    with pytest.raises(TypeError):
+        encode_node_result("j-1", 1, "finished", {"set": {1}})
+
+
+def test_node_encodes_partial_load_and_drain_when_valid() -> None:
+    partial = encode_node_partial("j-1", 1, {"text": "h"})
+    assert parse_node_frame(partial.decode(), LIMITS) == NodePartial(
+        JobId("j-1"), 1, b'{"text":"h"}'
+    )
+    assert parse_node_frame(encode_load({"gpu": 0.5}).decode(), LIMITS) == Load(b'{"gpu":0.5}')
+    assert encode_drain() == b'{"type":"drain"}'
+    assert parse_node_frame(encode_drain().decode(), LIMITS) == Drain()
+
+
+def test_session_encodes_job_when_text() -> None:
+    frame = encode_submit_job("c-1", "zh", "en", {"text": "你好"}, timeout_ms=500)
+    assert parse_session_frame(frame.decode(), LIMITS) == SubmitJob(
+        "c-1", "zh", "en", orjson.dumps({"text": "你好"}), None, 500
+    )
+    plain = encode_submit_job("c-1", "zh", "en")
+    assert plain == b'{"type":"job","ref":"c-1","src_lang":"zh","tgt_lang":"en","payload":{}}'
+
+
+def test_session_encodes_job_when_it_has_audio() -> None:
+    frame = encode_submit_job_audio("c-1", "zh", "en", None, b"\x00\x01", timeout_ms=9)
+    assert parse_session_frame(frame, LIMITS) == SubmitJob("c-1", "zh", "en", b"{}", b"\x00\x01", 9)
+
+
+def test_session_encodes_job_when_audio_is_empty() -> None:
+    with pytest.raises(ValueError, match="audio must not be empty"):
+        encode_submit_job_audio("c-1", "zh", "en", {}, b"")
+
+
+def test_session_encodes_cancel_and_ack_when_valid() -> None:
+    assert parse_session_frame(encode_cancel_job("c-1").decode(), LIMITS) == CancelJob("c-1")
+    ack = encode_ack(("j-1", "j-2"))
+    assert parse_session_frame(ack.decode(), LIMITS) == Ack((JobId("j-1"), JobId("j-2")))
+
+
+# The peers' side: the hub's frames, read back by their decoders (protocol.md §3, §4)
+
+
+def test_node_decodes_registered_when_hub_accepts_it() -> None:
+    frame = encode_registered(NodeId("gpu-1"), "hub-a", 5000, [JobId("j-1")], ())
+    assert decode_to_node(frame) == Registered("gpu-1", "hub-a", 5000, ("j-1",), ())
+
+
+def test_node_decodes_job_when_text_or_binary() -> None:
+    args = (JobId("j-1"), 2, SessionId("s-1"), "zh", "en", b'{"t":1}', 1700)
+    text_job = NodeJob("j-1", 2, "s-1", "zh", "en", {"t": 1}, 1700)
+    assert decode_to_node(encode_job(*args, None)) == text_job
+    with_audio = encode_job(*args, b"\x01")
+    assert decode_to_node(with_audio, binary=True) == dataclasses.replace(text_job, audio=b"\x01")
+    # A text frame may come as UTF-8 bytes (the load test's own client).
+    assert decode_to_node(str(encode_job(*args, None)).encode()) == text_job
+
+
+def test_node_decodes_cancel_and_error_when_hub_sends_them() -> None:
+    assert decode_to_node(encode_cancel(JobId("j-1"), 3, Code.JOB_TIMEOUT)) == NodeCancel(
+        "j-1", 3, "JOB_TIMEOUT"
+    )
+    assert decode_to_node(encode_error("j-1", Code.UNAVAILABLE, "down")) == ErrorReply(
+        "j-1", "UNAVAILABLE", "down"
+    )
+
+
+def test_session_decodes_each_frame_when_hub_sends_it() -> None:
+    job_id, node_id = JobId("j-1"), NodeId("gpu-1")
+    assert decode_to_session(encode_welcome(SessionId("s-1"), "hub-a", "tok")) == Welcome(
+        "s-1", "hub-a", "tok"
+    )
+    assert decode_to_session(encode_accepted("c-1", job_id, node_id, 1)) == Accepted(
+        "c-1", "j-1", "gpu-1", 1
+    )
+    assert decode_to_session(encode_queued("c-1", job_id)) == Queued("c-1", "j-1")
+    assert decode_to_session(encode_partial("c-1", job_id, b'{"t":1}')) == SessionPartial(
+        "c-1", "j-1", {"t": 1}
+    )
+    assert decode_to_session(
+        encode_result("c-1", job_id, "finished", b'{"t":2}', None)
+    ) == SessionResult("c-1", "j-1", "finished", {"t": 2}, None)
+    assert decode_to_session(
+        encode_result("c-1", job_id, "failed", None, Code.NODE_LOST)
+    ) == SessionResult("c-1", "j-1", "failed", None, "NODE_LOST")
+    assert decode_to_session(encode_error(None, Code.BAD_FRAME, "no")) == ErrorReply(
+        None, "BAD_FRAME", "no"
+    )
+
+
+def decoding_error(call: Callable[[], object]) -> tuple[str, str]:
+    with pytest.raises(ProtocolError) as exc_info:
+        call()
+    return exc_info.value.code, exc_info.value.message
+
+
+@pytest.mark.parametrize(
+    ("frame", "binary", "expected"),
+    [
+        ("{", False, ("BAD_FRAME", "frame is not valid JSON")),
+        ("[]", False, ("BAD_FRAME", "frame must be a JSON object")),
+        ('{"type":1}', False, ("BAD_FRAME", "'type' must be a string")),
+        ('{"type":"welcome"}', False, ("UNKNOWN_TYPE", "unknown frame type 'welcome'")),
+        (b"\x00\x00", True, ("BAD_FRAME", "binary frame shorter than its 4-byte header length")),
+        (
+            join_binary(b'{"type":"cancel"}', b"\x01"),
+            True,
+            ("BAD_FRAME", "binary frames carry only jobs"),
+        ),
+        (text(type="cancel", job_id=1), False, ("BAD_FRAME", "'job_id' must be a string")),
+        (
+            text(type="cancel", job_id="j", attempt="1"),
+            False,
+            ("BAD_FRAME", "'attempt' must be an integer"),
+        ),
+        (
+            text(type="job", payload=[]),
+            False,
+            ("BAD_FRAME", "'payload' must be a JSON object"),
+        ),
+        (
+            text(type="registered", node_id="n", hub_id="h", heartbeat_interval_ms=1, resumed=[1]),
+            False,
+            ("BAD_FRAME", "'resumed' must be a list of strings"),
+        ),
+        (
+            text(type="registered", node_id="n", hub_id="h", heartbeat_interval_ms=1, resumed={}),
+            False,
+            ("BAD_FRAME", "'resumed' must be a list of strings"),
+        ),
+        (
+            text(type="error", ref=1, code="X", message=""),
+            False,
+            ("BAD_FRAME", "'ref' must be a string or null"),
+        ),
+    ],
+)
+def test_node_decodes_frame_when_it_is_malformed(
+    frame: str | bytes, binary: bool, expected: tuple[str, str]
+) -> None:
+    assert decoding_error(lambda: decode_to_node(frame, binary=binary)) == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"type": "job"}, ("UNKNOWN_TYPE", "unknown frame type 'job'")),
+        ({"type": "partial", "result": None}, ("BAD_FRAME", "'result' must be a JSON object")),
+        (
+            {"type": "result", "status": "ok"},
+            ("BAD_FRAME", "'status' must be 'finished' or 'failed'"),
+        ),
+        (
+            {"type": "result", "status": "failed", "result": []},
+            ("BAD_FRAME", "'result' must be a JSON object or null"),
+        ),
+        (
+            {"type": "result", "status": "failed", "error": 1},
+            ("BAD_FRAME", "'error' must be a string or null"),
+        ),
+    ],
+)
+def test_session_decodes_frame_when_it_is_malformed(
+    fields: dict[str, Any], expected: tuple[str, str]
+) -> None:
+    assert decoding_error(lambda: decode_to_session(text(**fields))) == expected
+
+
+# Errors (hub/errors.py)
+
+
+def test_errors_read_as_code_and_message_when_printed() -> None:
+    assert str(ClientError()) == "BAD_FRAME"
+    assert str(LimitExceeded("slow down")) == "RATE_LIMITED: slow down"
+    assert str(RedisUnavailable("ping")) == "redis unavailable during ping"
+    assert str(ScriptError("dispatch", [1])) == "unexpected reply from dispatch.lua: [1]"
+
+
+def test_script_code_becomes_its_exception_when_mapped() -> None:
+    error = error_for_code(-7, ref="c-1")
+    assert (error.error_code, error.code, error.ref) == (
+        ErrorCode.STALE_ATTEMPT,
+        Code.STALE_ATTEMPT,
+        "c-1",
+    )
+    assert error.message == "the attempt is stale or the job has already ended"
+    with pytest.raises(ValueError):
+        error_for_code(-1000)
 
 
 # Node connection (protocol.md §9.1)
