@@ -1,4 +1,4 @@
-# One command per task (STYLE.md §9). Run inside a venv: `make install` first.
+# One command per task. Run inside a venv: `make install` first.
 PYTHON ?= python
 
 .PHONY: install format lint test cov

@@ -188,4 +188,4 @@ class Bus:
             finally:
                 self.subscribed.clear()
                 with contextlib.suppress(redis_errors.RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]

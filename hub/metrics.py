@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-if TYPE_CHECKING:
-    from .server import Hub
-
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "Snapshot"]
 
 _MAX_CACHED_CHILDREN = 256
 """Most labelled children cached per counter (node error texts are open-ended)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A hub's gauges at one moment, read when ``/metrics`` is scraped."""
+
+    nodes: int
+    sessions: int
+    ready: bool
+    script_calls: int
+    pipelines: int
 
 
 class Metrics:
@@ -92,13 +101,13 @@ class Metrics:
                 self._refused[code] = child
         child.inc()
 
-    def render(self, hub: Hub) -> tuple[bytes, str]:
-        """The text exposition format, with gauges read from ``hub`` now."""
-        self.nodes.set(len(hub.nodes))
-        self.sessions.set(len(hub.sessions))
-        self.ready.set(1 if hub.ready else 0)
-        self.script_calls.set(hub.scheduler.calls)
-        self.pipelines.set(hub.scheduler.batches)
+    def render(self, snapshot: Snapshot) -> tuple[bytes, str]:
+        """The text exposition format, with the gauges of ``snapshot``."""
+        self.nodes.set(snapshot.nodes)
+        self.sessions.set(snapshot.sessions)
+        self.ready.set(1 if snapshot.ready else 0)
+        self.script_calls.set(snapshot.script_calls)
+        self.pipelines.set(snapshot.pipelines)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def snapshot(self) -> dict[str, Any]:

@@ -31,7 +31,11 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
     parse_url,
 )
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.typing import EncodableT
+
+from .config import RedisDSN, Settings
 
 _hiredis_pack: Callable[..., bytes] | None
 try:
@@ -44,6 +48,7 @@ __all__ = [
     "HiredisSSLConnection",
     "HiredisUnixDomainSocketConnection",
     "client_from_url",
+    "redis_client",
 ]
 
 
@@ -162,3 +167,25 @@ def client_from_url(url: str, **kwargs: Any) -> Redis:
     connection_class = kwargs.get("connection_class", Connection)
     kwargs["connection_class"] = _HIREDIS_CLASSES.get(connection_class, connection_class)
     return Redis.from_pool(ConnectionPool(**kwargs))
+
+
+def redis_client(url: str, settings: Settings, *, pubsub: bool = False) -> Redis:
+    """A hub's redis-py client, with timeouts and retries set on purpose.
+
+    Command clients get ``redis_timeout_s`` and no automatic retry (a retried
+    script could run twice); the pub/sub client waits without a read timeout.
+
+    Raises:
+        ConfigError: if ``url`` is not a Redis URL (the password is redacted).
+    """
+    RedisDSN.parse(url)
+    kwargs: dict[str, Any] = {
+        "socket_connect_timeout": settings.redis_timeout_s,
+        "socket_timeout": None if pubsub else settings.redis_timeout_s,
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": False,
+        "health_check_interval": 0,
+    }
+    if not pubsub:
+        kwargs["max_connections"] = 64
+    return client_from_url(url, **kwargs)

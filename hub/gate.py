@@ -1,0 +1,295 @@
+"""The way in: HTTP routes, admission, origin and auth checks.
+
+Every request reaches :meth:`Gate.process_request` first. Plain HTTP routes
+(``/healthz``, ``/readyz``, ``/metrics``, ``/v1/status``, the demo page) are
+answered there; a WebSocket handshake on ``/v1/node`` or ``/v1/session`` is
+let through only within the connection limits, from an allowed origin, with
+valid credentials. :meth:`Gate.handle` then hands the connection to
+:class:`~hub.nodes.Nodes` or :class:`~hub.sessions.Sessions`, and is the one
+catch-all: a bug closes that connection with 1011 and nothing else.
+"""
+
+from __future__ import annotations
+
+import http
+import ipaddress
+import logging
+import re
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from .auth import OPEN_NODE, OPEN_SESSION, Authenticator, NodeGrant, SessionGrant
+from .config import ConfigError, Settings
+from .errors import Code, RedisUnavailable, Unauthorized
+from .health import Health
+from .metrics import Metrics, Snapshot
+from .nodes import Nodes
+from .protocol import CloseCode
+from .registry import Registry
+from .scheduler import Scheduler
+from .sessions import Sessions
+
+__all__ = ["Gate", "RedactingLogger", "check_exposure"]
+
+logger = logging.getLogger("hub.gate")
+
+_NODE_PATH = "/v1/node"
+_SESSION_PATH = "/v1/session"
+
+
+class Gate:
+    """Answers HTTP requests and admits WebSocket connections.
+
+    Args:
+        hub_id: this hub's id, in ``/v1/status``.
+        settings: connection limits and allowed origins.
+        auth: checks node and session credentials.
+        scheduler: reads the deployment's state for ``/v1/status``.
+        registry: connection counts.
+        nodes: serves admitted node connections.
+        sessions: serves admitted session connections.
+        metrics: counters, and the ``/metrics`` text.
+        health: ready and closing flags.
+    """
+
+    def __init__(
+        self,
+        hub_id: str,
+        settings: Settings,
+        auth: Authenticator,
+        scheduler: Scheduler,
+        registry: Registry,
+        nodes: Nodes,
+        sessions: Sessions,
+        metrics: Metrics,
+        health: Health,
+    ) -> None:
+        self.hub_id = hub_id
+        self._settings = settings
+        self._auth = auth
+        self._scheduler = scheduler
+        self._registry = registry
+        self._nodes = nodes
+        self._sessions = sessions
+        self._metrics = metrics
+        self._health = health
+        self._grants: dict[ServerConnection, NodeGrant | SessionGrant] = {}
+        self._per_ip: dict[str, int] = {}
+        self.connections = 0
+        """WebSocket connections open now."""
+
+    # Public methods
+
+    def snapshot(self) -> Snapshot:
+        """The hub's gauges now, for ``/metrics``."""
+        return Snapshot(
+            nodes=len(self._registry.nodes),
+            sessions=len(self._registry.sessions),
+            ready=self._health.ready,
+            script_calls=self._scheduler.calls,
+            pipelines=self._scheduler.batches,
+        )
+
+    async def process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        """websockets' ``process_request``: answer the request, or None to accept it."""
+        path = urlsplit(request.path).path
+        if path == "/healthz":
+            return respond(http.HTTPStatus.OK, b"ok\n")
+        if path == "/readyz":
+            if self._health.ready and not self._health.closing:
+                return respond(http.HTTPStatus.OK, b"ready\n")
+            return respond(http.HTTPStatus.SERVICE_UNAVAILABLE, b"not ready\n")
+        if path == "/metrics":
+            body, content_type = self._metrics.render(self.snapshot())
+            return respond(http.HTTPStatus.OK, body, content_type)
+        if path == "/v1/status":
+            return await self._status()
+        if path in ("/", "/demo", "/demo/"):
+            return _static_page()
+        if path not in (_NODE_PATH, _SESSION_PATH):
+            return respond(http.HTTPStatus.NOT_FOUND, b"not found\n")
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return respond(http.HTTPStatus.UPGRADE_REQUIRED, b"websocket endpoint\n")
+        refusal = self._admit(ws, path, request)
+        if refusal is not None:
+            return refusal
+        try:
+            if path == _NODE_PATH:
+                grant: NodeGrant | SessionGrant = self._auth.node(request.headers)
+            else:
+                query = parse_qs(urlsplit(request.path).query)
+                grant = self._auth.session(request.headers, query)
+        except Unauthorized as exc:
+            self._metrics.job_refused(Code.UNAUTHORIZED)
+            return respond(
+                http.HTTPStatus.UNAUTHORIZED,
+                f"unauthorized: {exc.message}\n".encode(),
+                extra=[("WWW-Authenticate", "Bearer")],
+            )
+        self._grants[ws] = grant
+        return None
+
+    async def handle(self, ws: ServerConnection) -> None:
+        """websockets' connection handler: serve a node or a session until it closes."""
+        ip = _peer_ip(ws)
+        grant = self._grants.pop(ws, None)
+        self.connections += 1
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        try:
+            path = urlsplit(ws.request.path if ws.request else "/").path
+            if path == _NODE_PATH:
+                await self._nodes.serve(ws, grant if isinstance(grant, NodeGrant) else OPEN_NODE)
+            else:
+                await self._sessions.serve(
+                    ws, grant if isinstance(grant, SessionGrant) else OPEN_SESSION
+                )
+        except ConnectionClosed:
+            pass
+        except Exception:
+            # The only catch-all: log it, close with 1011.
+            logger.error("! connection handler failed", exc_info=True)
+            await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self.connections -= 1
+            left = self._per_ip[ip] - 1
+            if left:
+                self._per_ip[ip] = left
+            else:
+                del self._per_ip[ip]
+
+    # Private methods
+
+    def _admit(self, ws: ServerConnection, path: str, request: Request) -> Response | None:
+        """Connection limits and origin checks; a refusal, or None to go on."""
+        if self._health.closing:
+            return respond(http.HTTPStatus.SERVICE_UNAVAILABLE, b"shutting down\n")
+        s = self._settings
+        if s.max_connections is not None and self.connections >= s.max_connections:
+            self._metrics.job_refused("max_connections")
+            return respond(http.HTTPStatus.SERVICE_UNAVAILABLE, b"too many connections\n")
+        ip = _peer_ip(ws)
+        if (
+            s.max_connections_per_ip is not None
+            and self._per_ip.get(ip, 0) >= s.max_connections_per_ip
+        ):
+            self._metrics.job_refused("max_connections_per_ip")
+            return respond(
+                http.HTTPStatus.TOO_MANY_REQUESTS, b"too many connections from this address\n"
+            )
+        if path == _NODE_PATH and "Origin" in request.headers:
+            # Nodes are never browsers: a web page must not reach the node endpoint.
+            self._metrics.job_refused("ORIGIN")
+            return respond(http.HTTPStatus.FORBIDDEN, b"browsers cannot connect as nodes\n")
+        if path == _SESSION_PATH and s.allowed_origins is not None:
+            origin = request.headers.get("Origin")
+            if origin is not None and origin not in s.allowed_origins:
+                self._metrics.job_refused("ORIGIN")
+                return respond(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n")
+        return None
+
+    async def _status(self) -> Response:
+        try:
+            state = await self._scheduler.status()
+        except RedisUnavailable:
+            return respond(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                orjson.dumps({"hub_id": self.hub_id, "error": Code.UNAVAILABLE}),
+                "application/json",
+            )
+        body = {
+            "hub_id": self.hub_id,
+            "ready": self._health.ready,
+            "connections": {
+                "nodes": len(self._registry.nodes),
+                "sessions": len(self._registry.sessions),
+            },
+            **state,
+            "hub_counters": self._metrics.snapshot(),
+        }
+        return respond(http.HTTPStatus.OK, orjson.dumps(body), "application/json")
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse open mode (no auth) on a non-loopback address unless ``insecure``.
+
+    Raises:
+        ConfigError: when the hub would face the network without authentication.
+    """
+    auth = Authenticator(settings)
+    if auth.node_auth and auth.session_auth:
+        return
+    host = settings.host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return
+    if not settings.insecure:
+        raise ConfigError(
+            "host",
+            host,
+            "nodes and sessions are not both authenticated: listening "
+            "beyond loopback needs node_secret or node_token_key, and "
+            "session_jwt_key, or --insecure",
+        )
+    logger.warning("! open mode on %s: anyone who can reach this port can use the hub", host)
+
+
+def respond(
+    status: http.HTTPStatus,
+    body: bytes,
+    content_type: str = "text/plain",
+    extra: list[tuple[str, str]] | None = None,
+) -> Response:
+    """An HTTP response that is never cached."""
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            *(extra or []),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)
+
+
+class RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """websockets' logger minus credentials: at DEBUG it logs request lines and headers."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level == logging.DEBUG and msg == "< %s: %s" and len(args) == 2:
+            if str(args[0]).lower() in ("authorization", "cookie"):
+                args = (args[0], "***")
+        elif level == logging.DEBUG and msg == "< %s %s %s" and len(args) == 3:
+            args = (args[0], _TOKEN_IN_QUERY.sub(r"\1***", str(args[1])), args[2])
+        super().log(level, msg, *args, **kwargs)
+
+
+_TOKEN_IN_QUERY = re.compile(r"([?&](?:token|resume_token)=)[^&]*")
+
+
+def _peer_ip(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    if isinstance(address, tuple) and address:
+        try:
+            return str(ipaddress.ip_address(address[0]))
+        except ValueError:
+            return str(address[0])
+    return "local"
+
+
+def _static_page() -> Response:
+    from importlib import resources
+
+    try:
+        body = resources.files("hub.static").joinpath("demo.html").read_bytes()
+    except (FileNotFoundError, ModuleNotFoundError):
+        return respond(http.HTTPStatus.NOT_FOUND, b"demo page not installed\n")
+    return respond(http.HTTPStatus.OK, body, "text/html; charset=utf-8")

@@ -1,0 +1,244 @@
+"""Sending frames: to connections here, or to other hubs over the bus.
+
+Frames go out with ``websockets.broadcast`` into each connection's write
+buffer, never with an ``await send`` loop; a connection whose buffer grows
+past ``send_buffer_bytes`` is too slow and is closed (protocol.md §7, 4005).
+A frame for a node or session connected to another hub goes to that hub's
+channel (:mod:`hub.bus`), which hands it to :meth:`Outbox.receive_bus` there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection, broadcast
+
+from .bus import Bus, decode_envelope, encode_envelope
+from .health import Health
+from .keys import Keys
+from .metrics import Metrics
+from .protocol import CloseCode, JobId
+from .registry import NodeLink, Registry, Route, SessionLink
+from .tasks import Tasks
+
+__all__ = ["Outbox"]
+
+logger = logging.getLogger("hub.outbox")
+
+_CLOSE_REASONS = {
+    CloseCode.GOING_AWAY: "hub shutting down",
+    CloseCode.REPLACED: "replaced by a newer connection",
+    CloseCode.DRAINED: "drained",
+    CloseCode.LOST: "lost: register again",
+    CloseCode.IDLE_TIMEOUT: "idle timeout",
+}
+
+
+class Outbox:
+    """Delivers frames to nodes and sessions, wherever they are connected.
+
+    Args:
+        hub_id: this hub's id (frames for other hubs go over the bus).
+        registry: the connections here.
+        bus: the channels between hubs.
+        keys: key and channel names.
+        metrics: counters of dropped frames and slow connections.
+        health: whether the hub is shutting down (drained nodes then get 1001).
+        tasks: owner of the closing tasks.
+        send_buffer_bytes: a connection whose write buffer is larger is closed.
+        max_backlog: most frames held for a node that is still registering.
+    """
+
+    def __init__(
+        self,
+        hub_id: str,
+        registry: Registry,
+        bus: Bus,
+        keys: Keys,
+        metrics: Metrics,
+        health: Health,
+        tasks: Tasks,
+        *,
+        send_buffer_bytes: int,
+        max_backlog: int,
+    ) -> None:
+        self.hub_id = hub_id
+        self._registry = registry
+        self._bus = bus
+        self._keys = keys
+        self._metrics = metrics
+        self._health = health
+        self._tasks = tasks
+        self._send_limit = send_buffer_bytes
+        self._max_backlog = max_backlog
+        self._too_slow: set[ServerConnection] = set()
+
+    # Public methods
+
+    def push(self, ws: ServerConnection, frame: str | bytes) -> bool:
+        """Queue a frame on a connection here; close it if its buffer is over the limit.
+
+        Returns:
+            False if the frame was not queued (closing, or too slow).
+        """
+        transport = ws.transport
+        if transport is None or transport.is_closing() or ws in self._too_slow:
+            return False
+        if transport.get_write_buffer_size() > self._send_limit:
+            # Once: the close frame waits behind the full buffer, and frames
+            # keep coming meanwhile.
+            self._too_slow.add(ws)
+            self._metrics.slow_closed.inc()
+            logger.warning("! closing a connection whose send buffer is full")
+            self._tasks.spawn(self.close(ws, CloseCode.TOO_SLOW, "too slow: send buffer full"))
+            return False
+        broadcast((ws,), frame)
+        return True
+
+    def forget(self, ws: ServerConnection) -> None:
+        """Drop what the outbox remembers of a connection that ended."""
+        self._too_slow.discard(ws)
+
+    def shut(self, link: NodeLink | SessionLink, code: CloseCode) -> None:
+        """Close a node or session connection in the background (protocol.md §7)."""
+        link.closing = True
+        self._tasks.spawn(self.close(link.ws, code, _CLOSE_REASONS[code]))
+
+    def shut_drained(self, link: NodeLink) -> None:
+        """Close a node that finished draining: 4003, or 1001 when the hub shuts down."""
+        # protocol.md §7: a node the hub drained for its shutdown gets 1001, not 4003.
+        self.shut(link, CloseCode.GOING_AWAY if self._health.closing else CloseCode.DRAINED)
+
+    async def close(self, ws: ServerConnection, code: int, reason: str) -> None:
+        """Close a connection whose peer may not read: abort it after ``close_timeout``.
+
+        websockets' ``close()`` first waits, without a timeout, for the write
+        buffer to drain; its ``close_timeout`` starts only after that. A peer
+        that never reads would keep the connection (and its buffer) forever.
+        """
+        try:
+            async with asyncio.timeout(ws.close_timeout):
+                await ws.close(code, reason)
+        except TimeoutError:
+            ws.transport.abort()
+
+    def send_node(
+        self,
+        hub: str,
+        node_id: str,
+        frame: str | bytes,
+        route: tuple[str, Route] | None = None,
+        untrack: str | None = None,
+    ) -> None:
+        """Send a frame to a node on hub ``hub``.
+
+        Args:
+            hub: the node's hub (empty: nowhere; the node is gone).
+            node_id: the node.
+            frame: the encoded frame.
+            route: a job the frame starts, and its route for partials.
+            untrack: a job the frame ends on the node (a cancel).
+        """
+        if hub == self.hub_id:
+            link = self._registry.nodes.get(node_id)
+            if link is None:
+                early = self._registry.registering.get(node_id)
+                if early is not None and len(early.backlog) < self._max_backlog:
+                    # Dispatched before this hub saw its register reply: hold it.
+                    early.backlog.append((frame, route, untrack))
+                else:
+                    self._metrics.dropped.labels("node").inc()
+                    logger.warning("! dropped a frame for node %s: not connected here", node_id)
+                return
+            if route is not None:
+                link.jobs[route[0]] = route[1]
+            if untrack is not None:
+                link.jobs.pop(untrack, None)
+            self.push(link.ws, frame)
+        elif hub:
+            meta: dict[str, Any] = {"n": node_id}
+            if route is not None:
+                r = route[1]
+                meta["j"] = route[0]
+                meta["r"] = [r.attempt, r.session_id, r.session_hub, r.ref]
+            if untrack is not None:
+                meta["u"] = untrack
+            self._bus.publish(self._keys.channel(hub), encode_envelope(b"N", meta, frame))
+
+    def send_session(
+        self,
+        hub: str,
+        session_id: str,
+        frame: str | bytes,
+        ended: str | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        """Send a frame about a job to its session on hub ``hub``.
+
+        Args:
+            hub: the session's hub (empty: nowhere).
+            session_id: the session.
+            frame: the encoded frame.
+            ended: the job, when the frame is its result.
+            job_id: the job, for any other frame about one.
+        """
+        if hub == self.hub_id:
+            link = self._registry.sessions.get(session_id)
+            if link is None:
+                return  # gone: results wait in Redis for its resume
+            jid = ended or job_id
+            if jid is not None and jid in link.abandoned:
+                # The session was told UNAVAILABLE for this job (protocol.md §6).
+                if ended is not None:
+                    link.abandoned.discard(jid)
+                return
+            if (
+                ended is not None
+                and link.conn.job_ended(JobId(ended)) is None
+                and len(link.ended_early) < 1024
+            ):
+                # Ended before this hub handled the dispatch reply (another hub was faster).
+                link.ended_early.add(ended)
+            self.push(link.ws, frame)
+        elif hub:
+            meta: dict[str, Any] = {"s": session_id}
+            if ended is not None:
+                meta["e"] = ended
+            if job_id is not None:
+                meta["j"] = job_id
+            self._bus.publish(self._keys.channel(hub), encode_envelope(b"S", meta, frame))
+
+    def close_node(self, hub: str, node_id: str, epoch: int, code: CloseCode) -> None:
+        """Close a node's connection of registration ``epoch`` on hub ``hub`` (4002 or 4004)."""
+        if hub == self.hub_id:
+            link = self._registry.node_link(node_id, epoch)
+            if link is not None:
+                self.shut(link, code)
+        elif hub:
+            meta: dict[str, Any] = {"n": node_id, "e": epoch}
+            if code is CloseCode.LOST:
+                meta["c"] = CloseCode.LOST
+            self._bus.publish(self._keys.channel(hub), encode_envelope(b"C", meta, b""))
+
+    def receive_bus(self, message: bytes) -> None:
+        """Deliver a message another hub published on this hub's channel."""
+        try:
+            kind, meta, frame = decode_envelope(message)
+        except ValueError:
+            logger.warning("! dropped a malformed bus message")
+            return
+        if kind == b"N":
+            route = None
+            if "j" in meta:
+                a, sid, shub, ref = meta["r"]
+                route = (meta["j"], Route(int(a), sid, shub, ref))
+            self.send_node(self.hub_id, meta["n"], frame, route, meta.get("u"))
+        elif kind == b"S":
+            self.send_session(self.hub_id, meta["s"], frame, meta.get("e"), meta.get("j"))
+        elif kind == b"C":
+            lost = meta.get("c") == CloseCode.LOST
+            self.close_node(
+                self.hub_id, meta["n"], meta["e"], CloseCode.LOST if lost else CloseCode.REPLACED
+            )
