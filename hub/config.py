@@ -124,8 +124,6 @@ class Settings:
     """Scheduling cell: the hash tag shared by every key (``hub:v1:{cell}:``)."""
     redis_timeout_s: float = 2.0
     """Timeout of one Redis command (connect and read), seconds."""
-    redis_retries: int = 1
-    """Retries of a failed Redis command before the caller sees an error."""
 
     # Scheduling
     queue_max: int = 1000
@@ -231,7 +229,6 @@ class Settings:
             "resume_window_s",
             "register_timeout_s",
             "redis_timeout_s",
-            "redis_retries",
             "shutdown_grace_s",
         ):
             if getattr(self, name) < 0:
