@@ -16,9 +16,16 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from hub.protocol import split_binary
+from hub.errors import Code, ProtocolError
+from hub.protocol import (
+    ErrorReply,
+    NodeCancel,
+    NodeJob,
+    Registered,
+    decode_to_node,
+    encode_node_result,
+    encode_register,
+)
 
 from . import wsclient
 
@@ -54,14 +61,8 @@ class SimNode:
         self.conn = conn
         plan = w.plan
         conn.send_text(
-            orjson.dumps(
-                {
-                    "type": "register",
-                    "node_id": self.node_id,
-                    "services": ["asr"],
-                    "lang_pairs": [[plan.src_lang, plan.tgt_lang]],
-                    "max_jobs": plan.max_jobs,
-                }
+            encode_register(
+                self.node_id, ["asr"], plan.max_jobs, lang_pairs=[(plan.src_lang, plan.tgt_lang)]
             )
         )
         try:
@@ -88,31 +89,24 @@ class SimNode:
         w = self.w
         if self.leaving:
             return  # the hub re-dispatches what it sent us after we left
-        audio = b""
         try:
-            if binary:
-                header, audio = split_binary(data)
-                frame = orjson.loads(header)
-            else:
-                frame = orjson.loads(data)
-            kind = frame["type"]
-        except (ValueError, KeyError, TypeError):
-            w.stats.checks["node: bad frame from hub"] += 1
+            frame = decode_to_node(data, binary=binary)
+        except ProtocolError as exc:
+            problem = "unexpected frame type" if exc.code == Code.UNKNOWN_TYPE else "bad frame"
+            w.stats.checks[f"node: {problem} from hub"] += 1
             return
-        if kind == "job":
-            self._job(frame, audio)
-        elif kind == "cancel":
+        if type(frame) is NodeJob:
+            self._job(frame)
+        elif type(frame) is NodeCancel:
             w.stats.counters["node_cancels"] += 1
-            handle = self.running.pop(frame.get("job_id"), None)
+            handle = self.running.pop(frame.job_id, None)
             if handle is not None:
                 handle.cancel()
-        elif kind == "registered":
+        elif type(frame) is Registered:
             if self.registered is not None and not self.registered.done():
                 self.registered.set_result(None)
-        elif kind == "error":
-            w.stats.node_errors[str(frame.get("code"))] += 1
-        else:
-            w.stats.checks[f"node: unexpected {kind!s:.20} frame"] += 1
+        elif type(frame) is ErrorReply:
+            w.stats.node_errors[frame.code] += 1
 
     def on_close(self, code: int | None) -> None:
         for handle in self.running.values():
@@ -132,16 +126,11 @@ class SimNode:
 
     # Jobs
 
-    def _job(self, frame: dict[str, Any], audio: bytes) -> None:
+    def _job(self, frame: NodeJob) -> None:
         w = self.w
         w.stats.counters["node_jobs"] += 1
-        try:
-            job_id = frame["job_id"]
-            attempt = frame["attempt"]
-            payload = frame["payload"]
-        except KeyError:
-            w.stats.checks["node: job frame without job_id/attempt/payload"] += 1
-            return
+        job_id, attempt, payload = frame.job_id, frame.attempt, frame.payload
+        audio = frame.audio or b""
         if len(self.running) >= w.plan.max_jobs:
             w.stats.checks["node: more jobs than max_jobs at once"] += 1
         if w.plan.audio_bytes and len(audio) != w.plan.audio_bytes:
@@ -152,7 +141,7 @@ class SimNode:
             self._finish(job_id, attempt, payload, len(audio), tag, received)
         else:
             self.running[job_id] = w.loop.call_later(
-                w.service.draw(w.rng),
+                w.service.draw_s(w.rng),
                 self._finish,
                 job_id,
                 attempt,
@@ -170,20 +159,6 @@ class SimNode:
         if conn is None or not conn.is_open:
             return
         hold_us = int((time.perf_counter() - received) * 1e6)
-        conn.send_text(
-            orjson.dumps(
-                {
-                    "type": "result",
-                    "job_id": job_id,
-                    "attempt": attempt,
-                    "status": "finished",
-                    "result": {
-                        "echo": payload,
-                        "audio_len": audio_len,
-                        "audio_tag": tag,
-                        "hold_us": hold_us,
-                    },
-                }
-            )
-        )
+        result = {"echo": payload, "audio_len": audio_len, "audio_tag": tag, "hold_us": hold_us}
+        conn.send_text(encode_node_result(job_id, attempt, "finished", result))
         self.w.stats.counters["node_results"] += 1

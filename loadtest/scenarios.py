@@ -27,59 +27,13 @@ JSON, to every worker process. A scenario only changes a few fields:
 from __future__ import annotations
 
 import dataclasses
-import random
 from typing import Any
+
+from hub.client.demo import ServiceTime
 
 __all__ = ["SCENARIOS", "Plan", "ServiceTime"]
 
 SCENARIOS = ("steady", "burst", "overload", "churn")
-
-
-@dataclasses.dataclass(frozen=True)
-class ServiceTime:
-    """A service time distribution: uniform between ``low_ms`` and ``high_ms``.
-
-    ``"0"`` is instant (the node answers inside the callback that received the
-    job), ``"100"`` is fixed, ``"50..300"`` is uniform.
-    """
-
-    low_ms: float
-    high_ms: float
-
-    @classmethod
-    def parse(cls, text: str) -> ServiceTime:
-        """Parse ``"A..B"`` or ``"A"`` (milliseconds).
-
-        Raises:
-            ValueError: on anything else, or negative or reversed bounds.
-        """
-        low, sep, high = text.partition("..")
-        lo = float(low)
-        hi = float(high) if sep else lo
-        if lo < 0 or hi < lo:
-            raise ValueError(f"bad service time {text!r}: expected A..B with 0 <= A <= B")
-        return cls(lo, hi)
-
-    @property
-    def mean_ms(self) -> float:
-        """The mean service time."""
-        return (self.low_ms + self.high_ms) / 2
-
-    @property
-    def instant(self) -> bool:
-        """Whether nodes answer at once."""
-        return self.high_ms == 0
-
-    def draw(self, rng: random.Random) -> float:
-        """One service time, in seconds."""
-        if self.low_ms == self.high_ms:
-            return self.low_ms / 1000
-        return rng.uniform(self.low_ms, self.high_ms) / 1000
-
-    def __str__(self) -> str:
-        if self.low_ms == self.high_ms:
-            return f"{self.low_ms:g}"
-        return f"{self.low_ms:g}..{self.high_ms:g}"
 
 
 @dataclasses.dataclass(frozen=True)

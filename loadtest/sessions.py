@@ -13,11 +13,20 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import orjson
-
-from hub.protocol import join_binary
+from hub.errors import Code, ProtocolError
+from hub.protocol import (
+    Accepted,
+    ErrorReply,
+    Queued,
+    SessionPartial,
+    SessionResult,
+    Welcome,
+    decode_to_session,
+    encode_submit_job,
+    encode_submit_job_audio,
+)
 
 from . import wsclient
 
@@ -134,20 +143,15 @@ class SimSession:
             return
         self.seq = seq = self.seq + 1
         ref = str(seq)
-        header = orjson.dumps(
-            {
-                "type": "job",
-                "ref": ref,
-                "src_lang": w.plan.src_lang,
-                "tgt_lang": w.plan.tgt_lang,
-                "payload": {"seq": seq, "sid": self.sid},
-            }
-        )
+        payload = {"seq": seq, "sid": self.sid}
         self.jobs[ref] = _Job(seq, now)
         if w.audio_rest is None:
-            conn.send_text(header)
+            conn.send_text(encode_submit_job(ref, w.plan.src_lang, w.plan.tgt_lang, payload))
         else:
-            conn.send_binary(join_binary(header, _TAG.pack(self.index, seq) + w.audio_rest))
+            audio = _TAG.pack(self.index, seq) + w.audio_rest
+            conn.send_binary(
+                encode_submit_job_audio(ref, w.plan.src_lang, w.plan.tgt_lang, payload, audio)
+            )
         w.stats.counters["sent"] += 1
         w.stats.second(now).sent += 1
 
@@ -169,87 +173,88 @@ class SimSession:
         if self.leaving:
             return  # frames still in flight to a connection we are closing
         try:
-            frame = orjson.loads(data)
-            kind = frame["type"]
-        except (ValueError, KeyError, TypeError):
-            st.checks["session: bad frame from hub"] += 1
+            frame = decode_to_session(data)
+        except ProtocolError as exc:
+            problem = "unexpected frame type" if exc.code == Code.UNKNOWN_TYPE else "bad frame"
+            st.checks[f"session: {problem} from hub"] += 1
             return
         now = time.perf_counter()
-        if kind == "result":
+        if type(frame) is SessionResult:
             self._result(frame, now)
-        elif kind == "accepted":
-            job = self.jobs.get(frame.get("ref"))
-            if job is None:
-                ref = frame.get("ref")
-                refused = self.refused.get(ref) if type(ref) is str else None
-                if refused is not None:
-                    st.checks[f"session: accepted for a job refused with {refused}"] += 1
-                elif not self._late(ref):
-                    st.checks["session: accepted for an unknown ref"] += 1
-                return
-            attempt = frame.get("attempt", 0)
-            if job.accepted_at is None:
-                job.accepted_at = now
-                us = int((now - job.sent_at) * 1e6)
-                st.hists["accept"].record(us)
-                st.second(now).accept.record(us)
-                st.counters["accepted"] += 1
-                if job.job_id is None:
-                    st.hists["answer"].record(us)
-                    st.counters["answered"] += 1
-            if attempt > 1:
-                st.counters["redispatched"] += 1
-            if job.job_id is None:
-                job.job_id = frame.get("job_id")
-            elif job.job_id != frame.get("job_id"):
-                st.checks["session: accepted with another job_id"] += 1
-            job.attempt = attempt
-        elif kind == "queued":
+        elif type(frame) is Accepted:
+            self._accepted(frame, now)
+        elif type(frame) is Queued:
             st.counters["queued"] += 1
-            ref = frame.get("ref")
-            job = self.jobs.get(ref) if type(ref) is str else None
+            job = self.jobs.get(frame.ref)
             if job is None:
-                if self._late(ref):
+                if self._late(frame.ref):
                     # protocol.md §9.2 rule 4: queued comes before any other frame.
                     st.checks["session: queued after the job's result (order)"] += 1
                 else:
                     st.checks["session: queued for an unknown ref"] += 1
             elif job.job_id is None:
-                job.job_id = frame.get("job_id")
+                job.job_id = frame.job_id
                 st.hists["answer"].record(int((now - job.sent_at) * 1e6))
                 st.counters["answered"] += 1
-        elif kind == "error":
-            ref = frame.get("ref")
-            code = str(frame.get("code"))
-            st.refused[code] += 1
-            st.counters["refused"] += 1
-            st.second(now).refused += 1
-            if ref is None or self.jobs.pop(ref, None) is None:
-                st.checks["session: error frame without a known ref"] += 1
-            else:
-                # Remembered so that a result for a refused job can say so.
-                self.refused[ref] = code
-                if len(self.refused) > 256:
-                    del self.refused[next(iter(self.refused))]
-            self._next_after_answer(refused=True)
-        elif kind == "partial":
+        elif type(frame) is ErrorReply:
+            self._refused(frame, now)
+        elif type(frame) is SessionPartial:
             st.counters["partials"] += 1
-        elif kind == "welcome":
-            if self.welcomed is not None and not self.welcomed.done():
-                self.welcomed.set_result(None)
-        else:
-            st.checks[f"session: unexpected {kind!s:.20} frame"] += 1
+        elif type(frame) is Welcome and self.welcomed is not None and not self.welcomed.done():
+            self.welcomed.set_result(None)
 
-    def _late(self, ref: Any) -> bool:
-        """Whether ``ref`` names a job this session sent before (answered or abandoned)."""
-        return type(ref) is str and ref.isdigit() and 0 < int(ref) <= self.seq
-
-    def _result(self, frame: dict[str, Any], now: float) -> None:
+    def _accepted(self, frame: Accepted, now: float) -> None:
         st = self.w.stats
-        ref = frame.get("ref")
-        job = self.jobs.pop(ref, None) if type(ref) is str else None
+        job = self.jobs.get(frame.ref)
         if job is None:
-            refused = self.refused.get(ref) if type(ref) is str else None
+            refused = self.refused.get(frame.ref)
+            if refused is not None:
+                st.checks[f"session: accepted for a job refused with {refused}"] += 1
+            elif not self._late(frame.ref):
+                st.checks["session: accepted for an unknown ref"] += 1
+            return
+        if job.accepted_at is None:
+            job.accepted_at = now
+            us = int((now - job.sent_at) * 1e6)
+            st.hists["accept"].record(us)
+            st.second(now).accept.record(us)
+            st.counters["accepted"] += 1
+            if job.job_id is None:
+                st.hists["answer"].record(us)
+                st.counters["answered"] += 1
+        if frame.attempt > 1:
+            st.counters["redispatched"] += 1
+        if job.job_id is None:
+            job.job_id = frame.job_id
+        elif job.job_id != frame.job_id:
+            st.checks["session: accepted with another job_id"] += 1
+        job.attempt = frame.attempt
+
+    def _refused(self, frame: ErrorReply, now: float) -> None:
+        st = self.w.stats
+        ref, code = frame.ref, frame.code
+        st.refused[code] += 1
+        st.counters["refused"] += 1
+        st.second(now).refused += 1
+        if ref is None or self.jobs.pop(ref, None) is None:
+            st.checks["session: error frame without a known ref"] += 1
+        else:
+            # Remembered so that a result for a refused job can say so.
+            self.refused[ref] = code
+            if len(self.refused) > 256:
+                del self.refused[next(iter(self.refused))]
+        self._next_after_answer(refused=True)
+
+    def _late(self, ref: str) -> bool:
+        """Whether ``ref`` names a job this session sent before (answered or abandoned)."""
+        return ref.isdigit() and 0 < int(ref) <= self.seq
+
+    def _result(self, frame: SessionResult, now: float) -> None:
+        st = self.w.stats
+        ref = frame.ref
+        job = self.jobs.pop(ref, None)
+        if job is None:
+            refused = self.refused.get(ref)
             if refused is not None:
                 st.checks[f"session: result for a job refused with {refused}"] += 1
             elif self._late(ref):
@@ -258,14 +263,14 @@ class SimSession:
                 st.checks["session: result for an unknown ref"] += 1
             return
         st.counters["results"] += 1
-        if job.job_id is not None and frame.get("job_id") != job.job_id:
+        if job.job_id is not None and frame.job_id != job.job_id:
             st.checks["session: result with another job_id"] += 1
         if job.job_id is None:
             st.checks["session: result before accepted or queued"] += 1
         second = st.second(now)
-        if frame.get("status") == "finished":
+        if frame.status == "finished":
             st.counters["finished"] += 1
-            result = frame.get("result") or {}
+            result = frame.result or {}
             echo = result.get("echo") or {}
             w = self.w
             if echo.get("seq") != job.seq or echo.get("sid") != self.sid:
@@ -288,7 +293,7 @@ class SimSession:
         else:
             st.counters["failed"] += 1
             second.failed += 1
-            st.failed[str(frame.get("error"))] += 1
+            st.failed[str(frame.error)] += 1
         self._next_after_answer(refused=False)
 
     def on_close(self, code: int | None) -> None:

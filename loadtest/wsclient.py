@@ -11,7 +11,7 @@ Pings from the hub are answered by the protocol itself.
 Usage::
 
     conn = await connect("ws://127.0.0.1:8765/v1/session", on_message, on_close)
-    conn.send_text(b'{"type": "job", ...}')
+    conn.send_text(encode_submit_job("1", "en", "zh", {"text": "hi"}))
     conn.close()
 """
 

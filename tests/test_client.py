@@ -32,6 +32,7 @@ from hub.client import (
 )
 from hub.client.transport import endpoint
 from hub.keys import Keys
+from hub.protocol import SessionResult, ToSessionFrame
 from hub.server import Hub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -487,9 +488,9 @@ class RecordingSession(SessionClient):
         super().__init__(*args, **kwargs)
         self.result_frames: list[str] = []
 
-    def _on_frame(self, ws: Any, frame: dict[str, Any]) -> None:
-        if frame.get("type") == "result":
-            self.result_frames.append(str(frame["job_id"]))
+    def _on_frame(self, ws: Any, frame: ToSessionFrame) -> None:
+        if isinstance(frame, SessionResult):
+            self.result_frames.append(frame.job_id)
         super()._on_frame(ws, frame)
 
 

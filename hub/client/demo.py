@@ -18,14 +18,18 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .node import Job
+from .jobs import Job
 
 __all__ = ["ServiceTime", "demo_handler", "demo_result"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServiceTime:
-    """How long a demo job takes: ``low_ms`` exactly, or uniform in ``low_ms..high_ms``."""
+    """How long a simulated job takes: ``low_ms`` exactly, or uniform in ``low_ms..high_ms``.
+
+    The demo worker and the load test's simulated nodes both draw from it.
+    ``0`` is instant, ``100`` is fixed, ``50..300`` is uniform.
+    """
 
     low_ms: float
     high_ms: float
@@ -47,9 +51,26 @@ class ServiceTime:
             raise ValueError(f"expected 0 <= low <= high milliseconds, got {text!r}")
         return cls(low_ms, high_ms)
 
+    @property
+    def mean_ms(self) -> float:
+        """The mean service time, milliseconds."""
+        return (self.low_ms + self.high_ms) / 2
+
+    @property
+    def instant(self) -> bool:
+        """Whether jobs take no time at all."""
+        return self.high_ms == 0
+
     def draw_s(self, rng: random.Random) -> float:
         """One job's service time, seconds."""
+        if self.low_ms == self.high_ms:
+            return self.low_ms / 1000
         return rng.uniform(self.low_ms, self.high_ms) / 1000
+
+    def __str__(self) -> str:
+        if self.low_ms == self.high_ms:
+            return f"{self.low_ms:g}"
+        return f"{self.low_ms:g}..{self.high_ms:g}"
 
 
 def demo_result(job: Job, node_id: str) -> dict[str, Any]:
