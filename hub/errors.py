@@ -94,6 +94,8 @@ class ErrorCode(enum.IntEnum):
     STALE_EPOCH = -9
     SESSION_MISMATCH = -10
     SESSION_QUEUE_FULL = -11
+    JOB_MOVED = -12
+    STALE_PARTIAL = -13
 
     @property
     def code(self) -> Code:
@@ -189,6 +191,8 @@ _WIRE_ALIASES: dict[ErrorCode, Code] = {
     ErrorCode.STALE_EPOCH: Code.NOT_REGISTERED,
     ErrorCode.SESSION_MISMATCH: Code.UNKNOWN_JOB,
     ErrorCode.SESSION_QUEUE_FULL: Code.QUEUE_FULL,
+    ErrorCode.JOB_MOVED: Code.STALE_ATTEMPT,
+    ErrorCode.STALE_PARTIAL: Code.STALE_ATTEMPT,
 }
 
 _MESSAGES: dict[ErrorCode, str] = {
@@ -203,6 +207,8 @@ _MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.STALE_EPOCH: "the node registered again on a newer connection",
     ErrorCode.SESSION_MISMATCH: "no such job",
     ErrorCode.SESSION_QUEUE_FULL: "this session has too many queued jobs",
+    ErrorCode.JOB_MOVED: "the job moved to another node",
+    ErrorCode.STALE_PARTIAL: "the attempt is stale or the job has ended",
 }
 
 

@@ -85,6 +85,11 @@ class Keys:
 
     # Hubs
     @property
+    def resume_secret(self) -> str:
+        """String holding the key every hub of the cell signs session resume tokens with."""
+        return f"{self.prefix}secret"
+
+    @property
     def sweep_lease(self) -> str:
         return f"{self.prefix}sweep"
 
@@ -101,3 +106,10 @@ class Keys:
     def channel(self, hub_id: str) -> str:
         """Pub/sub channel of one hub (delivery between hubs)."""
         return f"{self.prefix}hub:{hub_id}"
+
+    # Every key
+    @property
+    def scan_pattern(self) -> str:
+        """SCAN ``MATCH`` pattern of every key of the cell: the prefix, glob-escaped, then ``*``."""
+        escaped = "".join("\\" + c if c in "\\*?[]" else c for c in self.prefix)
+        return escaped + "*"

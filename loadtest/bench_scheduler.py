@@ -64,7 +64,7 @@ temporary directory, started exactly as ``hub serve`` starts it without a
 Redis URL (unix socket, append-only file with fsync every second), and
 stopped at the end. That is the hub's default deployment, so it is the
 representative one; pass ``--redis-url redis://127.0.0.1:6379/0`` to measure a
-server over TCP. The client is the hub's own (``hub.server.redis_client``:
+server over TCP. The client is the hub's own (``hub.redisconn.redis_client``:
 hiredis packing, no retries, bytes replies) and the loop is uvloop when
 installed, as ``hub serve`` does.
 The benchmark's cells are deleted at the end.
@@ -76,7 +76,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import statistics
 import sys
@@ -91,9 +90,11 @@ from redis.exceptions import RedisError
 
 from hub.config import Settings
 from hub.errors import HubError
+from hub.events import Accepted
 from hub.keys import Keys
-from hub.scheduler import Accepted, Scheduler
-from hub.server import redis_client
+from hub.redisconn import redis_client
+from hub.scheduler import Scheduler
+from hub.scripts import load_script_sources
 
 __all__ = [
     "BenchScheduler",
@@ -122,10 +123,7 @@ class BenchScheduler(Scheduler):
     """A Scheduler with one more script, ``return 1``, called the same way as the others."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # load_scripts() loads every entry of sources; _call() sends shas[name].
-        self.sources[NOOP] = NOOP_SOURCE
-        self.shas[NOOP] = hashlib.sha1(NOOP_SOURCE.encode()).hexdigest()
+        super().__init__(*args, sources=load_script_sources() | {NOOP: NOOP_SOURCE}, **kwargs)
         self.recording = False
         """Whether :meth:`_call` records the KEYS and ARGV of each script in :attr:`shapes`."""
         self.shapes: dict[str, tuple[Sequence[str], Sequence[Any]]] = {}
@@ -360,15 +358,11 @@ def report_lines(results: Results) -> list[str]:
     return lines
 
 
-def _escape(text: str) -> str:
-    return "".join("\\" + c if c in "\\*?[]" else c for c in text)
-
-
 async def cleanup_cell(redis: Redis, keys: Keys) -> int:
     """Delete every key of the cell (SCAN + UNLINK); returns how many."""
     deleted = 0
     batch: list[bytes] = []
-    async for key in redis.scan_iter(match=_escape(keys.prefix) + "*", count=1000):
+    async for key in redis.scan_iter(match=keys.scan_pattern, count=1000):
         batch.append(key)
         if len(batch) >= 1000:
             deleted += await redis.unlink(*batch)

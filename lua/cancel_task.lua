@@ -16,7 +16,7 @@
    -10  the job belongs to another session           (SESSION_MISMATCH)
     -7  the job already ended: nothing changed       (STALE_ATTEMPT)
 ]]
---- @include "includes/core"
+--- @include "includes/jobs"
 
 local job_key = KEYS[1]
 local prefix = ARGV[1]
@@ -26,7 +26,6 @@ local now = now_ms(ARGV[5])
 local owner = rcall('HGET', job_key, 'session')
 if not owner then return -5 end
 if owner ~= ARGV[3] then return -10 end
-local events = {}
-local result = cancel_job(prefix, jid, ARGV[4], now, tonumber(ARGV[6]), events)
-if not result then return -7 end
-return { 1, result, events }
+local events, ended = {}, {}
+if not cancel_job(prefix, jid, ARGV[4], now, tonumber(ARGV[6]), events, ended) then return -7 end
+return { 1, ended[1], events }

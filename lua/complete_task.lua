@@ -22,29 +22,21 @@
     -6  the job was never dispatched to this node           (NODE_MISMATCH)
     -7  stale attempt, or the job already ended: nothing changed (STALE_ATTEMPT)
 ]]
---- @include "includes/core"
+--- @include "includes/jobs"
 
 local job_key = KEYS[1]
 local node_key = KEYS[2]
-local node_jobs_key = KEYS[3]
 local prefix = ARGV[1]
 local jid = ARGV[2]
 local nid = ARGV[3]
 local now = now_ms(ARGV[8])
 
-local j = rcall('HMGET', job_key, 'status', 'node', 'attempt', 'hist')
-if not j[1] then return -5 end
-if j[2] ~= nid then
-  if j[4] and string.find(j[4], ',' .. nid .. '@', 1, true) then return -7 end
-  return -6
-end
-if j[1] ~= 'running' or tostring(j[3]) ~= ARGV[4] then return -7 end
+local refusal = attempt_refusal(job_key, nid, ARGV[4])
+if refusal then return ({ unknown = -5, foreign = -6, moved = -7, stale = -7 })[refusal] end
 
 local result = end_job(prefix, jid, ARGV[5], ARGV[6], ARGV[7], now, tonumber(ARGV[9]))
-rcall('SREM', node_jobs_key, jid)
-release_slot(prefix, nid)
 local events = {}
-fill_slots(prefix, nid, now, events)
+vacate(prefix, nid, jid, now, events)
 local f = rcall('HMGET', node_key, 'state', 'running')
 local drained = 0
 if f[1] == 'draining' and tonumber(f[2]) == 0 then drained = 1 end

@@ -34,7 +34,7 @@
     -4  the pool's queue is full                   (QUEUE_FULL)
    -11  the session has too many queued jobs       (SESSION_QUEUE_FULL)
 ]]
---- @include "includes/core"
+--- @include "includes/jobs"
 
 local lang_key = KEYS[1]
 local session_key = KEYS[2]

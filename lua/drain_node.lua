@@ -10,15 +10,14 @@
     -8  no such node                                     (UNKNOWN_NODE)
     -9  the node registered again on a newer connection  (STALE_EPOCH)
 ]]
---- @include "includes/core"
+--- @include "includes/nodes"
 
 local node_key = KEYS[1]
 local prefix = ARGV[1]
 local nid = ARGV[2]
 
-local f = rcall('HMGET', node_key, 'epoch', 'state', 'running')
-if not f[1] or f[2] == 'lost' then return -8 end
-if f[1] ~= ARGV[3] then return -9 end
+local refusal = node_refusal(node_key, ARGV[3])
+if refusal then return refusal end
 rcall('HSET', node_key, 'state', 'draining')
 refresh_free(prefix, nid)
-return { 1, tonumber(f[3]) or 0 }
+return { 1, tonumber(rcall('HGET', node_key, 'running')) or 0 }

@@ -15,7 +15,7 @@
     -8  no such node (lost or never registered): close and re-register (UNKNOWN_NODE)
     -9  the node registered again on a newer connection (STALE_EPOCH)
 ]]
---- @include "includes/core"
+--- @include "includes/nodes"
 
 local seen_key = KEYS[1]
 local prefix = ARGV[1]
@@ -26,24 +26,22 @@ local events = {}
 for i = 3, #ARGV - 4, 5 do
   local nid, epoch, online, load, rtt = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local nkey = prefix .. 'node:' .. nid
-  local f = rcall('HMGET', nkey, 'epoch', 'state')
-  if not f[1] or f[2] == 'lost' then
-    out[#out + 1] = -8
-  elseif f[1] ~= epoch then
-    out[#out + 1] = -9
+  local refusal, state = node_refusal(nkey, epoch)
+  if refusal then
+    out[#out + 1] = refusal
   else
     rcall('HSET', nkey, 'seen', now)
     if load ~= '' then rcall('HSET', nkey, 'load', load) end
     if rtt ~= '' then rcall('HSET', nkey, 'rtt_ms', rtt) end
     rcall('ZADD', seen_key, now, nid)
     if online == '0' then
-      if f[2] == 'live' then
+      if state == 'live' then
         rcall('HSET', nkey, 'state', 'offline')
         refresh_free(prefix, nid)
       end
       out[#out + 1] = 0
     else
-      if f[2] == 'offline' then
+      if state == 'offline' then
         rcall('HSET', nkey, 'state', 'live')
         -- Back online: its free slots take the jobs waiting in its pools.
         fill_slots(prefix, nid, now, events)

@@ -20,7 +20,7 @@
     -9  the node registered again on a newer connection: nothing changed
                                                        (STALE_EPOCH)
 ]]
---- @include "includes/core"
+--- @include "includes/nodes"
 
 local node_key = KEYS[1]
 local prefix = ARGV[1]
@@ -28,9 +28,10 @@ local nid = ARGV[2]
 seed_random(ARGV[7])
 local now = now_ms(ARGV[4])
 
-local f = rcall('HMGET', node_key, 'epoch', 'state')
-if not f[1] or f[2] == 'lost' then return -8 end
-if ARGV[3] ~= '' and f[1] ~= ARGV[3] then return -9 end
+local epoch = ARGV[3]
+if epoch == '' then epoch = nil end
+local refusal = node_refusal(node_key, epoch)
+if refusal then return refusal end
 local events = {}
 lose_node(prefix, nid, now, tonumber(ARGV[5]), tonumber(ARGV[6]), events)
 return { 1, events }

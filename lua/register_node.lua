@@ -28,7 +28,7 @@
                'cancel'/'dispatch'/'result' for jobs it had but did not resume,
                'dispatch' for queued jobs handed to its free slots
 ]]
---- @include "includes/core"
+--- @include "includes/jobs"
 
 local node_key = KEYS[1]
 local jobs_key = KEYS[2]
@@ -46,7 +46,7 @@ local events = {}
 local old = rcall('HMGET', node_key, 'epoch', 'hub', 'state', 'pools')
 local epoch = (tonumber(old[1]) or 0) + 1
 if old[3] and old[3] ~= 'lost' then
-  events[#events + 1] = { 'replaced', old[2] or '', nid, tonumber(old[1]) or 0 }
+  events[#events + 1] = replaced_event(old[2] or '', nid, tonumber(old[1]) or 0)
 end
 
 -- Out of the old pools first, so the node is never picked for its own lost jobs.

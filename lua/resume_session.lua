@@ -17,7 +17,7 @@
             whose results the session has not acknowledged, oldest first
      {0, {}, {}}  nothing known of the session (expired): a fresh start
 ]]
---- @include "includes/core"
+--- @include "includes/events"
 
 local session_key = KEYS[1]
 local session_jobs_key = KEYS[2]
@@ -41,7 +41,7 @@ local ended = {}
 for _, jid in ipairs(rcall('ZRANGE', done_key, 0, tonumber(ARGV[5]) - 1)) do
   local j = rcall('HMGET', prefix .. 'job:' .. jid, 'status', 'ref', 'result', 'error')
   if j[1] == 'finished' or j[1] == 'failed' then
-    ended[#ended + 1] = { 'result', ARGV[3], sid, jid, j[2] or '', j[1], j[3] or 'null', j[4] or '' }
+    ended[#ended + 1] = result_event(ARGV[3], sid, jid, j[2] or '', j[1], j[3] or 'null', j[4] or '')
   else
     rcall('ZREM', done_key, jid)
   end

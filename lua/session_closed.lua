@@ -18,7 +18,7 @@
                     'dispatch' for queued jobs handed to freed slots
      {0, {}}        the session resumed on another hub meanwhile: nothing done
 ]]
---- @include "includes/core"
+--- @include "includes/jobs"
 
 local session_key = KEYS[1]
 local session_jobs_key = KEYS[2]
@@ -32,7 +32,12 @@ local events = {}
 local jobs = rcall('SRANDMEMBER', session_jobs_key, tonumber(ARGV[7]))
 table.sort(jobs)
 for _, jid in ipairs(jobs) do
-  local result = cancel_job(prefix, jid, ARGV[4], now, ttl, events)
-  if result then events[#events + 1] = result else rcall('SREM', session_jobs_key, jid) end
+  -- Each job's result after the dispatch events for the slot it freed.
+  local ended = {}
+  if cancel_job(prefix, jid, ARGV[4], now, ttl, events, ended) then
+    events[#events + 1] = ended[1]
+  else
+    rcall('SREM', session_jobs_key, jid)
+  end
 end
 return { 1, events }

@@ -21,7 +21,7 @@
      {1, timed_out, queue_expired, nodes_lost, {events}}  swept
      {0, 0, 0, 0, {}}  another hub holds the sweep lease: nothing done
 ]]
---- @include "includes/core"
+--- @include "includes/nodes"
 
 local deadlines_key = KEYS[1]
 local queued_key = KEYS[2]
@@ -46,19 +46,9 @@ end
 local events = {}
 local timed_out, queue_expired, nodes_lost = 0, 0, 0
 
+-- Each result right after its job's cancel, before the freed slot's dispatches.
 for _, jid in ipairs(rcall('ZRANGEBYSCORE', deadlines_key, '-inf', now, 'LIMIT', 0, batch)) do
-  local j = rcall('HMGET', prefix .. 'job:' .. jid, 'status', 'node', 'attempt')
-  if j[1] == 'running' then
-    local node_hub = rcall('HGET', prefix .. 'node:' .. j[2], 'hub') or ''
-    events[#events + 1] = { 'cancel', node_hub, j[2], jid, tonumber(j[3]), 'JOB_TIMEOUT' }
-    events[#events + 1] = end_job(prefix, jid, 'failed', 'null', 'JOB_TIMEOUT', now, ttl)
-    rcall('SREM', prefix .. 'node:' .. j[2] .. ':jobs', jid)
-    release_slot(prefix, j[2])
-    fill_slots(prefix, j[2], now, events)
-    timed_out = timed_out + 1
-  elseif j[1] == 'queued' then
-    unqueue(prefix, jid)
-    events[#events + 1] = end_job(prefix, jid, 'failed', 'null', 'JOB_TIMEOUT', now, ttl)
+  if cancel_job(prefix, jid, 'JOB_TIMEOUT', now, ttl, events, events) then
     timed_out = timed_out + 1
   else
     rcall('ZREM', deadlines_key, jid)
@@ -67,8 +57,7 @@ end
 
 for _, jid in ipairs(rcall('ZRANGEBYSCORE', queued_key, '-inf', now, 'LIMIT', 0, batch)) do
   if rcall('HGET', prefix .. 'job:' .. jid, 'status') == 'queued' then
-    unqueue(prefix, jid)
-    events[#events + 1] = end_job(prefix, jid, 'failed', 'null', 'NO_AVAILABLE_NODE', now, ttl)
+    cancel_job(prefix, jid, 'NO_AVAILABLE_NODE', now, ttl, events, events)
     queue_expired = queue_expired + 1
   else
     rcall('ZREM', queued_key, jid)

@@ -24,7 +24,7 @@ import pytest
 import redis as sync_redis
 from helpers import RedisProcess
 
-from hub.scheduler import SCRIPT_NAMES, load_script_sources
+from hub.scripts import SCRIPT_NAMES, load_script_sources
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -61,7 +61,7 @@ import json, sys
 from importlib import resources
 import redis
 import hub
-from hub.scheduler import SCRIPT_NAMES, load_script_sources
+from hub.scripts import SCRIPT_NAMES, load_script_sources
 
 sources = load_script_sources()
 try:
@@ -158,7 +158,7 @@ def assert_scripts_loaded(found: dict[str, object], redis_server: RedisProcess) 
     assert sorted(sources) == sorted(SCRIPT_NAMES)
     for name, source in sources.items():
         assert not _INCLUDE_LINE.search(source), f"{name}: include not inlined"
-    # core.lua's helpers were inlined wherever a script includes it.
+    # The includes' helpers were inlined where a script includes them (pools.lua's here).
     assert "local function pick_node(" in sources["dispatch_task"]
     # Same text as the loader produces from the checkout: nothing lost or doubled.
     assert sources == load_script_sources()
@@ -205,7 +205,7 @@ def test_wheel_carries_every_lua_script(wheel: Path) -> None:
         names = set(archive.namelist())
     for name in SCRIPT_NAMES:
         assert f"hub/lua/{name}.lua" in names
-    assert "hub/lua/includes/core.lua" in names
+    assert "hub/lua/includes/jobs.lua" in names
     # Every script of the checkout, including ones SCRIPT_NAMES may not list yet.
     for path in (ROOT / "lua").rglob("*.lua"):
         assert f"hub/{path.relative_to(ROOT).as_posix()}" in names

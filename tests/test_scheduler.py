@@ -1,8 +1,8 @@
-"""hub/scheduler.py against a real Redis: concurrency, batching, NOSCRIPT recovery.
+"""The Scheduler and its batcher against a real Redis: concurrency, batching, NOSCRIPT recovery.
 
 Each script is tested on its own in ``tests/lua/``. Here several hubs
 (several :class:`Scheduler` instances, each with its own connections) run
-the scripts at once, and the invariants of ARCHITECTURE.md must hold: a node
+the scripts at once, and the scheduling invariants must hold: a node
 never runs more than ``max_jobs``, its ``running`` count matches its jobs,
 every job ends exactly once, and every slot comes back.
 """
@@ -26,19 +26,11 @@ from redis.backoff import NoBackoff
 
 from hub.config import Settings
 from hub.errors import ErrorCode, RedisUnavailable, SchedulingError, ScriptError
+from hub.events import Accepted, Beat, CancelAttempt, Dispatch, Event, JobEnded, Queued
 from hub.keys import Keys
+from hub.node_scripts import pool_id
 from hub.redisconn import client_from_url
-from hub.scheduler import (
-    Accepted,
-    Beat,
-    CancelAttempt,
-    Dispatch,
-    Event,
-    JobEnded,
-    Queued,
-    Scheduler,
-    pool_id,
-)
+from hub.scheduler import Scheduler
 
 T0 = 1_000_000
 SERVICES = ("asr", "nmt")
@@ -423,7 +415,7 @@ async def test_call_after_script_flush_reloads_the_scripts(own_redis, caplog):
     await own_redis.script_flush()
     assert await own_redis.script_exists(*scheduler.shas.values()) == [False] * len(scheduler.shas)
 
-    with caplog.at_level(logging.WARNING, logger="hub.scheduler"):
+    with caplog.at_level(logging.WARNING, logger="hub.batcher"):
         replies = await asyncio.gather(
             *(scheduler.dispatch_task(f"s{i}", "en", "fr", b"{}", now_ms=T0) for i in range(20))
         )
@@ -436,7 +428,7 @@ async def test_call_after_script_flush_reloads_the_scripts(own_redis, caplog):
     assert "scripts missing" in caplog.text
     # And the next call needs no reload.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hub.scheduler"):
+    with caplog.at_level(logging.WARNING, logger="hub.batcher"):
         queued_or_accepted = await scheduler.dispatch_task("s", "en", "fr", b"{}", now_ms=T0)
     assert isinstance(queued_or_accepted, Accepted | Queued)
     assert caplog.text == ""
@@ -474,7 +466,7 @@ async def test_error_reply_fails_only_its_call(redis, keys, caplog):
     await redis.set(keys.node("broken"), "not a hash")
     batches = scheduler.batches
 
-    with caplog.at_level(logging.ERROR, logger="hub.scheduler"):
+    with caplog.at_level(logging.ERROR, logger="hub.batcher"):
         drained, dispatched, beat = await asyncio.gather(
             scheduler.drain_node("broken", epoch=1),
             scheduler.dispatch_task("s1", "en", "fr", b"{}", now_ms=T0),

@@ -40,8 +40,7 @@ from redis.backoff import NoBackoff
 
 from hub.config import Settings
 from hub.errors import ErrorCode, SchedulingError
-from hub.keys import Keys
-from hub.scheduler import (
+from hub.events import (
     Accepted,
     Beat,
     CancelAttempt,
@@ -51,9 +50,10 @@ from hub.scheduler import (
     NodeLost,
     NodeReplaced,
     Queued,
-    Scheduler,
-    pool_id,
 )
+from hub.keys import Keys
+from hub.node_scripts import pool_id
+from hub.scheduler import Scheduler
 
 T0 = 1_000_000
 SERVICES = ("asr", "nmt")

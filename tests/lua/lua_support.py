@@ -13,8 +13,7 @@ from collections.abc import Iterable, Sequence
 from redis.asyncio import Redis
 
 from hub.config import Settings
-from hub.keys import Keys
-from hub.scheduler import (
+from hub.events import (
     Accepted,
     Beat,
     CancelAttempt,
@@ -24,9 +23,10 @@ from hub.scheduler import (
     NodeReplaced,
     Queued,
     Registration,
-    Scheduler,
-    pool_id,
 )
+from hub.keys import Keys
+from hub.node_scripts import pool_id
+from hub.scheduler import Scheduler
 
 __all__ = [
     "EN_FR",
@@ -148,6 +148,7 @@ WORKLOAD_STEPS = (
     "session_closed",
     "resume_session",
     "ack_results",
+    "route_partial",
 )
 """The scripts :func:`run_every_script` calls, in order."""
 
@@ -188,4 +189,7 @@ async def run_every_script(scheduler: Scheduler) -> None:
     for session_id, expected in (("s5", Accepted), ("s6", Queued)):
         reply = await scheduler.dispatch_task(session_id, "en", "fr", b"{}", now_ms=t + 20_002)
         assert isinstance(reply, expected), (session_id, reply)
+        if isinstance(reply, Accepted):
+            route = await scheduler.route_partial(reply.job_id, reply.node_id, reply.attempt)
+            assert route.session_id == session_id
     await register(scheduler, "n4", pairs=(("de", "en"),), now_ms=t + 20_003)

@@ -6,7 +6,7 @@ import pytest
 from lua_support import T0, free, job_hash, node_hash, pool_of, register, smembers
 
 from hub.errors import ErrorCode, SchedulingError
-from hub.scheduler import CancelAttempt, Cancellation, Dispatch, JobEnded, Queued
+from hub.events import CancelAttempt, Cancellation, Dispatch, JobEnded, Queued
 
 POOL = pool_of()
 

@@ -6,7 +6,7 @@ import pytest
 from lua_support import T0, dispatches, free, job_hash, node_hash, pool_of, register, smembers
 
 from hub.errors import ErrorCode, SchedulingError
-from hub.scheduler import Beat, Completion, Dispatch, JobEnded, Queued
+from hub.events import Beat, Completion, Dispatch, JobEnded, Queued
 
 POOL = pool_of()
 

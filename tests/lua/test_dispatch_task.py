@@ -6,7 +6,7 @@ import pytest
 from lua_support import T0, free, job_hash, node_hash, pool_of, register, smembers
 
 from hub.errors import ErrorCode, SchedulingError
-from hub.scheduler import Accepted, Queued
+from hub.events import Accepted, Queued
 
 POOL = pool_of()
 ALPHA = pool_of("alpha")

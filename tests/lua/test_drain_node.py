@@ -6,7 +6,7 @@ import pytest
 from lua_support import T0, free, node_hash, pool_of, register
 
 from hub.errors import ErrorCode, SchedulingError
-from hub.scheduler import NodeLost, Queued
+from hub.events import NodeLost, Queued
 
 POOL = pool_of()
 

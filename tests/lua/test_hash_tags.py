@@ -1,7 +1,7 @@
 """Every key the scripts touch shares the cell's hash tag (Redis Cluster ready).
 
-ARCHITECTURE.md principle 7: all keys of a cell live in one cluster slot,
-including the keys a script derives from what it reads. Two checks:
+All keys of a cell live in one cluster slot, including the keys a script
+derives from what it reads. Two checks:
 
 - on a fresh server holding only this test's data, every key left after a
   workload of every script starts with the cell's prefix and maps to one slot
@@ -12,9 +12,7 @@ including the keys a script derives from what it reads. Two checks:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import pytest
 from helpers import MS, RedisProcess, wait_for
@@ -25,7 +23,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from hub.keys import Keys
-from hub.scheduler import SCRIPT_NAMES, Scheduler
+from hub.scheduler import Scheduler
+from hub.scripts import SCRIPT_NAMES, load_script_sources
 
 CLUSTER_SLOTS = 16384
 
@@ -94,20 +93,14 @@ async def test_every_key_shares_the_cells_hash_tag(fresh_redis):
     }  # fmt: skip
 
 
-class SlotCheckedScheduler(Scheduler):
-    """A Scheduler whose scripts start with ``#!lua``.
+def slot_checked_sources() -> dict[str, str]:
+    """The scripts, each starting with ``#!lua``.
 
     Redis lets a script without a shebang touch keys of any slot (backward
     compatibility); with a shebang and no ``allow-cross-slot-keys`` flag, a
     cluster node refuses any access to a second slot, declared or not.
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.sources = {name: "#!lua\n" + src for name, src in self.sources.items()}
-        self.shas = {
-            name: hashlib.sha1(src.encode()).hexdigest() for name, src in self.sources.items()
-        }
+    return {name: "#!lua\n" + src for name, src in load_script_sources().items()}
 
 
 async def test_every_script_runs_on_a_cluster_node(spawn_redis):
@@ -134,7 +127,9 @@ async def test_every_script_runs_on_a_cluster_node(spawn_redis):
                 1,
                 keys.seen,
             )
-        scheduler = SlotCheckedScheduler(client, WORKLOAD_SETTINGS, hub_id="h1", keys=keys)
+        scheduler = Scheduler(
+            client, WORKLOAD_SETTINGS, hub_id="h1", keys=keys, sources=slot_checked_sources()
+        )
         await scheduler.load_scripts()
 
         await run_every_script(scheduler)

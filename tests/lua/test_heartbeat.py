@@ -5,7 +5,7 @@ from __future__ import annotations
 from lua_support import T0, free, job_hash, node_hash, pool_of, register
 
 from hub.errors import ErrorCode
-from hub.scheduler import Accepted, Beat, Dispatch, Queued
+from hub.events import Accepted, Beat, Dispatch, Queued
 
 POOL = pool_of()
 

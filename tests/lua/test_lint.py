@@ -1,8 +1,8 @@
 """Lint of lua/: every script states its contract, and the loader inlines includes.
 
-STYLE.md §5: every script starts with a ``--[[`` header listing KEYS, ARGV and
-Returns; a Lua file and its Python wrapper have the same name; includes are
-inlined once each and cycles are rejected.
+Every script starts with a ``--[[`` header listing KEYS, ARGV and Returns; a
+Lua file and its Python wrapper have the same name; includes are inlined once
+each and cycles are rejected; each kind of event is built in one place.
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from pathlib import Path
 
 import pytest
 
-import hub.scheduler as scheduler_module
-from hub.scheduler import SCRIPT_NAMES, Scheduler, load_script_sources
+import hub.scripts as scripts_module
+from hub.scheduler import Scheduler
+from hub.scripts import SCRIPT_NAMES, load_script_sources
 
 LUA_DIR = Path(__file__).resolve().parents[2] / "lua"
 SCRIPTS = sorted(LUA_DIR.glob("*.lua"))
+INCLUDES = sorted((LUA_DIR / "includes").glob("*.lua"))
 INCLUDE = re.compile(r'^--- @include "([\w/.-]+)"\s*$', re.MULTILINE)
+FUNCTION = re.compile(r"^local function (\w+)", re.MULTILINE)
 
 
 def header_of(source: str) -> str:
@@ -64,8 +67,8 @@ def test_script_starts_with_its_contract(path: Path):
     assert used_argv <= set(argv_docs)
 
 
-@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
-def test_script_includes_exist(path: Path):
+@pytest.mark.parametrize("path", SCRIPTS + INCLUDES, ids=lambda p: p.name)
+def test_includes_exist_and_start_with_a_header(path: Path):
     for name in INCLUDE.findall(path.read_text(encoding="utf-8")):
         include = LUA_DIR / f"{name}.lua"
         assert include.is_file(), f"{path.name} includes missing {name}"
@@ -83,19 +86,57 @@ def test_every_script_has_a_file_and_a_wrapper_of_the_same_name():
         assert f"{name}.lua" in (method.__doc__ or ""), f"Scheduler.{name}() names its script"
 
 
-def test_loaded_sources_inline_core_once_and_keep_no_directive():
+def includes_of(name: str) -> set[str]:
+    """Every include a file pulls in, directly or through another include."""
+    found: set[str] = set()
+    todo = [name]
+    while todo:
+        for include in INCLUDE.findall((LUA_DIR / f"{todo.pop()}.lua").read_text()):
+            if include not in found:
+                found.add(include)
+                todo.append(include)
+    return found
+
+
+def test_loaded_sources_inline_each_include_once_and_keep_no_directive():
     sources = load_script_sources()
 
     assert set(sources) == set(SCRIPT_NAMES)
-    core = (LUA_DIR / "includes" / "core.lua").read_text(encoding="utf-8")
-    core_functions = re.findall(r"^local function (\w+)", core, re.MULTILINE)
-    assert core_functions
+    assert INCLUDES
     for name, source in sources.items():
         assert not INCLUDE.search(source)
-        includes_core = "includes/core" in INCLUDE.findall((LUA_DIR / f"{name}.lua").read_text())
-        for function in core_functions:
-            count = len(re.findall(rf"^local function {function}\b", source, re.MULTILINE))
-            assert count == (1 if includes_core else 0), (name, function)
+        used = includes_of(name)
+        for path in INCLUDES:
+            functions = FUNCTION.findall(path.read_text(encoding="utf-8"))
+            assert functions, path.name
+            for function in functions:
+                count = len(re.findall(rf"^local function {function}\b", source, re.MULTILINE))
+                expected = 1 if f"includes/{path.stem}" in used else 0
+                assert count == expected, (name, path.name, function)
+
+
+def test_each_helper_is_defined_in_one_include():
+    defined: dict[str, str] = {}
+    for path in INCLUDES:
+        for function in FUNCTION.findall(path.read_text(encoding="utf-8")):
+            assert function not in defined, (function, defined.get(function), path.name)
+            defined[function] = path.name
+
+
+def test_every_include_is_used():
+    used = set().union(*(includes_of(name) for name in SCRIPT_NAMES))
+    assert {f"includes/{p.stem}" for p in INCLUDES} == used
+
+
+@pytest.mark.parametrize("kind", ["dispatch", "result", "cancel", "replaced", "lost"])
+def test_each_event_kind_is_built_in_events_lua_only(kind: str):
+    literal = re.compile(rf"\{{\s*'{kind}'\s*,")
+    builders = [
+        path.relative_to(LUA_DIR).as_posix()
+        for path in sorted(LUA_DIR.rglob("*.lua"))
+        if literal.search(path.read_text(encoding="utf-8"))
+    ]
+    assert builders == ["includes/events.lua"]
 
 
 # The include loader, on made-up files.
@@ -110,7 +151,7 @@ def fake_reader(files: dict[str, str]):
 
 def test_inline_includes_each_file_once(monkeypatch):
     monkeypatch.setattr(
-        scheduler_module,
+        scripts_module,
         "_read_lua",
         fake_reader(
             {
@@ -121,7 +162,7 @@ def test_inline_includes_each_file_once(monkeypatch):
     )
     source = '--- @include "inc/a"\n--- @include "inc/b"\n--- @include "inc/a"\nMAIN\n'
 
-    inlined = scheduler_module._inline(source, ("main",), set())
+    inlined = scripts_module._inline(source, ("main",), set())
 
     assert inlined.count("A_BODY") == 1
     assert inlined.count("B_BODY") == 1
@@ -131,7 +172,7 @@ def test_inline_includes_each_file_once(monkeypatch):
 
 def test_inline_rejects_a_cycle(monkeypatch):
     monkeypatch.setattr(
-        scheduler_module,
+        scripts_module,
         "_read_lua",
         fake_reader(
             {
@@ -145,16 +186,14 @@ def test_inline_rejects_a_cycle(monkeypatch):
     with pytest.raises(
         ValueError, match=r"^include cycle: main -> inc/a -> inc/b -> inc/c -> inc/a$"
     ):
-        scheduler_module._inline('--- @include "inc/a"\n', ("main",), set())
+        scripts_module._inline('--- @include "inc/a"\n', ("main",), set())
 
 
 def test_inline_rejects_a_script_including_itself(monkeypatch):
-    monkeypatch.setattr(
-        scheduler_module, "_read_lua", fake_reader({"main": '--- @include "main"\n'})
-    )
+    monkeypatch.setattr(scripts_module, "_read_lua", fake_reader({"main": '--- @include "main"\n'}))
 
     with pytest.raises(ValueError, match="include cycle: main -> main"):
-        scheduler_module._inline('--- @include "main"\n', ("main",), set())
+        scripts_module._inline('--- @include "main"\n', ("main",), set())
 
 
 def test_load_script_sources_rejects_a_cycle(monkeypatch):
@@ -162,7 +201,7 @@ def test_load_script_sources_rejects_a_cycle(monkeypatch):
     files["sweep"] = '--- @include "inc/x"\n'
     files["inc/x"] = '--- @include "inc/y"\n'
     files["inc/y"] = '--- @include "inc/x"\n'
-    monkeypatch.setattr(scheduler_module, "_read_lua", fake_reader(files))
+    monkeypatch.setattr(scripts_module, "_read_lua", fake_reader(files))
 
     with pytest.raises(ValueError, match="include cycle: sweep -> inc/x -> inc/y -> inc/x"):
         load_script_sources()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from lua_support import T0, dispatches, ended, free, job_hash, node_hash, pool_of, register
 
-from hub.scheduler import NodeLost, Queued, SweepReport
+from hub.events import NodeLost, Queued, SweepReport
 
 POOL = pool_of()
 

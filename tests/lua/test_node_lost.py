@@ -17,7 +17,7 @@ from lua_support import (
 )
 
 from hub.errors import ErrorCode, SchedulingError
-from hub.scheduler import CancelAttempt, Dispatch, JobEnded, NodeLost
+from hub.events import CancelAttempt, Dispatch, JobEnded, NodeLost
 
 POOL = pool_of()
 ALPHA = pool_of("alpha")

@@ -20,7 +20,7 @@ from lua_support import (
 )
 
 from hub.errors import ErrorCode, SchedulingError
-from hub.scheduler import Beat, CancelAttempt, Dispatch, JobEnded, NodeReplaced, Queued
+from hub.events import Beat, CancelAttempt, Dispatch, JobEnded, NodeReplaced, Queued
 
 POOL = pool_of()
 

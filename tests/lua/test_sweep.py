@@ -15,7 +15,7 @@ from lua_support import (
     smembers,
 )
 
-from hub.scheduler import CancelAttempt, JobEnded, NodeLost, Queued, SweepReport
+from hub.events import CancelAttempt, JobEnded, NodeLost, Queued, SweepReport
 
 POOL = pool_of()
 LEASE = 15_000  # node_lease_ms of the test settings

@@ -1,0 +1,173 @@
+"""Plain reads of a cell, outside the scheduling scripts.
+
+The status page, the results a reconnected session may still fetch, and the
+key of resume tokens: nothing here changes scheduling state, so these are
+ordinary commands (one pipeline each) rather than scripts.
+:class:`~hub.scheduler.Scheduler` offers them beside its script calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from .errors import RedisUnavailable
+from .events import JobEnded, as_text
+from .keys import Keys
+
+__all__ = ["CellReads", "redis_unavailable_as"]
+
+_NODE_FIELDS = (
+    "hub",
+    "running",
+    "max_jobs",
+    "opools",
+    "pairs",
+    "state",
+    "load",
+    "services",
+    "rtt_ms",
+    "seen",
+)
+"""The node hash fields :meth:`CellReads.status` shows, in :func:`_node_status`'s order."""
+
+
+@contextlib.contextmanager
+def redis_unavailable_as(operation: str) -> Iterator[None]:
+    """Raise :class:`~hub.errors.RedisUnavailable` for Redis being out of reach in the block.
+
+    Args:
+        operation: what was being done, for the error.
+
+    Raises:
+        RedisUnavailable: a connection error, a timeout or an OSError in the block.
+    """
+    try:
+        yield
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        raise RedisUnavailable(operation) from exc
+
+
+def _node_status(node_id: Any, f: list[Any]) -> dict[str, Any]:
+    """One node of the status page, from its :data:`_NODE_FIELDS`."""
+    return {
+        "node_id": as_text(node_id),
+        "hub_id": as_text(f[0]),
+        "running": int(f[1] or 0),
+        "max_jobs": int(f[2] or 0),
+        "pools": orjson.loads(f[3] or b"[]"),
+        "lang_pairs": orjson.loads(f[4] or b"[]"),
+        "draining": as_text(f[5] or b"") == "draining",
+        "state": as_text(f[5] or b""),
+        "load": orjson.loads(f[6]) if f[6] else None,
+        "services": orjson.loads(f[7] or b"[]"),
+        "rtt_ms": float(f[8]) if f[8] else None,
+        "last_seen_ms": int(f[9] or 0),
+    }
+
+
+class CellReads:
+    """Reads of one cell's state that change nothing.
+
+    Args:
+        redis: a client created with ``decode_responses=False``.
+        keys: key names of the cell.
+    """
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    async def status(self, *, max_nodes: int = 10000) -> dict[str, Any]:
+        """A snapshot of the cell for ``/v1/status``: nodes, queues, counters.
+
+        Args:
+            max_nodes: most nodes listed (the longest silent last).
+
+        Returns:
+            ``{"nodes": [...], "queues": {pool: depth}, "counters": {name: n}}``.
+
+        Raises:
+            RedisUnavailable: if Redis cannot be reached.
+        """
+        k = self.keys
+        with redis_unavailable_as("status"):
+            node_ids = await self.redis.zrange(k.seen, 0, max_nodes - 1)
+            pipe = self.redis.pipeline(transaction=False)
+            for nid in node_ids:
+                pipe.hmget(k.node(as_text(nid)), *_NODE_FIELDS)
+            pipe.hgetall(k.queue_depth)
+            pipe.hgetall(k.stats)
+            replies = await pipe.execute()
+        nodes = [
+            _node_status(nid, f)
+            for nid, f in zip(node_ids, replies[:-2], strict=True)
+            if f[0] is not None
+        ]
+        queues = {as_text(p): int(d) for p, d in replies[-2].items()}
+        counters = {as_text(f): int(v) for f, v in replies[-1].items()}
+        return {"nodes": nodes, "queues": queues, "counters": counters}
+
+    async def ended_results(
+        self, session_id: str, *, max_results: int = 1000
+    ) -> tuple[JobEnded, ...]:
+        """The session's ended jobs whose results it has not acknowledged, oldest first.
+
+        A read, unlike :meth:`~hub.scheduler.Scheduler.resume_session`: it
+        does not move the session to this hub.
+
+        Args:
+            session_id: the session.
+            max_results: most results returned.
+
+        Returns:
+            The results; their ``session_hub`` is empty.
+
+        Raises:
+            RedisUnavailable: if Redis cannot be reached.
+        """
+        k = self.keys
+        with redis_unavailable_as("ended results"):
+            job_ids = await self.redis.zrange(k.session_done(session_id), 0, max_results - 1)
+            pipe = self.redis.pipeline(transaction=False)
+            for jid in job_ids:
+                pipe.hmget(k.job(as_text(jid)), "status", "ref", "result", "error")
+            rows = await pipe.execute()
+        return tuple(
+            JobEnded(
+                session_hub="",
+                session_id=session_id,
+                job_id=as_text(jid),
+                ref=as_text(ref or b""),
+                status="finished" if status == b"finished" else "failed",
+                result=bytes(result or b"null"),
+                error=as_text(error) if error else None,
+            )
+            for jid, (status, ref, result, error) in zip(job_ids, rows, strict=True)
+            if status in (b"finished", b"failed")
+        )
+
+    async def resume_secret(self) -> bytes:
+        """The key every hub of the cell signs resume tokens with; made by the first asker.
+
+        Returns:
+            The key (64 hex digits).
+
+        Raises:
+            RedisUnavailable: if Redis cannot be reached.
+        """
+        key = self.keys.resume_secret
+        with redis_unavailable_as("load secret"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(key, secrets.token_hex(32), nx=True)
+            pipe.get(key)
+            _, value = await pipe.execute()
+        if not isinstance(value, bytes):
+            raise RedisUnavailable("load secret")
+        return value

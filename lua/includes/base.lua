@@ -1,0 +1,41 @@
+--[[
+  What every script needs: the Redis call, repeatable randomness, the clock,
+  comma lists and the cell's counters.
+
+  Every key is built from `prefix` (ARGV[1] of each script), which carries the
+  cell's hash tag, so keys derived in the includes live in the same cluster
+  slot as the script's KEYS. The loader (hub/scripts.py) inlines each include
+  once per script, where the script says  --- @include "includes/<name>".
+]]
+local rcall = redis.call
+
+local seed = 1
+local function seed_random(value)
+  seed = (tonumber(value) or 1) % 2147483647
+  if seed < 1 then seed = 1 end
+end
+
+-- Park-Miller generator: randomness comes in through ARGV so runs are repeatable.
+local function random_unit()
+  seed = (seed * 16807) % 2147483647
+  return seed / 2147483647
+end
+
+-- One clock for every hub: the caller's value when given (tests), else Redis TIME.
+local function now_ms(value)
+  local t = tonumber(value)
+  if t and t > 0 then return t end
+  local tm = rcall('TIME')
+  return tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+end
+
+local function split(text)
+  local out = {}
+  if not text or text == '' then return out end
+  for item in string.gmatch(text, '[^,]+') do out[#out + 1] = item end
+  return out
+end
+
+local function stat(prefix, field, n)
+  rcall('HINCRBY', prefix .. 'stats', field, n or 1)
+end

@@ -1,0 +1,41 @@
+--[[
+  The events scripts return to the hubs: one constructor per kind. Each is an
+  array of strings and integers (hub/events.py reads them):
+    {'dispatch', node_hub, node_id, job_id, attempt, session_id, src, tgt,
+     deadline_ms, payload, audio, session_hub, ref}
+    {'result', session_hub, session_id, job_id, ref, status, result, error}
+    {'cancel', node_hub, node_id, job_id, attempt, reason}
+    {'replaced', old_hub, node_id, old_epoch}
+    {'lost', node_hub, node_id, epoch}
+]]
+--- @include "includes/base"
+--- @include "includes/sessions"
+
+-- A job attempt started on a node: its hub sends the job (read from the
+-- job's hash), the session's hub sends 'accepted'.
+local function dispatch_event(prefix, jid, nid, attempt, node_hub)
+  local j = rcall('HMGET', prefix .. 'job:' .. jid, 'session', 'src', 'tgt', 'deadline',
+    'payload', 'audio', 'shub', 'ref')
+  return { 'dispatch', node_hub, nid, jid, attempt, j[1], j[2], j[3], tonumber(j[4]),
+    j[5] or '{}', j[6] or '', session_hub(prefix, j[1], j[7]), j[8] or '' }
+end
+
+-- A job ended: the session's hub sends 'result'.
+local function result_event(session_hub_id, sid, jid, ref, status, result, err)
+  return { 'result', session_hub_id, sid, jid, ref, status, result, err }
+end
+
+-- A node must stop an attempt: its hub sends 'cancel'.
+local function cancel_event(node_hub, nid, jid, attempt, reason)
+  return { 'cancel', node_hub, nid, jid, attempt, reason }
+end
+
+-- A node id registered on a newer connection: the old connection must close.
+local function replaced_event(old_hub, nid, old_epoch)
+  return { 'replaced', old_hub, nid, old_epoch }
+end
+
+-- A node was taken out: its hub closes the connection if it is still open.
+local function lost_event(node_hub, nid, epoch)
+  return { 'lost', node_hub, nid, epoch }
+end
