@@ -27,7 +27,7 @@ from hub.protocol import (
     encode_register,
 )
 
-from . import wsclient
+from .peer import SimPeer
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -35,53 +35,18 @@ if TYPE_CHECKING:
 __all__ = ["SimNode"]
 
 
-class SimNode:
+class SimNode(SimPeer):
     """One simulated node; it reconnects with the same id after churn or a drop."""
 
     def __init__(self, worker: Worker, index: int, base_url: str) -> None:
-        self.w = worker
+        super().__init__(worker, base_url + "/v1/node", "node")
         self.node_id = f"lt-n{index}"
-        self.url = base_url + "/v1/node"
-        self.conn: wsclient.Connection | None = None
         self.running: dict[str, asyncio.TimerHandle | None] = {}
-        self.registered: asyncio.Future[None] | None = None
-        self.leaving = False
-        """We are closing on purpose (churn or the end): not an error."""
 
-    # Connection
-
-    async def connect(self) -> None:
-        """Connect and register; raises on failure (the caller retries)."""
-        w = self.w
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        self.leaving = False
-        self.registered = loop.create_future()
-        conn = await wsclient.connect(self.url, self.on_message, self.on_close)
-        self.conn = conn
-        plan = w.plan
-        conn.send_text(
-            encode_register(
-                self.node_id, ["asr"], plan.max_jobs, lang_pairs=[(plan.src_lang, plan.tgt_lang)]
-            )
-        )
-        try:
-            async with asyncio.timeout(10):
-                await self.registered
-        except BaseException:
-            conn.abort()
-            raise
-        w.stats.hists["connect"].record(int((time.perf_counter() - started) * 1e6))
-
-    def leave(self) -> None:
-        """Disconnect on purpose."""
-        self.leaving = True
-        if self.conn is not None:
-            self.conn.close()
-
-    @property
-    def is_open(self) -> bool:
-        return self.conn is not None and self.conn.is_open
+    def hello(self) -> bytes:
+        plan = self.w.plan
+        pairs = [(plan.src_lang, plan.tgt_lang)]
+        return encode_register(self.node_id, ["asr"], plan.max_jobs, lang_pairs=pairs)
 
     # Callbacks
 
@@ -103,8 +68,7 @@ class SimNode:
             if handle is not None:
                 handle.cancel()
         elif type(frame) is Registered:
-            if self.registered is not None and not self.registered.done():
-                self.registered.set_result(None)
+            self.greet()
         elif type(frame) is ErrorReply:
             w.stats.node_errors[frame.code] += 1
 
@@ -113,16 +77,7 @@ class SimNode:
             if handle is not None:
                 handle.cancel()
         self.running.clear()
-        w = self.w
-        if self.registered is not None and not self.registered.done():
-            self.registered.set_exception(ConnectionError(f"closed with {code} before registered"))
-            self.registered.exception()
-        if not self.leaving:
-            if not w.closing:
-                w.stats.disconnects[f"node:{code}"] += 1
-                w.reconnect_later(self)
-        elif w.plan.churn and not w.closing:
-            w.reconnect_later(self)
+        super().on_close(code)
 
     # Jobs
 

@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hub.errors import Code
+
 from .hdr import Histogram
 from .stats import Stats
 
@@ -25,12 +27,12 @@ EXPECTED: dict[str, dict[str, frozenset[str]]] = {
     "steady": {"refused": frozenset(), "failed": frozenset()},
     "burst": {"refused": frozenset(), "failed": frozenset()},
     "overload": {
-        "refused": frozenset({"QUEUE_FULL", "NO_AVAILABLE_NODE", "TOO_MANY_JOBS"}),
-        "failed": frozenset({"NO_AVAILABLE_NODE"}),
+        "refused": frozenset({Code.QUEUE_FULL, Code.NO_AVAILABLE_NODE, Code.TOO_MANY_JOBS}),
+        "failed": frozenset({Code.NO_AVAILABLE_NODE}),
     },
     "churn": {
-        "refused": frozenset({"QUEUE_FULL", "NO_AVAILABLE_NODE"}),
-        "failed": frozenset({"NODE_LOST", "NO_AVAILABLE_NODE"}),
+        "refused": frozenset({Code.QUEUE_FULL, Code.NO_AVAILABLE_NODE}),
+        "failed": frozenset({Code.NODE_LOST, Code.NO_AVAILABLE_NODE}),
     },
 }
 

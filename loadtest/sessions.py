@@ -28,7 +28,7 @@ from hub.protocol import (
     encode_submit_job_audio,
 )
 
-from . import wsclient
+from .peer import SimPeer
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -49,55 +49,27 @@ class _Job:
         self.attempt = 0
 
 
-class SimSession:
+class SimSession(SimPeer):
     """One simulated session; after churn or a drop it connects again as a new session."""
 
     def __init__(self, worker: Worker, index: int, base_url: str) -> None:
-        self.w = worker
+        super().__init__(worker, base_url + "/v1/session", "session")
         self.index = index
         self.sid = f"s{index}"
-        self.url = base_url + "/v1/session"
-        self.conn: wsclient.Connection | None = None
         self.jobs: dict[str, _Job] = {}
         self.refused: dict[str, str] = {}
         """Refs of the last jobs refused with an error frame -> the error code."""
         self.seq = 0
-        self.welcomed: asyncio.Future[None] | None = None
-        self.leaving = False
         self.next_due = 0.0
         """Open loop: when the next job is due (perf_counter)."""
         self.timer: asyncio.TimerHandle | None = None
 
-    # Connection
-
-    async def connect(self) -> None:
-        """Connect and wait for ``welcome``; raises on failure (the caller retries)."""
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        self.leaving = False
-        self.welcomed = loop.create_future()
-        conn = await wsclient.connect(self.url, self.on_message, self.on_close)
-        self.conn = conn
-        try:
-            async with asyncio.timeout(10):
-                await self.welcomed
-        except BaseException:
-            conn.abort()
-            raise
-        self.w.stats.hists["connect"].record(int((time.perf_counter() - started) * 1e6))
-
     def leave(self) -> None:
         """Disconnect on purpose: unfinished jobs are abandoned, not errors."""
-        self.leaving = True
         if self.jobs:
             self.w.stats.counters["abandoned"] += len(self.jobs)
             self.jobs.clear()
-        if self.conn is not None:
-            self.conn.close()
-
-    @property
-    def is_open(self) -> bool:
-        return self.conn is not None and self.conn.is_open
+        super().leave()
 
     # Sending
 
@@ -200,8 +172,8 @@ class SimSession:
             self._refused(frame, now)
         elif type(frame) is SessionPartial:
             st.counters["partials"] += 1
-        elif type(frame) is Welcome and self.welcomed is not None and not self.welcomed.done():
-            self.welcomed.set_result(None)
+        elif type(frame) is Welcome:
+            self.greet()
 
     def _accepted(self, frame: Accepted, now: float) -> None:
         st = self.w.stats
@@ -296,19 +268,7 @@ class SimSession:
             st.failed[str(frame.error)] += 1
         self._next_after_answer(refused=False)
 
-    def on_close(self, code: int | None) -> None:
-        w = self.w
-        if self.welcomed is not None and not self.welcomed.done():
-            self.welcomed.set_exception(ConnectionError(f"closed with {code} before welcome"))
-            self.welcomed.exception()
-        if self.leaving:
-            if w.plan.churn and not w.closing:
-                w.reconnect_later(self)
-            return
-        if w.closing:
-            return
-        w.stats.disconnects[f"session:{code}"] += 1
+    def dropped(self) -> None:
         if self.jobs:
-            w.stats.checks["session: jobs lost with a dropped connection"] += len(self.jobs)
+            self.w.stats.checks["session: jobs lost with a dropped connection"] += len(self.jobs)
             self.jobs.clear()
-        w.reconnect_later(self)

@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 
 from .nodes import SimNode
+from .peer import SimPeer
 from .scenarios import Plan, ServiceTime
 from .sessions import SimSession
 from .stats import Stats
@@ -267,7 +268,7 @@ class Worker:
 
     # Connections
 
-    async def _connect(self, peer: SimNode | SimSession, attempts: int = CONNECT_ATTEMPTS) -> bool:
+    async def _connect(self, peer: SimPeer, attempts: int = CONNECT_ATTEMPTS) -> bool:
         for attempt in range(attempts):
             if self.closing:
                 return False
@@ -285,7 +286,7 @@ class Worker:
                 return True
         return False
 
-    def reconnect_later(self, peer: SimNode | SimSession) -> None:
+    def reconnect_later(self, peer: SimPeer) -> None:
         """Connect ``peer`` again after a short random pause (churn or a drop)."""
         if self.closing:
             return

@@ -1253,7 +1253,7 @@ def test_session_sends_job_when_closed() -> None:
     )
 
 
-# Nothing but client errors, whatever comes in (STYLE.md §1, ARCHITECTURE.md principle 8)
+# Nothing but client errors, whatever comes in (bad input never hurts anyone else)
 
 TINY = Limits(
     max_payload_bytes=32,

@@ -79,6 +79,13 @@ class Link(Generic[FrameT]):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rng = random.Random()
 
+    async def close(self) -> None:
+        """Stop the client and close its connection."""
+        raise NotImplementedError
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     # Hooks
 
     async def _greet(self, ws: ClientConnection) -> None:

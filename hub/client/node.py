@@ -262,9 +262,6 @@ class NodeClient(Link[ToNodeFrame]):
     async def __aenter__(self) -> NodeClient:
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
     def __repr__(self) -> str:
         return f"<NodeClient {self.node_id} {self.url} running={self.running}>"
 

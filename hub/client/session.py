@@ -291,9 +291,6 @@ class SessionClient(Link[ToSessionFrame]):
         await self.connect()
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
     def __repr__(self) -> str:
         return f"<SessionClient {self.session_id} {self.url} unfinished={self.unfinished}>"
 
