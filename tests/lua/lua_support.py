@@ -35,6 +35,7 @@ __all__ = [
     "WORKLOAD_SETTINGS",
     "WORKLOAD_STEPS",
     "cancels",
+    "dispatch_of",
     "dispatches",
     "ended",
     "free",
@@ -132,6 +133,36 @@ def cancels(events: Iterable[Event]) -> list[CancelAttempt]:
 
 def replaced(events: Iterable[Event]) -> list[NodeReplaced]:
     return [e for e in events if isinstance(e, NodeReplaced)]
+
+
+def dispatch_of(
+    job_id: str,
+    node_id: str,
+    attempt: int,
+    *,
+    node_hub: str = "h1",
+    session_id: str = "s1",
+    payload: bytes = b"{}",
+    audio: bytes | None = None,
+    ref: str = "",
+    session_hub: str = "h1",
+    deadline_ms: int = T0 + 10_000,
+) -> Dispatch:
+    """The dispatch event expected for an en:fr job (the deadline of the test settings)."""
+    return Dispatch(
+        node_hub=node_hub,
+        node_id=node_id,
+        job_id=job_id,
+        attempt=attempt,
+        session_id=session_id,
+        src_lang="en",
+        tgt_lang="fr",
+        deadline_ms=deadline_ms,
+        payload=payload,
+        audio=audio,
+        session_hub=session_hub,
+        ref=ref,
+    )
 
 
 # A workload that runs every script at least once, touching every kind of key.

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import pytest
-from lua_support import T0, dispatches, free, job_hash, node_hash, pool_of, register, smembers
+from lua_support import (
+    T0,
+    dispatch_of,
+    dispatches,
+    free,
+    job_hash,
+    node_hash,
+    pool_of,
+    register,
+    smembers,
+)
 
 from hub.errors import ErrorCode, SchedulingError
-from hub.events import Beat, Completion, Dispatch, JobEnded, Queued
+from hub.events import Beat, Completion, JobEnded, Queued
 
 POOL = pool_of()
 
@@ -83,21 +93,11 @@ async def test_complete_task_hands_the_freed_slot_the_next_queued_job(scheduler,
     done = await scheduler.complete_task("j1", "n1", 1, "finished", now_ms=T0 + 20)
 
     assert done.events == (
-        Dispatch(
-            node_hub="hn",
-            node_id="n1",
-            job_id="j2",
-            attempt=1,
-            session_id="s2",
-            src_lang="en",
-            tgt_lang="fr",
-            deadline_ms=T0 + 1 + 10_000,
-            payload=b'{"q":2}',
-            audio=audio,
-            session_hub="hs",
-            ref="r2",
+        dispatch_of(
+            "j2", "n1", 1, node_hub="hn", session_id="s2", deadline_ms=T0 + 1 + 10_000,
+            payload=b'{"q":2}', audio=audio, session_hub="hs", ref="r2",
         ),
-    )
+    )  # fmt: skip
     job = await job_hash(redis, keys, "j2")
     assert (job["status"], job["node"], job["attempt"], job["started"]) == (
         b"running",

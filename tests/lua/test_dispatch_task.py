@@ -118,9 +118,16 @@ async def test_dispatch_task_never_runs_more_than_max_jobs(scheduler, redis, key
     assert (await node_hash(redis, keys, "n2"))["running"] == "3"
 
 
-async def test_dispatch_task_breaks_ties_at_random_within_a_pool(scheduler):
-    await register(scheduler, "n1", max_jobs=1)
-    await register(scheduler, "n2", max_jobs=1)
+@pytest.mark.parametrize(
+    "pools",
+    [
+        pytest.param({"n1": "default", "n2": "default"}, id="within-a-pool"),
+        pytest.param({"a1": "alpha", "b1": "beta"}, id="between-pools"),
+    ],
+)
+async def test_dispatch_task_breaks_ties_at_random(scheduler, pools):
+    for node_id, pool in pools.items():
+        await register(scheduler, node_id, max_jobs=1, pools=(pool,))
     picks = set()
 
     for i in range(40):
@@ -130,20 +137,7 @@ async def test_dispatch_task_breaks_ties_at_random_within_a_pool(scheduler):
 
     # Each pick is a fair coin (the seed comes from the hub); 40 heads in a
     # row has probability 2**-39.
-    assert picks == {"n1", "n2"}
-
-
-async def test_dispatch_task_breaks_ties_at_random_between_pools(scheduler):
-    await register(scheduler, "a1", max_jobs=1, pools=("alpha",))
-    await register(scheduler, "b1", max_jobs=1, pools=("beta",))
-    picks = set()
-
-    for i in range(40):
-        accepted = await dispatch(scheduler, f"s{i}", job_id=f"j{i}")
-        picks.add(accepted.node_id)
-        await scheduler.cancel_task(f"j{i}", f"s{i}", now_ms=T0)
-
-    assert picks == {"a1", "b1"}
+    assert picks == set(pools)
 
 
 # Session affinity

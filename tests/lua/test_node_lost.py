@@ -6,6 +6,7 @@ import pytest
 from lua_support import (
     T0,
     cancels,
+    dispatch_of,
     dispatches,
     ended,
     free,
@@ -17,7 +18,7 @@ from lua_support import (
 )
 
 from hub.errors import ErrorCode, SchedulingError
-from hub.events import CancelAttempt, Dispatch, JobEnded, NodeLost
+from hub.events import CancelAttempt, JobEnded, NodeLost
 
 POOL = pool_of()
 ALPHA = pool_of("alpha")
@@ -51,20 +52,7 @@ async def test_node_lost_redispatches_its_job_as_a_new_attempt(make_scheduler, r
 
     assert events == (
         CancelAttempt("h1", "n1", "j1", 1, "NODE_LOST"),
-        Dispatch(
-            node_hub="h2",
-            node_id="n2",
-            job_id="j1",
-            attempt=2,
-            session_id="s1",
-            src_lang="en",
-            tgt_lang="fr",
-            deadline_ms=T0 + 10_000,
-            payload=b'{"t":"x"}',
-            audio=audio,
-            session_hub="h1",
-            ref="r1",
-        ),
+        dispatch_of("j1", "n2", 2, node_hub="h2", payload=b'{"t":"x"}', audio=audio, ref="r1"),
         NodeLost("h1", "n1", 1),
     )
     job = await job_hash(redis, keys, "j1")

@@ -8,6 +8,7 @@ from lua_support import (
     EN_FR,
     T0,
     cancels,
+    dispatch_of,
     dispatches,
     ended,
     free,
@@ -20,7 +21,7 @@ from lua_support import (
 )
 
 from hub.errors import ErrorCode, SchedulingError
-from hub.events import Beat, CancelAttempt, Dispatch, JobEnded, NodeReplaced, Queued
+from hub.events import Beat, CancelAttempt, JobEnded, NodeReplaced, Queued
 
 POOL = pool_of()
 
@@ -166,20 +167,7 @@ async def test_register_node_redispatches_jobs_it_did_not_resume(scheduler, redi
     assert reg.events == (
         NodeReplaced("h1", "n1", 1),
         CancelAttempt("h1", "n1", "ja", 1, "NODE_LOST"),
-        Dispatch(
-            node_hub="h1",
-            node_id="n2",
-            job_id="ja",
-            attempt=2,
-            session_id="s1",
-            src_lang="en",
-            tgt_lang="fr",
-            deadline_ms=T0 + 10_000,
-            payload=b'{"k":1}',
-            audio=audio,
-            session_hub="h1",
-            ref="r1",
-        ),
+        dispatch_of("ja", "n2", 2, payload=b'{"k":1}', audio=audio, ref="r1"),
     )
     job = await job_hash(redis, keys, "ja")
     assert (job["status"], job["node"], job["attempt"]) == (b"running", b"n2", b"2")
