@@ -263,6 +263,8 @@ def test_script_codes_are_sent_as_protocol_codes_when_mapped() -> None:
         ErrorCode.STALE_EPOCH: Code.NOT_REGISTERED,
         ErrorCode.SESSION_MISMATCH: Code.UNKNOWN_JOB,
         ErrorCode.SESSION_QUEUE_FULL: Code.QUEUE_FULL,
+        ErrorCode.JOB_MOVED: Code.STALE_ATTEMPT,
+        ErrorCode.STALE_PARTIAL: Code.STALE_ATTEMPT,
     }
     assert str(ErrorCode.QUEUE_FULL.code) == "QUEUE_FULL"
 
