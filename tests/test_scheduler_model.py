@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
-from helpers import RedisProcess, glob_escape
+from helpers import RedisProcess
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -194,7 +194,7 @@ class Model:
     def candidates(
         self, pools: Iterable[str], pref_pool: str | None, pref_node: str | None
     ) -> set[str]:
-        """The nodes pick_node may return (core.lua): affinity, then least loaded."""
+        """The nodes pick_node may return (includes/pools.lua): affinity, then least loaded."""
         pools = sorted(pools)
         if pref_pool in pools:
             free = self.free_in(pref_pool)
@@ -210,7 +210,7 @@ class Model:
         low = min(lows)
         return {n for f in frees for n, s in f.items() if s == low}
 
-    # Transitions, mirroring core.lua
+    # Transitions, mirroring lua/includes/
 
     def dispatch_event(self, job: JobModel) -> Dispatch:
         node = self.nodes[job.node]
@@ -350,7 +350,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         try:
 
             async def clean() -> None:
-                pattern = glob_escape(self.keys.prefix) + "*"
+                pattern = self.keys.scan_pattern
                 found = [key async for key in self.redis.scan_iter(match=pattern, count=1000)]
                 if found:
                     await self.redis.unlink(*found)
