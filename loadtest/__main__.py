@@ -38,15 +38,8 @@ from typing import Any
 
 from . import report as reporting
 from .control import Status, WorkerProcess, raise_fd_limit, start_workers
-from .hubs import (
-    REPO_ROOT,
-    Fleet,
-    HubProcess,
-    cpu_seconds,
-    load_average,
-    machine_busy_s,
-    rss_kb,
-)
+from .hubs import ExternalHub, Fleet, load_average, machine_busy_s
+from .procs import REPO_ROOT, HubProcess, cpu_seconds, rss_kb
 from .scenarios import SCENARIOS, Plan, ServiceTime, overload_interval_ms
 from .stats import Stats
 
@@ -212,7 +205,7 @@ async def run(args: argparse.Namespace) -> int:
         )
 
     fleet: Fleet | None = None
-    hubs: list[HubProcess]
+    hubs: list[HubProcess] | list[ExternalHub]
     workers: list[WorkerProcess] = []
     status = Status(args.processes, quiet)
     samples: dict[str, Any] = {}
@@ -243,7 +236,7 @@ async def run(args: argparse.Namespace) -> int:
             for u in urls:
                 if not any(h in u for h in ("127.", "localhost", "[::1]")):
                     raise SystemExit(f"--url {u}: only loopback addresses are allowed")
-            hubs = [HubProcess(f"external-{i}", u, None) for i, u in enumerate(urls)]
+            hubs = [ExternalHub(f"external-{i}", u) for i, u in enumerate(urls)]
         else:
             fleet = Fleet(
                 args.hubs,

@@ -32,7 +32,8 @@ from hub.protocol import join_binary, split_binary
 
 from . import wsclient
 from .hdr import Histogram
-from .hubs import Fleet, cpu_seconds, machine_busy_s
+from .hubs import Fleet, machine_busy_s
+from .procs import cpu_seconds
 
 __all__ = ["main"]
 

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from .control import Status, raise_fd_limit, start_workers
-from .hubs import Fleet, rss_kb
+from .hubs import Fleet
+from .procs import rss_kb
 from .scenarios import Plan
 
 __all__ = ["main"]

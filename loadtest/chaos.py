@@ -33,8 +33,10 @@ is clean (1 otherwise, 2 when the run could not start). Every wait is
 bounded, everything listens on loopback, and only processes it started are
 killed, by pid.
 
-The process tooling (:class:`HubProcess`, :class:`NodeProcess`) and the
-rotating clients are also used by the fault tests (``tests/test_fault_*.py``).
+Its processes are :class:`loadtest.procs.HubProcess` and
+:class:`loadtest.procs.NodeProcess` (whose worker, ``node-worker``, lives
+here); the fault tests (``tests/test_reliability.py``) use both, and the
+rotating clients.
 """
 
 from __future__ import annotations
@@ -47,12 +49,10 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -81,27 +81,22 @@ from hub.client import (
 )
 from hub.client.node import Job
 from hub.client.transport import endpoint
-from hub.embedded import EmbeddedRedis, kill_on_parent_death
+from hub.embedded import EmbeddedRedis
 from hub.keys import Keys
 from hub.protocol import NODE_PATH, SESSION_PATH
+
+from .procs import HubProcess, NodeProcess
 
 __all__ = [
     "PERSISTENT_KEYS",
     "ChaosConfig",
-    "HubProcess",
     "Ledger",
-    "NodeProcess",
     "RotatingNodeClient",
     "RotatingSessionClient",
     "audit_redis",
-    "http_status",
     "main",
-    "pick_port",
-    "rss_kb_of",
     "run_chaos",
 ]
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DOCUMENTED_FAILURES = frozenset(
     {"JOB_TIMEOUT", "NODE_LOST", "CANCELLED", "NO_AVAILABLE_NODE", "INTERNAL"}
@@ -141,447 +136,11 @@ _PERSISTENT_PATTERNS = (
     re.compile(r"lang:[^:]+:[^:]+"),
     re.compile(r"pools|seen|stats|qdepth|secret"),
 )
-_READY_LINE = re.compile(r"ws://127\.0\.0\.1:(\d+)/v1/node")
 
 
 def _now() -> float:
     """Wall clock, shared by every process of the run (one machine)."""
     return time.time()
-
-
-# Ports and HTTP
-
-
-def pick_port() -> int:
-    """A free loopback port outside the ephemeral range.
-
-    A killed hub comes back on the same port; a port in the ephemeral range
-    could meanwhile be the local end of some client connection, and the new
-    hub could not bind it.
-    """
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low, high = (int(x) for x in f.read().split())
-    except (OSError, ValueError):
-        low, high = 32768, 60999
-    lo, hi = (20000, low - 1) if low > 21000 else (high + 1, 65000)
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randint(lo, hi)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port found outside the ephemeral range")
-
-
-async def http_status(port: int, path: str, timeout_s: float = 2.0) -> int | None:
-    """HTTP status of ``GET http://127.0.0.1:<port><path>``, or ``None`` if unreachable."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            try:
-                writer.write(
-                    f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
-                )
-                await writer.drain()
-                line = await reader.readline()
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-    except (OSError, TimeoutError):
-        return None
-    parts = line.split()
-    return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
-
-
-def rss_kb_of(pid: int | None) -> int | None:
-    """Resident set size of a process in KiB (``VmRSS``), or ``None``."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _child_env() -> dict[str, str]:
-    # PYTHONASYNCIODEBUG (set by the test suite) slows every callback down a lot.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"}
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
-    return env
-
-
-def _log_tail(path: Path, size: int = 2000) -> str:
-    try:
-        return path.read_text(errors="replace")[-size:]
-    except OSError:
-        return "(no log)"
-
-
-# Processes
-
-
-class HubProcess:
-    """``python -m hub serve`` as a child process that may be SIGKILLed and started again.
-
-    Args:
-        hub_id: the hub's id (kept across restarts, as a pod name would be).
-        redis_url: the shared Redis.
-        cell: the scheduling cell.
-        log_dir: where ``<hub_id>.log`` goes (appended to across restarts).
-        port: the TCP port; ``None`` picks one with :func:`pick_port`.
-        settings: more ``--set NAME=VALUE`` settings.
-    """
-
-    def __init__(
-        self,
-        hub_id: str,
-        *,
-        redis_url: str,
-        cell: str,
-        log_dir: Path,
-        port: int | None = None,
-        settings: dict[str, Any] | None = None,
-    ) -> None:
-        self.hub_id = hub_id
-        self.redis_url = redis_url
-        self.cell = cell
-        self.log_path = Path(log_dir) / f"{hub_id}.log"
-        self.port = port if port is not None else pick_port()
-        self.settings = dict(settings or {})
-        self.process: asyncio.subprocess.Process | None = None
-        self.starts = 0
-        self._drain: asyncio.Task[None] | None = None
-
-    @property
-    def url(self) -> str:
-        """``ws://127.0.0.1:<port>``."""
-        return f"ws://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.returncode is None
-
-    async def start(self, timeout_s: float = 20.0) -> None:
-        """Start the hub and wait for its start line (not for Redis: see :meth:`wait_ready`).
-
-        Raises:
-            RuntimeError: if it exits or prints no start line in time (its log is quoted).
-        """
-        assert not self.alive, f"hub {self.hub_id} already runs"
-        args = [
-            sys.executable, "-m", "hub", "serve",
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--redis-url", self.redis_url,
-            "--cell", self.cell,
-            "--hub-id", self.hub_id,
-            "--redis-wait-s", "0",
-            "--log-level", "WARNING",
-        ]  # fmt: skip
-        for name, value in self.settings.items():
-            args += ["--set", f"{name}={'none' if value is None else value}"]
-        # A raw descriptor: the child writes its log there, nobody reads a pipe.
-        log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            self.process = await asyncio.create_subprocess_exec(
-                *args,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                env=_child_env(),
-                cwd=REPO_ROOT,
-                preexec_fn=kill_on_parent_death(),
-            )
-        finally:
-            os.close(log)
-        self.starts += 1
-        stdout = self.process.stdout
-        assert stdout is not None
-        try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    line = await stdout.readline()
-                    if not line:
-                        raise RuntimeError(
-                            f"hub {self.hub_id} exited at start: {_log_tail(self.log_path)}"
-                        )
-                    match = _READY_LINE.search(line.decode(errors="replace"))
-                    if match:
-                        assert int(match.group(1)) == self.port
-                        break
-        except TimeoutError:
-            self.kill()
-            raise RuntimeError(
-                f"hub {self.hub_id} printed no start line in {timeout_s:g} s: "
-                f"{_log_tail(self.log_path)}"
-            ) from None
-        self._drain = asyncio.get_running_loop().create_task(self._read_rest(stdout))
-
-    async def wait_ready(self, timeout_s: float = 20.0) -> None:
-        """Wait until ``/readyz`` answers 200 (Redis reached, scripts loaded)."""
-        async with asyncio.timeout(timeout_s):
-            while await http_status(self.port, "/readyz") != 200:
-                if not self.alive:
-                    raise RuntimeError(f"hub {self.hub_id} exited: {_log_tail(self.log_path)}")
-                await asyncio.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL, like a crash: nobody tells Redis or the peers."""
-        self.signal(signal.SIGKILL)
-
-    def signal(self, sig: int) -> None:
-        if self.alive:
-            assert self.process is not None
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(sig)
-
-    async def wait(self, timeout_s: float = 10.0) -> int | None:
-        """Wait for the process to exit; SIGKILL it after ``timeout_s``."""
-        process = self.process
-        if process is None:
-            return None
-        try:
-            async with asyncio.timeout(timeout_s):
-                await process.wait()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-        if self._drain is not None:
-            self._drain.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drain
-            self._drain = None
-        return process.returncode
-
-    async def stop(self, timeout_s: float = 10.0) -> int | None:
-        """SIGTERM (orderly shutdown), then SIGKILL after ``timeout_s``."""
-        self.signal(signal.SIGTERM)
-        return await self.wait(timeout_s)
-
-    async def _read_rest(self, stdout: asyncio.StreamReader) -> None:
-        while await stdout.readline():
-            pass
-
-    def __repr__(self) -> str:
-        return f"<HubProcess {self.hub_id} {self.url} pid={self.pid}>"
-
-
-NodeEventCallback = Callable[["NodeProcess", dict[str, Any]], None]
-
-
-class NodeProcess:
-    """A node worker child process (``python -m loadtest.chaos node-worker``).
-
-    The worker runs one :class:`RotatingNodeClient` and reports on its
-    stdout, one JSON object a line (``t`` is Unix time):
-
-    - ``{"e": "reg", "hub": ..., "n": connections, "running": jobs, "t": ...}``
-      after each registration;
-    - ``{"e": "start" | "end" | "cancel", "job": ..., "a": attempt, "t": ...}``
-      per handler invocation;
-    - ``{"e": "status", "running": ..., "unsent": ..., "registered": ...}``
-      in answer to ``status`` on its stdin.
-
-    A job's payload may carry ``"ms"``: its service time, else one is drawn
-    from ``service_ms``.
-
-    Args:
-        node_id: the node's id (kept across restarts).
-        urls: hub base URLs, tried in turn from ``start_index``.
-        log_dir: where ``<node_id>.log`` (stderr) goes.
-        max_jobs: the node's slots.
-        service_ms: (low, high) service time, drawn uniformly.
-        on_event: called with every event, in the parent's loop.
-    """
-
-    def __init__(
-        self,
-        node_id: str,
-        urls: Sequence[str],
-        *,
-        log_dir: Path,
-        max_jobs: int = 4,
-        service_ms: tuple[float, float] = (100.0, 400.0),
-        start_index: int = 0,
-        languages: Sequence[str] = ("en", "fr"),
-        on_event: NodeEventCallback | None = None,
-    ) -> None:
-        self.node_id = node_id
-        self.urls = list(urls)
-        self.log_path = Path(log_dir) / f"{node_id}.log"
-        self.max_jobs = max_jobs
-        self.service_ms = service_ms
-        self.start_index = start_index
-        self.languages = list(languages)
-        self.on_event = on_event
-        self.process: asyncio.subprocess.Process | None = None
-        self.events: list[dict[str, Any]] = []
-        """Every event received, from every incarnation of the process."""
-        self.starts: collections.Counter[tuple[str, int]] = collections.Counter()
-        """Handler invocations per (job id, attempt), over every incarnation."""
-        self.inflight: set[tuple[str, int]] = set()
-        """(job id, attempt) its handler runs right now, in the current incarnation."""
-        self.hub_id: str | None = None
-        self.registrations = 0
-        self._registered = asyncio.Event()
-        self._status: asyncio.Future[dict[str, Any]] | None = None
-        self._reader: asyncio.Task[None] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.returncode is None
-
-    @property
-    def registered(self) -> bool:
-        return self._registered.is_set()
-
-    async def start(self) -> None:
-        """Start the worker (without waiting for its registration: see :meth:`wait_registered`)."""
-        assert not self.alive, f"node {self.node_id} already runs"
-        config = {
-            "node_id": self.node_id,
-            "urls": self.urls,
-            "start_index": self.start_index,
-            "max_jobs": self.max_jobs,
-            "service_ms": list(self.service_ms),
-            "languages": self.languages,
-        }
-        self._registered.clear()
-        self.inflight.clear()
-        log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "loadtest.chaos",
-                "node-worker",
-                json.dumps(config),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                env=_child_env(),
-                cwd=REPO_ROOT,
-                preexec_fn=kill_on_parent_death(),
-            )
-        finally:
-            os.close(log)
-        assert self.process.stdout is not None
-        self._reader = asyncio.get_running_loop().create_task(self._read(self.process.stdout))
-
-    async def wait_registered(self, timeout_s: float = 20.0) -> None:
-        """Wait for the current incarnation's first registration."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._registered.wait()
-        except TimeoutError:
-            raise RuntimeError(
-                f"node {self.node_id} did not register in {timeout_s:g} s: "
-                f"{_log_tail(self.log_path)}"
-            ) from None
-
-    async def status(self, timeout_s: float = 5.0) -> dict[str, Any] | None:
-        """Ask the worker how many jobs it really runs; ``None`` if it is not running."""
-        process = self.process
-        if process is None or process.returncode is not None or process.stdin is None:
-            return None
-        self._status = asyncio.get_running_loop().create_future()
-        try:
-            process.stdin.write(b"status\n")
-            await process.stdin.drain()
-            async with asyncio.timeout(timeout_s):
-                return await self._status
-        except (OSError, TimeoutError):
-            return None
-        finally:
-            self._status = None
-
-    def kill(self) -> None:
-        """SIGKILL: the node's socket closes without a word."""
-        self.signal(signal.SIGKILL)
-
-    def signal(self, sig: int) -> None:
-        if self.alive:
-            assert self.process is not None
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(sig)
-
-    async def wait(self, timeout_s: float = 10.0) -> int | None:
-        """Wait for the process to exit; SIGKILL it after ``timeout_s``."""
-        process = self.process
-        if process is None:
-            return None
-        try:
-            async with asyncio.timeout(timeout_s):
-                await process.wait()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-        if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await self._reader
-            self._reader = None
-        return process.returncode
-
-    async def stop(self, timeout_s: float = 10.0) -> int | None:
-        """Close stdin (the worker drains, then exits), then SIGKILL after ``timeout_s``."""
-        process = self.process
-        if process is not None and process.stdin is not None and process.returncode is None:
-            with contextlib.suppress(OSError):
-                process.stdin.close()
-        return await self.wait(timeout_s)
-
-    async def _read(self, stdout: asyncio.StreamReader) -> None:
-        while True:
-            line = await stdout.readline()
-            if not line:
-                return
-            try:
-                event = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(event, dict):
-                continue
-            kind = event.get("e")
-            if kind == "status":
-                if self._status is not None and not self._status.done():
-                    self._status.set_result(event)
-                continue
-            self.events.append(event)
-            if kind == "reg":
-                self.hub_id = str(event.get("hub"))
-                self.registrations += 1
-                self._registered.set()
-            elif kind == "start":
-                self.starts[(str(event["job"]), int(event["a"]))] += 1
-                self.inflight.add((str(event["job"]), int(event["a"])))
-            elif kind in ("end", "cancel"):
-                self.inflight.discard((str(event["job"]), int(event["a"])))
-            if self.on_event is not None:
-                self.on_event(self, event)
-
-    def __repr__(self) -> str:
-        return f"<NodeProcess {self.node_id} pid={self.pid} hub={self.hub_id}>"
 
 
 # Clients that try several hubs

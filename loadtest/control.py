@@ -15,10 +15,8 @@ from typing import Any
 
 import orjson
 
-from hub.embedded import kill_on_parent_death
-
 from .hdr import Histogram
-from .hubs import child_env
+from .procs import spawn
 from .scenarios import Plan
 
 __all__ = ["Status", "WorkerProcess", "raise_fd_limit", "start_workers"]
@@ -136,21 +134,11 @@ async def start_workers(
     workers = []
     for i in range(count):
         config = {"plan": plan.to_json(), "urls": urls, "index": i, "count": count}
-        log = open(out_dir / f"worker-{i}.log", "wb")  # noqa: SIM115, ASYNC230 - tiny
-        try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "loadtest.worker",
-                orjson.dumps(config).decode(),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                env=child_env(),
-                preexec_fn=kill_on_parent_death(),
-                limit=256 * 1024 * 1024,
-            )
-        finally:
-            log.close()
+        process = await spawn(
+            [sys.executable, "-m", "loadtest.worker", orjson.dumps(config).decode()],
+            log_path=out_dir / f"worker-{i}.log",
+            stdin_pipe=True,
+            limit=256 * 1024 * 1024,
+        )
         workers.append(WorkerProcess(i, process, status))
     return workers

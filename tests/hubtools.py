@@ -1,15 +1,14 @@
 """Helpers of the end-to-end server tests: clients that speak protocol.md.
 
-Import as ``from hubtools import register, submit, expect`` (``tests/`` is on
-``sys.path``). Clients are plain ``websockets.asyncio.client`` connections;
-the helpers below read like the spec (websockets ``assertFrameSent``). Every
-wait is bounded and a multiple of :data:`helpers.MS`.
+Import as ``from tests.hubtools import register, submit, expect``. Clients
+are plain ``websockets.asyncio.client`` connections; the helpers below read
+like the spec (websockets ``assertFrameSent``). Every wait is bounded and a
+multiple of :data:`tests.helpers.MS`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import struct
@@ -17,13 +16,14 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
-from helpers import MS
 from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from hub.app import Hub
 from hub.keys import Keys
-from hub.server import Hub
+from loadtest.procs import open_websocket
+from tests.helpers import MS
 
 __all__ = [
     "ALL_BYTES",
@@ -302,7 +302,7 @@ async def wait_running(
 
 
 async def check_invariants(redis: Redis, keys: Keys, node_ids: Iterable[str]) -> None:
-    """The core issue's invariants for each live node: its ``running`` count
+    """The scheduler's invariants for each live node: its ``running`` count
     equals its jobs set, and each of those jobs runs on it.
     """
     for nid in node_ids:
@@ -371,19 +371,21 @@ class RawNode:
         self.writer = writer
 
     @classmethod
-    async def open(cls, port: int, path: str, within: float = 2000 * MS) -> RawNode:
-        """Connect and do the opening handshake by hand."""
-        async with asyncio.timeout(within):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            key = base64.b64encode(os.urandom(16)).decode()
-            writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-            )
-            await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101 "), head
+    async def open(
+        cls, port: int, path: str, within: float = 2000 * MS, *, rcvbuf: int | None = None
+    ) -> RawNode:
+        """Connect and do the opening handshake by hand.
+
+        Args:
+            port: the hub's port.
+            path: ``/v1/node`` or ``/v1/session``.
+            within: bound of the connection and the handshake.
+            rcvbuf: a small receive buffer, for a peer that reads slowly.
+
+        Returns:
+            The client, past the handshake.
+        """
+        reader, writer = await open_websocket(port, path, rcvbuf=rcvbuf, timeout_s=within)
         return cls(reader, writer)
 
     async def send_text(self, text: str) -> None:

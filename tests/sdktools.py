@@ -1,6 +1,6 @@
 """Helpers of the SDK, CLI and browser tests: in-process hubs on a test cell.
 
-Import as ``from sdktools import running_hub`` (``tests/`` is on ``sys.path``).
+Import as ``from tests.sdktools import running_hub``.
 """
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from helpers import MS
-
+from hub.app import Hub
 from hub.client import Backoff
 from hub.config import Settings
-from hub.server import Hub
+from tests.helpers import MS
 
 __all__ = ["FAST_BACKOFF", "running_hub"]
 

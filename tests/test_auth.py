@@ -12,10 +12,7 @@ import base64
 import hmac
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,8 +28,20 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     PublicFormat,
 )
-from helpers import MS, RedisProcess, wait_for
-from hubtools import (
+from redis.asyncio import Redis
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import InvalidStatus
+
+from hub.app import Hub
+from hub.auth import Authenticator, mint_node_token, mint_session_token
+from hub.config import ConfigError, Settings
+from hub.errors import SchedulingError, Unauthorized
+from hub.gate import check_exposure
+from hub.keys import Keys
+from hub.scheduler import new_job_id
+from loadtest.procs import RedisProcess, child_env, hub_command, run_command
+from tests.helpers import MS, wait_for
+from tests.hubtools import (
     expect,
     expect_closed,
     expect_silence,
@@ -42,16 +51,6 @@ from hubtools import (
     send,
     submit,
 )
-from redis.asyncio import Redis
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import InvalidStatus
-
-from hub.auth import Authenticator, mint_node_token, mint_session_token
-from hub.config import ConfigError, Settings
-from hub.errors import SchedulingError, Unauthorized
-from hub.keys import Keys
-from hub.scheduler import new_job_id
-from hub.server import Hub, check_exposure
 
 MakeHub = Callable[..., Awaitable[Hub]]
 Connect = Callable[..., Awaitable[ClientConnection]]
@@ -61,7 +60,6 @@ NODE_SECRET = "fleet-secret-4f9a1c-0123456789abcdef"
 NODE_KEY = "node-token-key-7d2e90-0123456789abcdef"
 SESSION_KEY = "session-jwt-key-b81c55-0123456789abcdef"
 OTHER_KEY = "some-other-key-000000-0123456789abcdef"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def bearer(token: str) -> dict[str, Any]:
@@ -226,7 +224,7 @@ async def test_node_cannot_take_over_a_live_node_id(
     accepted = await expect(session, "accepted", ref="c-1", node_id="gpu-1")
     job = await expect(gpu1, "job", job_id=accepted["job_id"])
     before = await node_hash(redis, keys, "gpu-1")
-    link = hub.nodes["gpu-1"]
+    link = hub.registry.nodes["gpu-1"]
 
     # An attacker holding a valid token for another id, and one whose pattern
     # is a near miss, try to register as gpu-1 (which would replace it, 4002).
@@ -245,7 +243,7 @@ async def test_node_cannot_take_over_a_live_node_id(
 
     # gpu-1 keeps its connection, its registration and its job.
     await expect_silence(gpu1, 100 * MS)
-    assert hub.nodes["gpu-1"] is link
+    assert hub.registry.nodes["gpu-1"] is link
     after = await node_hash(redis, keys, "gpu-1")
     for field in ("epoch", "hub", "state", "running", "max_jobs"):
         assert after[field] == before[field], field
@@ -730,7 +728,7 @@ async def test_no_frame_can_name_another_session_or_node(
         gpu2, type="register", node_id="gpu-1", services=["asr"], max_jobs=1, languages=["en", "fr"]
     )
     await expect(gpu2, "error", code="ALREADY_REGISTERED")
-    assert hub.nodes["gpu-1"].ws is not hub.nodes["gpu-2"].ws
+    assert hub.registry.nodes["gpu-1"].ws is not hub.registry.nodes["gpu-2"].ws
     await expect(gpu1, "job", job_id=victim_job["job_id"])
 
 
@@ -791,7 +789,7 @@ def test_check_exposure_insecure_logs_a_warning(caplog: pytest.LogCaptureFixture
     check_exposure(Settings(host="0.0.0.0", insecure=True))
     [record] = caplog.records
     assert record.levelno == logging.WARNING
-    assert record.name == "hub.server"
+    assert record.name == "hub.gate"
     assert "0.0.0.0" in record.getMessage()
 
 
@@ -807,30 +805,13 @@ def test_check_exposure_passes_with_node_and_session_auth(
 def test_hub_serve_on_all_interfaces_without_auth_exits_with_one_line(tmp_path: Path) -> None:
     # No HUB_* settings, and no asyncio debug (its slow-callback warnings are
     # not the CLI's output).
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("HUB_") and k != "PYTHONASYNCIODEBUG"
-    }
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hub",
-            "serve",
-            "--host",
-            "0.0.0.0",
-            "--port",
-            "0",
-            "--data-dir",
-            str(tmp_path / "data"),
-        ],
+    proc = run_command(
+        hub_command(
+            "serve", "--host", "0.0.0.0", "--port", "0", "--data-dir", str(tmp_path / "data")
+        ),
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
+        env=child_env(drop_hub_settings=True),
+        timeout_s=30,
     )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()

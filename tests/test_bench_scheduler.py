@@ -10,7 +10,8 @@ from types import ModuleType
 
 import pytest
 import redis as sync_redis
-from helpers import RedisProcess
+
+from loadtest.procs import RedisProcess
 
 
 def _load_bench() -> ModuleType:

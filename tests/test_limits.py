@@ -17,8 +17,15 @@ from urllib.parse import quote
 
 import orjson
 import pytest
-from helpers import MS, glob_escape, wait_for
-from hubtools import (
+from redis.asyncio import Redis
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import InvalidStatus
+from websockets.protocol import State
+
+from hub.app import Hub
+from hub.keys import Keys
+from tests.helpers import MS, glob_escape, wait_for
+from tests.hubtools import (
     binary_job,
     expect,
     expect_closed,
@@ -29,13 +36,6 @@ from hubtools import (
     send,
     submit,
 )
-from redis.asyncio import Redis
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import InvalidStatus
-from websockets.protocol import State
-
-from hub.keys import Keys
-from hub.server import Hub
 
 MakeHub = Callable[..., Awaitable[Hub]]
 Connect = Callable[..., Awaitable[ClientConnection]]
@@ -394,7 +394,7 @@ async def test_max_connections_is_http_503(make_hub: MakeHub, connect: Connect) 
     status, _, _ = await http_get(hub.port, "/readyz")
     assert status == 200
     await clients[0].close()
-    await wait_for(lambda: hub._connections < 3, what="a slot to free")
+    await wait_for(lambda: hub.gate.connections < 3, what="a slot to free")
     await open_session(connect, hub)
 
 
@@ -405,7 +405,7 @@ async def test_max_connections_per_ip_is_http_429(make_hub: MakeHub, connect: Co
     assert await refused_status(connect, hub, "/v1/session") == 429
     assert await refused_status(connect, hub, "/v1/node") == 429
     await first.close()
-    await wait_for(lambda: hub._connections < 2, what="a slot to free")
+    await wait_for(lambda: hub.gate.connections < 2, what="a slot to free")
     await open_session(connect, hub)
 
 
@@ -473,7 +473,7 @@ async def test_slow_session_is_closed_4005(make_hub: MakeHub, connect: Connect) 
     await submit(session, "c-1")
     await expect(session, "accepted", ref="c-1")
     job = await expect(node, "job")
-    link = hub.sessions[welcome["session_id"]]
+    link = hub.registry.sessions[welcome["session_id"]]
 
     # The session stops reading; the node streams big partials at it.
     assert session.transport is not None

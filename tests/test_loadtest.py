@@ -11,21 +11,19 @@ behind. They do not check speed.
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import MS, process_gone, wait_for_sync
 
 from loadtest.hdr import Histogram, bucket_bounds, bucket_index
+from loadtest.procs import process_gone, run_command
 from loadtest.report import table
 from loadtest.scenarios import Plan, ServiceTime, overload_interval_ms
+from tests.helpers import MS, wait_for_sync
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 NO_RESULT = "session: no result before the drain time ran out"
 
 # Histogram
@@ -102,8 +100,6 @@ def test_overload_offers_a_multiple_of_capacity() -> None:
 
 
 def run_loadtest(out: Path, *extra: str, expect_ok: bool = True) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"}
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     args = [
         sys.executable,
         "-m",
@@ -131,9 +127,7 @@ def run_loadtest(out: Path, *extra: str, expect_ok: bool = True) -> dict[str, An
         str(out),
         *extra,
     ]
-    proc = subprocess.run(
-        args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+    proc = run_command(args)
     report_path = out / "report.json"
     assert report_path.exists(), proc.stdout + proc.stderr
     report: dict[str, Any] = json.loads(report_path.read_text())

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 import redis as sync_redis
-from helpers import RedisProcess
 
 from hub.scripts import SCRIPT_NAMES, load_script_sources
+from loadtest.procs import RedisProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import MS, RedisProcess
 from redis import exceptions as redis_errors
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
@@ -24,6 +22,8 @@ from hub.redisconn import (
     HiredisUnixDomainSocketConnection,
     client_from_url,
 )
+from loadtest.procs import RedisProcess
+from tests.helpers import MS
 
 
 class Code(enum.IntEnum):
@@ -178,12 +178,12 @@ async def test_write_timeout_closes_the_connection(
     client = client_from_url(server.url, socket_timeout=200 * MS, retry=Retry(NoBackoff(), 0))
     try:
         await client.ping()
-        os.kill(server.pid, signal.SIGSTOP)  # reads nothing: the socket buffers fill up
+        server.freeze()  # reads nothing: the socket buffers fill up
         try:
             with pytest.raises(redis_errors.TimeoutError, match="Timeout writing to socket"):
                 await client.set("big", b"x" * 64_000_000)
         finally:
-            os.kill(server.pid, signal.SIGCONT)
+            server.thaw()
         (conn,) = client.connection_pool._available_connections
         assert not conn.is_connected
         assert await client.ping() is True

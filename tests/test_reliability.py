@@ -1,12 +1,13 @@
-"""Reliability (issue 6): kill anything, lose nothing.
+"""Reliability: kill anything, lose nothing.
 
 Each test starts real processes (``python -m hub serve`` hubs and node
-workers of :mod:`loadtest.chaos`, killed with real signals) or real Redis
+workers of :mod:`loadtest.procs`, killed with real signals) or real Redis
 servers (stopped, killed, restarted), next to in-process hubs and clients
 whose insides the test reads. Every wait is bounded and a multiple of
-:data:`helpers.MS`; every process a test starts is killed at teardown.
+:data:`tests.helpers.MS`; every process a test starts is killed at teardown
+(the ``processes`` fixture).
 
-Faults, as numbered in the issue:
+Faults, numbered as the sections below:
 
 1. a node process SIGKILLed mid-job;
 2. a node that stops answering pings but keeps its socket open;
@@ -21,22 +22,27 @@ Faults, as numbered in the issue:
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
-import signal
-import socket
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 import pytest
-from helpers import MS, RedisProcess, wait_for
-from hubtools import (
+from redis.asyncio import Redis
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+
+from hub.app import Hub
+from hub.client import Backoff, Job, JobRefused, NodeClient, SessionClient
+from hub.keys import Keys
+from loadtest.chaos import RotatingSessionClient
+from loadtest.procs import HubProcess, NodeProcess, Processes, RedisProcess, rss_kb
+from tests.helpers import MS, wait_for
+from tests.hubtools import (
     Connect,
     Frame,
     RawNode,
@@ -52,13 +58,6 @@ from hubtools import (
     submit,
     wait_running,
 )
-from redis.asyncio import Redis
-from websockets.asyncio.client import connect as ws_connect
-
-from hub.client import Backoff, Job, JobRefused, NodeClient, SessionClient
-from hub.keys import Keys
-from hub.server import Hub
-from loadtest.chaos import HubProcess, NodeProcess, RotatingSessionClient, rss_kb_of
 
 MakeHub = Callable[..., Awaitable[Hub]]
 
@@ -72,7 +71,8 @@ PROCESS_HUB_SETTINGS: dict[str, Any] = {
     "shutdown_grace_s": 0.5,
     "redis_timeout_s": 1.0,
 }
-"""Settings of the ``hub serve`` processes (the lease is set per test)."""
+"""Settings of the ``hub serve`` processes of the ``processes`` fixture (the lease
+is set per test)."""
 
 FAST = Backoff(min_s=20 * MS, max_s=200 * MS)
 """Reconnection delays of in-process clients."""
@@ -82,55 +82,25 @@ def url_of(hub: Hub | HubProcess) -> str:
     return hub.url if isinstance(hub, HubProcess) else f"ws://127.0.0.1:{hub.port}"
 
 
-class Processes:
-    """Hub and node child processes of one test, killed by pid at teardown."""
-
-    def __init__(self, log_dir: Path, redis_url: str, cell: str) -> None:
-        self.log_dir = log_dir
-        self.redis_url = redis_url
-        self.cell = cell
-        self.started: list[HubProcess | NodeProcess] = []
-
-    async def hub(
-        self, hub_id: str, *, redis_url: str | None = None, **settings: Any
-    ) -> HubProcess:
-        """A ``hub serve`` process on the test's cell, started and ready."""
-        process = HubProcess(
-            hub_id,
-            redis_url=redis_url or self.redis_url,
-            cell=self.cell,
-            log_dir=self.log_dir,
-            settings=PROCESS_HUB_SETTINGS | settings,
-        )
-        self.started.append(process)
-        await process.start(timeout_s=20_000 * MS)
-        await process.wait_ready(timeout_s=20_000 * MS)
-        return process
-
-    async def node(self, node_id: str, urls: list[str], **kwargs: Any) -> NodeProcess:
-        """A node worker process, started and registered."""
-        process = NodeProcess(node_id, urls, log_dir=self.log_dir, **kwargs)
-        self.started.append(process)
-        await process.start()
-        await process.wait_registered(timeout_s=20_000 * MS)
-        return process
-
-    async def close(self) -> None:
-        for process in self.started:
-            process.kill()  # by pid; a SIGSTOPped process dies of it too
-        for process in self.started:
-            await process.wait(timeout_s=5000 * MS)
+NodeProcessOnHub = Callable[..., Awaitable[tuple[Hub, NodeProcess, ClientConnection]]]
 
 
 @pytest.fixture
-async def processes(
-    redis_server: RedisProcess, keys: Keys, tmp_path: Path
-) -> AsyncIterator[Processes]:
-    procs = Processes(tmp_path, redis_server.url, keys.cell)
-    try:
-        yield procs
-    finally:
-        await procs.close()
+def node_process_on_hub(
+    make_hub: MakeHub, processes: Processes, connect: Connect
+) -> NodeProcessOnHub:
+    """Factory: ``hub, node, session = await node_process_on_hub("n1", max_jobs=2)``.
+
+    An in-process hub with 200 ms heartbeats and a :data:`LEASE_MS` lease, a
+    node worker process registered with it and a session connected to it.
+    """
+
+    async def make(node_id: str, *, max_jobs: int) -> tuple[Hub, NodeProcess, ClientConnection]:
+        hub = await make_hub(heartbeat_interval_ms=200, node_lease_ms=LEASE_MS)
+        node = await processes.node(node_id, [url_of(hub)], max_jobs=max_jobs)
+        return hub, node, await open_session(connect, hub)
+
+    return make
 
 
 class Recorder:
@@ -196,15 +166,9 @@ async def job_record(redis: Redis, keys: Keys, job_id: str) -> dict[str, str]:
 
 
 async def test_killed_node_jobs_are_redispatched_to_another_node_at_once(
-    make_hub: MakeHub,
-    processes: Processes,
-    connect: Connect,
-    redis: Redis,
-    keys: Keys,
+    node_process_on_hub: NodeProcessOnHub, redis: Redis, keys: Keys
 ) -> None:
-    hub = await make_hub(heartbeat_interval_ms=200, node_lease_ms=LEASE_MS)
-    doomed = await processes.node("doomed", [url_of(hub)], max_jobs=2)
-    session = await open_session(connect, hub)
+    hub, doomed, session = await node_process_on_hub("doomed", max_jobs=2)
     refs = {"c-1", "c-2"}
     for ref in sorted(refs):
         await submit(session, ref, payload={"text": ref, "ms": 60_000})
@@ -235,15 +199,9 @@ async def test_killed_node_jobs_are_redispatched_to_another_node_at_once(
 
 
 async def test_killed_node_jobs_fail_with_node_lost_when_no_node_can_take_them(
-    make_hub: MakeHub,
-    processes: Processes,
-    connect: Connect,
-    redis: Redis,
-    keys: Keys,
+    node_process_on_hub: NodeProcessOnHub, redis: Redis, keys: Keys
 ) -> None:
-    hub = await make_hub(heartbeat_interval_ms=200, node_lease_ms=LEASE_MS)
-    doomed = await processes.node("doomed", [url_of(hub)], max_jobs=2)
-    session = await open_session(connect, hub)
+    _, doomed, session = await node_process_on_hub("doomed", max_jobs=2)
     await submit(session, "c-1", payload={"text": "a", "ms": 60_000})
     await submit(session, "c-2", payload={"text": "b", "ms": 60_000}, timeout_ms=60_000)
     for _ in range(2):
@@ -323,15 +281,9 @@ async def test_silent_node_is_lost_after_the_lease_and_its_late_result_is_stale(
 
 
 async def test_stopped_node_process_is_lost_and_resumes_cleanly_when_continued(
-    make_hub: MakeHub,
-    processes: Processes,
-    connect: Connect,
-    redis: Redis,
-    keys: Keys,
+    node_process_on_hub: NodeProcessOnHub, redis: Redis, keys: Keys
 ) -> None:
-    hub = await make_hub(heartbeat_interval_ms=200, node_lease_ms=LEASE_MS)
-    frozen = await processes.node("frozen", [url_of(hub)], max_jobs=1)
-    session = await open_session(connect, hub)
+    hub, frozen, session = await node_process_on_hub("frozen", max_jobs=1)
     await submit(session, "c-1", payload={"text": "hi", "ms": 1500})
     accepted = await expect(session, "accepted", node_id="frozen", attempt=1)
     job_id = accepted["job_id"]
@@ -340,7 +292,7 @@ async def test_stopped_node_process_is_lost_and_resumes_cleanly_when_continued(
     async with node_client(hub, "backup", recorder) as backup:
         backup.start()
         await backup.wait_registered()
-        frozen.signal(signal.SIGSTOP)  # the socket stays open; nobody answers pings
+        frozen.freeze()  # the socket stays open; nobody answers pings
         stopped_at = time.monotonic()
         frames = await collect_results(session, {"c-1"}, within=5000 * MS)
         # The lease runs from its last heartbeat, up to one interval before the stop.
@@ -349,7 +301,7 @@ async def test_stopped_node_process_is_lost_and_resumes_cleanly_when_continued(
         assert frames["c-1"][-1]["result"] == {"text": "HI", "attempt": 2}
         # Past the hub's close timeout (2 s), the old connection is gone.
         await asyncio.sleep(2500 * MS)
-        frozen.signal(signal.SIGCONT)
+        frozen.thaw()
         # It finishes attempt 1, reconnects, resumes it and is told to drop it.
         await wait_for(lambda: frozen.registrations == 2, timeout=5000 * MS, what="re-registration")
         await expect_silence(session, 500 * MS)
@@ -717,7 +669,7 @@ async def test_redis_down_10s_sessions_get_unavailable_and_hub_memory_stays_boun
         loops = [asyncio.create_task(load(s)) for s in sessions]
         await asyncio.sleep(1000 * MS)  # warm up
         assert outcomes and all(o == "finished" for o in outcomes)
-        rss_before = rss_kb_of(outer.pid)
+        rss_before = rss_kb(outer.pid)
         assert rss_before is not None
 
         await asyncio.to_thread(server.kill)
@@ -729,8 +681,8 @@ async def test_redis_down_10s_sessions_get_unavailable_and_hub_memory_stays_boun
                 (
                     len(inner.scheduler._pending),
                     len(inner.bus._outbox),
-                    len(inner._tasks),
-                    rss_kb_of(outer.pid) or 0,
+                    len(inner.tasks),
+                    rss_kb(outer.pid) or 0,
                 )
             )
         gap_outcomes = len(outcomes)
@@ -771,25 +723,6 @@ async def test_redis_down_10s_sessions_get_unavailable_and_hub_memory_stays_boun
 # 7. A session that never reads
 
 
-async def _raw_session(port: int, rcvbuf: int = 4096) -> RawNode:
-    """A session connection that reads only when told to, with a small receive buffer."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=rcvbuf)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        f"GET /v1/session HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101 "), head
-    return RawNode(reader, writer)
-
-
 async def test_slow_session_is_closed_with_4005_and_others_are_unaffected(
     make_hub: MakeHub,
 ) -> None:
@@ -822,7 +755,7 @@ async def test_slow_session_is_closed_with_4005_and_others_are_unaffected(
             for _ in range(3)
         ]
         before = [t for ts in await asyncio.gather(*(latencies(s, 20) for s in others)) for t in ts]
-        slow = await _raw_session(hub.port)
+        slow = await RawNode.open(hub.port, "/v1/session", rcvbuf=4096)
         try:
             _, data = await slow.recv_frame()
             assert orjson.loads(data)["type"] == "welcome"
@@ -844,31 +777,13 @@ async def test_slow_session_is_closed_with_4005_and_others_are_unaffected(
             slow.abort()
         # Still correct for everyone else.
         after = await latencies(others[0], 5)
-        assert len(hub.sessions) == 3
+        assert len(hub.registry.sessions) == 3
     p50_before, p50_during = statistics.median(before), statistics.median(during)
     assert p50_during < max(10 * p50_before, 200 * MS), (p50_before, p50_during)
     assert len(after) == 5
 
 
 # 8. A node that never reads
-
-
-async def _raw_node(port: int, rcvbuf: int = 4096) -> RawNode:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=rcvbuf)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        f"GET /v1/node HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101 "), head
-    return RawNode(reader, writer)
 
 
 @pytest.mark.parametrize("policy", ["lease-expires", "too-slow", "deadline-passes"])
@@ -884,7 +799,7 @@ async def test_slow_node_that_never_reads_loses_its_jobs_once(
         hub = await make_hub(send_buffer_bytes=1024 * 1024, node_lease_ms=60_000)
     else:
         hub = await make_hub(heartbeat_interval_ms=100, node_lease_ms=60_000)
-    slow = await _raw_node(hub.port)
+    slow = await RawNode.open(hub.port, "/v1/node", rcvbuf=4096)
     try:
         await slow.send_json(
             type="register", node_id="slow", services=["asr"], languages=["en", "fr"], max_jobs=8

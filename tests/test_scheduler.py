@@ -12,14 +12,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import random
-import signal
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import pytest
-from helpers import MS, RedisProcess, wait_for
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -31,6 +28,8 @@ from hub.keys import Keys
 from hub.node_scripts import pool_id
 from hub.redisconn import client_from_url
 from hub.scheduler import Scheduler
+from loadtest.procs import RedisProcess
+from tests.helpers import MS, wait_for
 
 T0 = 1_000_000
 SERVICES = ("asr", "nmt")
@@ -491,14 +490,14 @@ async def test_reply_timeout_fails_the_batch_and_never_reuses_its_socket(
     scheduler = Scheduler(client, SETTINGS, hub_id="h1", keys=Keys("timeout"))
     try:
         await scheduler.load_scripts()
-        os.kill(server.pid, signal.SIGSTOP)
+        server.freeze()
         try:
             with pytest.raises(RedisUnavailable):
                 await scheduler.register_node(
                     "n1", services=SERVICES, lang_pairs=[("en", "fr")], max_jobs=1, now_ms=T0
                 )
         finally:
-            os.kill(server.pid, signal.SIGCONT)
+            server.thaw()
         # The socket was closed: register_node's late reply is never read as
         # the reply to another call. (The script did run once SIGCONT came.)
         assert not any(c.is_connected for c in client.connection_pool._available_connections)

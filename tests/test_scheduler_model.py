@@ -23,7 +23,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
-from helpers import RedisProcess
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -54,6 +53,7 @@ from hub.events import (
 from hub.keys import Keys
 from hub.node_scripts import pool_id
 from hub.scheduler import Scheduler
+from loadtest.procs import RedisProcess
 
 T0 = 1_000_000
 SERVICES = ("asr", "nmt")

@@ -1,4 +1,4 @@
-"""End-to-end tests of hub/server.py: real sockets, a real Redis (issue 3).
+"""End-to-end tests of the hub (hub/app.py and its parts): real sockets, a real Redis.
 
 Each test starts its own hub on port 0 with the ``make_hub`` / ``hub``
 fixtures (tests/conftest.py) on a fresh cell, and talks to it with plain
@@ -15,8 +15,14 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 import pytest
-from helpers import MS, RedisProcess, wait_for
-from hubtools import (
+from redis.asyncio import Redis
+from websockets.exceptions import InvalidHandshake
+
+from hub.app import Hub
+from hub.keys import Keys
+from loadtest.procs import RedisProcess
+from tests.helpers import MS, wait_for
+from tests.hubtools import (
     ALL_BYTES,
     Connect,
     RawNode,
@@ -35,11 +41,6 @@ from hubtools import (
     submit,
     wait_running,
 )
-from redis.asyncio import Redis
-from websockets.exceptions import InvalidHandshake
-
-from hub.keys import Keys
-from hub.server import Hub
 
 MakeHub = Callable[..., Awaitable[Hub]]
 

@@ -13,8 +13,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from helpers import MS, wait_for
-from hubtools import (
+from redis.asyncio import Redis
+from websockets.asyncio.client import ClientConnection
+
+from hub.app import Hub
+from hub.keys import Keys
+from tests.helpers import MS, wait_for
+from tests.hubtools import (
     ALL_BYTES,
     Connect,
     binary_job,
@@ -33,11 +38,6 @@ from hubtools import (
     submit,
     wait_running,
 )
-from redis.asyncio import Redis
-from websockets.asyncio.client import ClientConnection
-
-from hub.keys import Keys
-from hub.server import Hub
 
 MakeHub = Callable[..., Awaitable[Hub]]
 

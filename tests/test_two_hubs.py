@@ -1,27 +1,29 @@
-"""Several hubs share one Redis (issue 3): a session on hub A, a node on hub B.
+"""Several hubs share one Redis: a session on hub A, a node on hub B.
 
 Frames between hubs travel through each hub's Redis channel (hub/bus.py).
-The first tests run two :class:`~hub.server.Hub` objects in this process;
+The first tests run two :class:`~hub.app.Hub` objects in this process;
 the last one runs two real ``python -m hub serve`` processes.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import re
-import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import orjson
 import pytest
-from helpers import MS, RedisProcess, wait_for
-from hubtools import (
+from redis.asyncio import Redis
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+
+from hub.app import Hub
+from hub.keys import Keys
+from hub.scheduler import Scheduler
+from loadtest.procs import Processes
+from tests.helpers import MS
+from tests.hubtools import (
     ALL_BYTES,
     Connect,
+    Frame,
     RawNode,
     check_invariants,
     expect,
@@ -38,22 +40,30 @@ from hubtools import (
     submit,
     wait_running,
 )
-from redis.asyncio import Redis
-from websockets.asyncio.client import connect as ws_connect
-
-import hub as hub_package
-from hub.keys import Keys
-from hub.scheduler import Scheduler
-from hub.server import Hub
 
 MakeHub = Callable[..., Awaitable[Hub]]
-REPO_ROOT = Path(hub_package.__file__).resolve().parent.parent
 
 
 @pytest.fixture
 async def hubs(make_hub: MakeHub) -> tuple[Hub, Hub]:
     """Hub A and hub B on the same cell."""
     return await make_hub(hub_id="hub-a"), await make_hub(hub_id="hub-b")
+
+
+async def job_across_hubs(
+    hubs: tuple[Hub, Hub], connect: Connect
+) -> tuple[ClientConnection, ClientConnection, Frame]:
+    """A session on hub A whose job ``c-1`` runs on node ``gpu-1`` of hub B.
+
+    Returns:
+        The session, the node and the node's ``job`` frame.
+    """
+    a, b = hubs
+    node = await open_node(connect, b, "gpu-1")
+    session = await open_session(connect, a)
+    await submit(session, "c-1")
+    await expect(session, "accepted", ref="c-1")
+    return session, node, await expect(node, "job")
 
 
 # Two hubs in one process
@@ -105,12 +115,7 @@ async def test_binary_audio_crosses_hubs_byte_exact(
 async def test_cancel_on_hub_a_reaches_the_node_on_hub_b(
     hubs: tuple[Hub, Hub], connect: Connect, redis: Redis, keys: Keys
 ) -> None:
-    a, b = hubs
-    node = await open_node(connect, b, "gpu-1")
-    session = await open_session(connect, a)
-    await submit(session, "c-1")
-    await expect(session, "accepted", ref="c-1")
-    job = await expect(node, "job")
+    session, node, job = await job_across_hubs(hubs, connect)
     await session.send('{"type": "cancel", "ref": "c-1"}')
     await expect(session, "result", ref="c-1", status="failed", error="CANCELLED")
     await expect(node, "cancel", job_id=job["job_id"], attempt=1, reason="CANCELLED")
@@ -124,12 +129,7 @@ async def test_cancel_on_hub_a_reaches_the_node_on_hub_b(
 async def test_session_leaving_hub_a_cancels_its_job_on_hub_b(
     hubs: tuple[Hub, Hub], connect: Connect, redis: Redis, keys: Keys
 ) -> None:
-    a, b = hubs
-    node = await open_node(connect, b, "gpu-1")
-    session = await open_session(connect, a)
-    await submit(session, "c-1")
-    await expect(session, "accepted", ref="c-1")
-    job = await expect(node, "job")
+    session, node, job = await job_across_hubs(hubs, connect)
     await session.close()
     await expect(node, "cancel", job_id=job["job_id"], reason="CANCELLED")
     await wait_running(redis, keys, "gpu-1", 0)
@@ -240,101 +240,15 @@ async def test_status_of_either_hub_shows_the_whole_fleet(
 # Two hub processes
 
 
-class HubProcess:
-    """``python -m hub serve`` as a child process; :attr:`port` parsed from its output."""
-
-    def __init__(self, process: asyncio.subprocess.Process, port: int):
-        self.process = process
-        self.port = port
-
-    async def terminate(self, within: float = 10_000 * MS) -> int:
-        """SIGTERM, then wait (bounded) for the exit status."""
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(within):
-            return await self.process.wait()
-
-
-StartHub = Callable[..., Awaitable[HubProcess]]
-
-
-@pytest.fixture
-async def start_hub(
-    redis_server: RedisProcess, keys: Keys, tmp_path: Path
-) -> AsyncIterator[StartHub]:
-    """Factory of hub processes on the test's cell; killed at teardown if still running."""
-    started: list[HubProcess] = []
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.pop("PYTHONASYNCIODEBUG", None)
-
-    async def start(hub_id: str) -> HubProcess:
-        # A raw descriptor: the child writes its log there, nobody reads a pipe.
-        log = os.open(tmp_path / f"{hub_id}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "hub",
-                "serve",
-                "--port",
-                "0",
-                "--redis-url",
-                redis_server.url,
-                "--cell",
-                keys.cell,
-                "--hub-id",
-                hub_id,
-                "--set",
-                "heartbeat_interval_ms=200",
-                "--set",
-                "resume_window_s=0",
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                env=env,
-                cwd=tmp_path,
-            )
-        finally:
-            os.close(log)
-        port = None
-        try:
-            async with asyncio.timeout(15_000 * MS):
-                assert process.stdout is not None
-                while port is None:
-                    line = await process.stdout.readline()
-                    if not line:
-                        break
-                    match = re.search(rb"ws://127\.0\.0\.1:(\d+)/v1/node", line)
-                    if match:
-                        port = int(match.group(1))
-        except TimeoutError:
-            pass
-        hub_process = HubProcess(process, port or 0)
-        started.append(hub_process)
-        if port is None:
-            text = (tmp_path / f"{hub_id}.log").read_text(errors="replace")[-2000:]
-            raise AssertionError(f"hub {hub_id} printed no node URL; log: {text}")
-        return hub_process
-
-    try:
-        yield start
-    finally:
-        for hub_process in started:
-            if hub_process.process.returncode is None:
-                hub_process.process.kill()
-                await hub_process.process.wait()
+PROCESS_HUB_SETTINGS = {"heartbeat_interval_ms": 200, "resume_window_s": 0}
+"""Settings of the hub processes of the ``processes`` fixture."""
 
 
 async def test_two_hub_processes_share_one_redis(
-    start_hub: StartHub, redis: Redis, keys: Keys
+    processes: Processes, redis: Redis, keys: Keys
 ) -> None:
-    a = await start_hub("proc-a")
-    b = await start_hub("proc-b")
-    for process in (a, b):
-        await wait_for(
-            lambda port=process.port: _ready(port), timeout=5000 * MS, what="/readyz 200"
-        )
+    a = await processes.hub("proc-a", timeout_s=15_000 * MS)
+    b = await processes.hub("proc-b", timeout_s=15_000 * MS)
     options = {"open_timeout": 2000 * MS, "close_timeout": 500 * MS}
     async with (
         ws_connect(f"ws://127.0.0.1:{b.port}/v1/node", **options) as node,
@@ -352,17 +266,10 @@ async def test_two_hub_processes_share_one_redis(
         await expect(session, "result", ref="c-2", result={"n": 256})
 
         # SIGTERM to hub B: its node is told to go (1001) and released in Redis.
-        assert await b.terminate() == 0
+        assert await b.stop(10_000 * MS) == 0
         await expect_closed(node, 1001)
         assert (await node_hash(redis, keys, "gpu-1"))["state"] == "lost"
         # Hub A lives on: the pair now has no live node.
         await submit(session, "c-3")
         await expect(session, "error", ref="c-3", code="EMPTY_POOL")
-    assert await a.terminate() == 0
-
-
-async def _ready(port: int) -> bool:
-    try:
-        return (await http_get(port, "/readyz"))[0] == 200
-    except OSError:
-        return False
+    assert await a.stop(10_000 * MS) == 0

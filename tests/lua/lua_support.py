@@ -1,7 +1,7 @@
 """Helpers for the Lua script tests: registering nodes, reading Redis state.
 
-Import as ``from lua_support import T0, register, node_hash`` (``tests/lua/`` is
-on ``sys.path`` while its tests run). Every time is explicit: tests pass
+Import as ``from tests.lua.lua_support import T0, register, node_hash``.
+Every time is explicit: tests pass
 ``now_ms`` from :data:`T0` on, never 0 (Redis ``TIME``), so they are
 deterministic and need no sleeps.
 """

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from lua_support import T0, free, job_hash, node_hash, pool_of, register, smembers
 
 from hub.errors import ErrorCode, SchedulingError
 from hub.events import CancelAttempt, Cancellation, Dispatch, JobEnded, Queued
+
+from .lua_support import T0, free, job_hash, node_hash, pool_of, register, smembers
 
 POOL = pool_of()
 

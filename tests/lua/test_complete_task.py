@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from lua_support import (
+
+from hub.errors import ErrorCode, SchedulingError
+from hub.events import Beat, Completion, JobEnded, Queued
+
+from .lua_support import (
     T0,
     dispatch_of,
     dispatches,
@@ -14,9 +18,6 @@ from lua_support import (
     register,
     smembers,
 )
-
-from hub.errors import ErrorCode, SchedulingError
-from hub.events import Beat, Completion, JobEnded, Queued
 
 POOL = pool_of()
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from lua_support import T0, free, node_hash, pool_of, register
 
 from hub.errors import ErrorCode, SchedulingError
 from hub.events import NodeLost, Queued
+
+from .lua_support import T0, free, node_hash, pool_of, register
 
 POOL = pool_of()
 

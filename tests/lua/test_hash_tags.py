@@ -15,8 +15,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from helpers import MS, RedisProcess, wait_for
-from lua_support import WORKLOAD_SETTINGS, WORKLOAD_STEPS, run_every_script
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -25,6 +23,10 @@ from redis.exceptions import ResponseError
 from hub.keys import Keys
 from hub.scheduler import Scheduler
 from hub.scripts import SCRIPT_NAMES, load_script_sources
+from loadtest.procs import RedisProcess
+from tests.helpers import MS, wait_for
+
+from .lua_support import WORKLOAD_SETTINGS, WORKLOAD_STEPS, run_every_script
 
 CLUSTER_SLOTS = 16384
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from lua_support import T0, free, job_hash, node_hash, pool_of, register
-
 from hub.errors import ErrorCode
 from hub.events import Accepted, Beat, Dispatch, Queued
+
+from .lua_support import T0, free, job_hash, node_hash, pool_of, register
 
 POOL = pool_of()
 

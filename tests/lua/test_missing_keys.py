@@ -8,9 +8,9 @@ taken for good.
 
 from __future__ import annotations
 
-from lua_support import T0, dispatches, ended, free, job_hash, node_hash, pool_of, register
-
 from hub.events import NodeLost, Queued, SweepReport
+
+from .lua_support import T0, dispatches, ended, free, job_hash, node_hash, pool_of, register
 
 POOL = pool_of()
 

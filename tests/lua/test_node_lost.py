@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from lua_support import (
+
+from hub.errors import ErrorCode, SchedulingError
+from hub.events import CancelAttempt, JobEnded, NodeLost
+
+from .lua_support import (
     T0,
     cancels,
     dispatch_of,
@@ -16,9 +20,6 @@ from lua_support import (
     register,
     smembers,
 )
-
-from hub.errors import ErrorCode, SchedulingError
-from hub.events import CancelAttempt, JobEnded, NodeLost
 
 POOL = pool_of()
 ALPHA = pool_of("alpha")

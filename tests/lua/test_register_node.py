@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from lua_support import (
+
+from hub.errors import ErrorCode, SchedulingError
+from hub.events import Beat, CancelAttempt, JobEnded, NodeReplaced, Queued
+
+from .lua_support import (
     EN_FR,
     T0,
     cancels,
@@ -19,9 +23,6 @@ from lua_support import (
     replaced,
     smembers,
 )
-
-from hub.errors import ErrorCode, SchedulingError
-from hub.events import Beat, CancelAttempt, JobEnded, NodeReplaced, Queued
 
 POOL = pool_of()
 

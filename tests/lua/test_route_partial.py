@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from lua_support import T0, register
 from redis.asyncio import Redis
 
 from hub.errors import ErrorCode, SchedulingError
 from hub.events import Accepted, PartialRoute, Queued
 from hub.keys import Keys
 from hub.scheduler import Scheduler
+
+from .lua_support import T0, register
 
 
 async def cell_dump(redis: Redis, keys: Keys) -> dict[bytes, tuple[bytes, int]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from lua_support import (
+from hub.events import CancelAttempt, JobEnded, NodeLost, Queued, SweepReport
+
+from .lua_support import (
     T0,
     cancels,
     dispatches,
@@ -14,8 +16,6 @@ from lua_support import (
     register,
     smembers,
 )
-
-from hub.events import CancelAttempt, JobEnded, NodeLost, Queued, SweepReport
 
 POOL = pool_of()
 LEASE = 15_000  # node_lease_ms of the test settings
