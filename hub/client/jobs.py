@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 from ..protocol import NodeJob
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .node import NodeClient
 
 __all__ = ["Handler", "Job", "JobResult", "Partial", "PartialCallback", "StreamEvent"]
 
@@ -30,7 +27,10 @@ class Job(NodeJob):
     (the session's audio byte for byte, or ``None`` for a text-only job).
     """
 
-    _node: NodeClient = dataclasses.field(repr=False, compare=False, kw_only=True)
+    _send_partial: Callable[[Job, Mapping[str, Any]], Awaitable[None]] = dataclasses.field(
+        repr=False, compare=False, kw_only=True
+    )
+    """How the node that runs the job sends its partials."""
 
     async def partial(self, result: Mapping[str, Any]) -> None:
         """Send an intermediate result to the session (protocol.md §3.6).
@@ -41,7 +41,7 @@ class Job(NodeJob):
         Raises:
             TypeError: if ``result`` cannot be encoded as a JSON object.
         """
-        await self._node._send_partial(self, result)
+        await self._send_partial(self, result)
 
 
 Handler: TypeAlias = Callable[[Job], Awaitable[Mapping[str, Any] | None]]

@@ -345,7 +345,7 @@ class NodeClient(Link[ToNodeFrame]):
             frame.payload,
             frame.deadline_ms,
             frame.audio,
-            _node=self,
+            _send_partial=self._send_partial,
         )
         # A newer attempt of a job we still run replaces it.
         self._cancel_job(job.job_id, None)
