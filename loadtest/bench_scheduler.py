@@ -44,9 +44,8 @@ the baselines (pipelined, one at a time, then the diagnostic one), each for
 ``--rounds`` rounds are printed. Interleaving keeps slow drifts of the machine
 from favouring one size.
 
-The percentage answers the target of issue 2, read literally: "pipelined
-dispatch+complete pairs per second reach at least 50% of the rate of a trivial
-script called the same way", i.e.::
+The percentage compares pipelined dispatch+complete pairs per second with
+the rate of a trivial script called the same way, i.e.::
 
     pipelined pairs/s / baseline pipelined calls/s   >= 50 %
 

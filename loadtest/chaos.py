@@ -83,7 +83,14 @@ from hub.client.node import Job
 from hub.client.transport import endpoint
 from hub.embedded import EmbeddedRedis
 from hub.keys import Keys
-from hub.protocol import NODE_PATH, SESSION_PATH
+from hub.protocol import (
+    NODE_PATH,
+    SESSION_PATH,
+    Accepted,
+    Queued,
+    SessionResult,
+    ToSessionFrame,
+)
 
 from .procs import HubProcess, NodeProcess
 
@@ -186,7 +193,7 @@ class RotatingNodeClient(NodeClient):
             self.on_registered(self)
 
 
-FrameCallback = Callable[["RotatingSessionClient", dict[str, Any]], None]
+FrameCallback = Callable[["RotatingSessionClient", ToSessionFrame], None]
 
 
 class RotatingSessionClient(SessionClient):
@@ -228,7 +235,7 @@ class RotatingSessionClient(SessionClient):
             self.on_connected(self)
         return ws
 
-    def _on_frame(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
+    def _on_frame(self, ws: ClientConnection, frame: ToSessionFrame) -> None:
         if self.on_frame is not None:
             self.on_frame(self, frame)
         super()._on_frame(ws, frame)
@@ -518,17 +525,13 @@ class Ledger:
         self.app_results: collections.Counter[str] = collections.Counter()
         """job id -> results handed to the application."""
 
-    def on_frame(self, index: int, client: SessionClient, frame: dict[str, Any]) -> None:
-        kind = frame.get("type")
-        if kind == "accepted" or kind == "queued":
-            job_id = str(frame.get("job_id"))
-            self.refs[(index, str(frame.get("ref")))] = job_id
-            if kind == "accepted":
-                self.accepted[job_id].append(
-                    (_now(), str(frame.get("node_id")), int(frame.get("attempt") or 0))
-                )
-        elif kind == "result":
-            self.wire_results[(index, client.connections, str(frame.get("job_id")))] += 1
+    def on_frame(self, index: int, client: SessionClient, frame: ToSessionFrame) -> None:
+        if isinstance(frame, Accepted | Queued):
+            self.refs[(index, frame.ref)] = frame.job_id
+            if isinstance(frame, Accepted):
+                self.accepted[frame.job_id].append((_now(), frame.node_id, frame.attempt))
+        elif isinstance(frame, SessionResult):
+            self.wire_results[(index, client.connections, frame.job_id)] += 1
 
 
 @dataclasses.dataclass

@@ -39,6 +39,7 @@ from websockets.asyncio.client import connect as ws_connect
 from hub.app import Hub
 from hub.client import Backoff, Job, JobRefused, NodeClient, SessionClient
 from hub.keys import Keys
+from hub.protocol import Accepted, SessionResult, ToSessionFrame
 from loadtest.chaos import RotatingSessionClient
 from loadtest.procs import HubProcess, NodeProcess, Processes, RedisProcess, rss_kb
 from tests.helpers import MS, wait_for
@@ -329,10 +330,10 @@ async def test_nodes_of_a_killed_hub_resume_their_jobs_on_a_surviving_hub(
         await processes.node(f"n{i}", [a.url, b.url], max_jobs=2, start_index=0) for i in (1, 2)
     ]
     assert {n.hub_id for n in nodes} == {"hub-a"}
-    accepted: list[Frame] = []
+    accepted: list[Accepted] = []
     session = RotatingSessionClient(
         [b.url],
-        on_frame=lambda _, f: accepted.append(f) if f["type"] == "accepted" else None,
+        on_frame=lambda _, f: accepted.append(f) if isinstance(f, Accepted) else None,
         backoff=FAST,
     )
     async with session:
@@ -355,7 +356,7 @@ async def test_nodes_of_a_killed_hub_resume_their_jobs_on_a_surviving_hub(
     # Every job ran once, as attempt 1: resumed, not re-dispatched.
     runs = [key for n in nodes for key, count in n.starts.items() for _ in range(count)]
     assert sorted(runs) == sorted((r.job_id, 1) for r in results)
-    assert all(f["attempt"] == 1 for f in accepted)
+    assert accepted and all(f.attempt == 1 for f in accepted)
     stats = await redis.hgetall(keys.stats)
     assert b"redispatched" not in stats and b"nodes_lost" not in stats
     await check_invariants(redis, keys, ["n1", "n2"])
@@ -374,10 +375,10 @@ async def test_sessions_of_a_killed_hub_resume_elsewhere_and_get_each_result_onc
     await processes.node("n1", [b.url], max_jobs=8)
     wire: list[tuple[int, int, str]] = []  # (session, connection, job id) of result frames
 
-    def record(index: int) -> Callable[[RotatingSessionClient, dict[str, Any]], None]:
-        def on_frame(client: RotatingSessionClient, frame: dict[str, Any]) -> None:
-            if frame["type"] == "result":
-                wire.append((index, client.connections, frame["job_id"]))
+    def record(index: int) -> Callable[[RotatingSessionClient, ToSessionFrame], None]:
+        def on_frame(client: RotatingSessionClient, frame: ToSessionFrame) -> None:
+            if isinstance(frame, SessionResult):
+                wire.append((index, client.connections, frame.job_id))
 
         return on_frame
 
