@@ -152,7 +152,7 @@ def lang_pairs(count: int) -> list[tuple[str, str]]:
 
 
 def client(url: str) -> Redis:
-    """The client the hub uses (hub/server.py): hiredis packing, no retries, bytes replies."""
+    """The client the hub uses (hub/redisconn.py): hiredis packing, no retries, bytes replies."""
     return redis_client(url, Settings(redis_timeout_s=5.0))
 
 

@@ -211,7 +211,7 @@ def test_wheel_carries_every_lua_script(wheel: Path) -> None:
         assert f"hub/{path.relative_to(ROOT).as_posix()}" in names
     # lua/ stays at the top of the repo but lives under hub/ once installed.
     assert not any(n.startswith("lua/") for n in names)
-    # The demo page served at /demo (hub/server.py reads it from hub.static).
+    # The demo page served at /demo (hub/gate.py reads it from hub.static).
     assert "hub/static/demo.html" in names
     # Only the hub package: tests and load tests stay out.
     top_level = {n.split("/", 1)[0] for n in names}
