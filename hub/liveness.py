@@ -21,13 +21,14 @@ from websockets.exceptions import ConnectionClosed
 
 from .config import Settings
 from .errors import ErrorCode, RedisUnavailable
+from .events import Beat
 from .health import Health
 from .metrics import Metrics
 from .outbox import Outbox
 from .protocol import CloseCode
 from .registry import NodeLink, Registry
 from .router import Router
-from .scheduler import Beat, Scheduler
+from .scheduler import Scheduler
 from .tasks import Tasks
 
 __all__ = ["Liveness"]

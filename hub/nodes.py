@@ -18,13 +18,14 @@ from . import protocol as proto
 from .auth import NodeGrant
 from .config import Settings
 from .errors import ClientError, Code, RedisUnavailable, SchedulingError
+from .events import NodeReplaced
 from .health import Health
 from .metrics import Metrics
 from .outbox import Outbox
 from .protocol import CloseCode, JobId
 from .registry import NodeLink, Registry, Route
 from .router import Router
-from .scheduler import NodeReplaced, Scheduler
+from .scheduler import Scheduler
 from .tasks import Tasks
 
 __all__ = ["Nodes"]

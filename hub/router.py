@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from . import protocol as proto
+from .events import CancelAttempt, Dispatch, Event, JobEnded, NodeLost, NodeReplaced
 from .metrics import Metrics
 from .outbox import Outbox
 from .protocol import CloseCode, JobId, NodeId, SessionId
 from .registry import Route
-from .scheduler import CancelAttempt, Dispatch, Event, JobEnded, NodeLost, NodeReplaced
 
 __all__ = ["Router"]
 

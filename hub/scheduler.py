@@ -21,15 +21,10 @@ from .batcher import Batcher
 from .config import Settings
 from .events import (
     Accepted,
-    Beat,
-    CancelAttempt,
     Cancellation,
     Completion,
-    Dispatch,
     Event,
     JobEnded,
-    NodeLost,
-    NodeReplaced,
     PartialRoute,
     Queued,
     SweepReport,
@@ -43,18 +38,6 @@ from .node_scripts import NodeScripts
 from .scripts import load_script_sources
 
 __all__ = ["Scheduler", "new_job_id"]
-
-# Re-exported for hub.server until it imports hub.events
-__all__ += [
-    "Beat",
-    "CancelAttempt",
-    "Dispatch",
-    "Event",
-    "JobEnded",
-    "NodeLost",
-    "NodeReplaced",
-    "Queued",
-]
 
 
 def new_job_id() -> str:
@@ -129,11 +112,6 @@ class Scheduler(NodeScripts):
     def pending(self) -> int:
         """Script calls waiting for a pipeline."""
         return len(self.batcher.pending)
-
-    @property
-    def _pending(self) -> Sequence[Any]:
-        # For tests/test_reliability.py until it reads `pending`.
-        return self.batcher.pending
 
     async def load_scripts(self) -> None:
         """Load every script into Redis (SCRIPT LOAD); call at startup and after failover.

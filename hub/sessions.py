@@ -22,13 +22,14 @@ from . import protocol as proto
 from .auth import SessionGrant
 from .config import Settings
 from .errors import ClientError, Code, RedisUnavailable, SchedulingError
+from .events import Dispatch, JobEnded, Queued
 from .health import Health
 from .metrics import Metrics
 from .outbox import Outbox
 from .protocol import CloseCode, JobId, SessionId
 from .registry import Registry, SessionLink
 from .router import Router
-from .scheduler import Dispatch, JobEnded, Queued, Scheduler, new_job_id
+from .scheduler import Scheduler, new_job_id
 from .tasks import Tasks
 
 __all__ = ["Sessions"]

@@ -680,7 +680,7 @@ async def test_redis_down_10s_sessions_get_unavailable_and_hub_memory_stays_boun
             await asyncio.sleep(250 * MS)
             samples.append(
                 (
-                    len(inner.scheduler._pending),
+                    inner.scheduler.pending,
                     len(inner.bus._outbox),
                     len(inner.tasks),
                     rss_kb(outer.pid) or 0,
