@@ -179,6 +179,8 @@ class Liveness:
         self._tasks.spawn(ping())
 
     async def _flush_beats(self) -> None:
+        if not self._beats:
+            return
         # Only nodes still connected here: a gone node's pong must not renew its lease.
         beats = [b for b in self._beats.values() if self._registry.node_link(b.node_id, b.epoch)]
         self._beats = {}

@@ -38,27 +38,21 @@ class Router:
         """Act on each event, in order."""
         out = self._outbox
         for event in events:
-            kind = type(event)
-            if kind is Dispatch:
-                assert isinstance(event, Dispatch)
+            if type(event) is Dispatch:
                 self.dispatch(event)
-            elif kind is JobEnded:
-                assert isinstance(event, JobEnded)
+            elif type(event) is JobEnded:
                 self.ended(event)
-            elif kind is CancelAttempt:
-                assert isinstance(event, CancelAttempt)
+            elif type(event) is CancelAttempt:
                 out.send_node(
                     event.node_hub,
                     event.node_id,
                     proto.encode_cancel(JobId(event.job_id), event.attempt, event.reason),
                     untrack=event.job_id,
                 )
-            elif kind is NodeReplaced:
-                assert isinstance(event, NodeReplaced)
+            elif type(event) is NodeReplaced:
                 out.close_node(event.hub, event.node_id, event.epoch, CloseCode.REPLACED)
-            elif kind is NodeLost:
+            elif type(event) is NodeLost:
                 # The sweep may have run here while the node's socket is elsewhere.
-                assert isinstance(event, NodeLost)
                 out.close_node(event.hub, event.node_id, event.epoch, CloseCode.LOST)
 
     def dispatch(self, d: Dispatch) -> None:

@@ -36,6 +36,9 @@ __all__ = ["Sessions"]
 
 logger = logging.getLogger("hub.sessions")
 
+_UNAVAILABLE = "the scheduler is unavailable; try again"
+"""The message of the UNAVAILABLE refusals of submit and cancel."""
+
 _MAX_ABANDONING = 1000
 """Most jobs being taken back after a lost dispatch reply; past it, the sweep ends them."""
 
@@ -219,7 +222,7 @@ class Sessions:
             )
             return
         if not self._health.ready:
-            self._refuse(link, ref, Code.UNAVAILABLE, "the scheduler is unavailable; try again")
+            self._refuse(link, ref, Code.UNAVAILABLE, _UNAVAILABLE)
             return
         jid = JobId(new_job_id())
         try:
@@ -237,7 +240,7 @@ class Sessions:
             self._refuse(link, ref, exc.code, exc.message)
             return
         except RedisUnavailable:
-            self._refuse(link, ref, Code.UNAVAILABLE, "the scheduler is unavailable; try again")
+            self._refuse(link, ref, Code.UNAVAILABLE, _UNAVAILABLE)
             # The script may have run before the connection failed: take the job back.
             if len(link.abandoned) < 1024:
                 link.abandoned.add(jid)
@@ -320,9 +323,7 @@ class Sessions:
         except RedisUnavailable:
             self._outbox.push(
                 link.ws,
-                proto.encode_error(
-                    frame.ref, Code.UNAVAILABLE, "the scheduler is unavailable; try again"
-                ),
+                proto.encode_error(frame.ref, Code.UNAVAILABLE, _UNAVAILABLE),
             )
             return
         self._router.ended(done.ended)
