@@ -6,6 +6,8 @@ The parts, each in its own module, each given its collaborators here::
     Nodes       a node connection, register to gone -> Scheduler, Outbox, Router
     Sessions    a session connection, welcome to gone, submit/cancel/resume
     Router      the one consumer of scheduling events -> Outbox
+    AudioStore  the audio of jobs accepted here, bounded by a byte budget
+    Shedder     whether the hub is behind: new jobs refused OVERLOADED
     Outbox      sending, slow-consumer closing, local or bus delivery
     Registry    node, session and registering connections, by id
     Liveness    Redis watch, heartbeats, sweep
@@ -31,6 +33,7 @@ from typing import Any
 from websockets.asyncio.server import Server, serve
 
 from . import protocol as proto
+from .audio import AudioStore
 from .auth import Authenticator
 from .bus import Bus
 from .config import RedisDSN, Settings
@@ -47,6 +50,7 @@ from .registry import Registry
 from .router import Router
 from .scheduler import Scheduler
 from .sessions import Sessions
+from .shedding import Shedder
 from .tasks import Tasks
 
 __all__ = ["Hub"]
@@ -85,6 +89,7 @@ class Hub:
         self.registry = Registry()
         self.tasks = Tasks()
         limits = proto.Limits.from_settings(settings)
+        self.audio = AudioStore(settings.audio_budget_bytes)
         self.bus = Bus(
             self.redis,
             self.subscriber,
@@ -99,14 +104,20 @@ class Hub:
             self.metrics,
             self.health,
             self.tasks,
+            self.audio,
             send_buffer_bytes=settings.send_buffer_bytes,
             max_backlog=2 * limits.max_jobs_per_node,
         )
-        self.router = Router(self.outbox, self.metrics)
+        self.router = Router(self.outbox, self.metrics, self.audio, self.scheduler, self.tasks)
+        self.shedder = Shedder(
+            settings, self.scheduler.batcher, self.registry, self.audio, self.health
+        )
         parts = (self.scheduler, self.registry, self.outbox, self.router)
         common = (self.metrics, self.health, self.tasks)
         self.nodes = Nodes(self.hub_id, settings, limits, *parts, *common)
-        self.sessions = Sessions(self.hub_id, settings, limits, *parts, *common)
+        self.sessions = Sessions(
+            self.hub_id, settings, limits, *parts, *common, self.audio, self.shedder
+        )
         self.bus.on_subscribed = self.sessions.resend_lost_results
         self.liveness = Liveness(
             settings,
@@ -172,6 +183,7 @@ class Hub:
         self._loop(self.liveness.heartbeat(), "heartbeat")
         self._loop(self.liveness.sweep(), "sweep")
         self._loop(self.sessions.watch_idle(), "idle")
+        self._loop(self.shedder.watch(), "shedder")
         logger.info("= hub %s listening on %s:%d", self.hub_id, s.host, self.port)
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:

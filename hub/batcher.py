@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from redis import exceptions as redis_errors
@@ -51,6 +51,54 @@ class _Call:
         self.future = future
 
 
+class _WireDeadline:
+    """``asyncio.timeout()`` that times the wire, not this hub's event loop.
+
+    When the deadline comes and replies were read since it was set, or bytes
+    from Redis wait unread (this hub's loop was busy, Redis was not slow), it
+    moves on by another ``timeout_s``. Only ``timeout_s`` of silence from
+    Redis while replies are due fails the pipeline.
+
+    Args:
+        timeout_s: the silence allowed; ``None`` or 0: no deadline.
+        progress: a number that grows when bytes arrive or replies are read.
+    """
+
+    __slots__ = ("_fired", "_handle", "_last", "_progress", "_task", "_timeout_s")
+
+    def __init__(self, timeout_s: float | None, progress: Callable[[], int]) -> None:
+        self._timeout_s = timeout_s
+        self._progress = progress
+        self._fired = False
+        self._handle: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._last = 0
+
+    async def __aenter__(self) -> None:
+        if self._timeout_s:
+            self._task = asyncio.current_task()
+            self._last = self._progress()
+            self._handle = asyncio.get_running_loop().call_later(self._timeout_s, self._check)
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._fired and exc_type is asyncio.CancelledError:
+            assert self._task is not None
+            if self._task.uncancel() == 0:
+                raise TimeoutError from exc
+
+    def _check(self) -> None:
+        now = self._progress()
+        if now != self._last:
+            self._last = now
+            self._handle = asyncio.get_running_loop().call_later(self._timeout_s or 0, self._check)
+            return
+        self._fired = True
+        if self._task is not None:
+            self._task.cancel()
+
+
 class Batcher:
     """Sends script calls to Redis in pipelines, a few pipelines at a time.
 
@@ -61,6 +109,8 @@ class Batcher:
         max_batch: most script calls in one pipeline.
         max_pipelines: most pipelines in flight at once.
         max_pending: most calls waiting for a pipeline (bounded memory).
+        reply_timeout_s: how long Redis may send nothing while replies are
+            due before the pipeline fails (``None``: the client's socket timeout).
     """
 
     def __init__(
@@ -71,6 +121,7 @@ class Batcher:
         max_batch: int = 256,
         max_pipelines: int = 4,
         max_pending: int = 20000,
+        reply_timeout_s: float | None = None,
     ) -> None:
         self.redis = redis
         self.sources = dict(sources)
@@ -79,10 +130,13 @@ class Batcher:
         """Script name -> SHA1, as EVALSHA names them."""
         self.max_batch = max_batch
         self.max_pipelines = max_pipelines
+        self.reply_timeout_s = reply_timeout_s
         self.max_pending = max_pending
         """Most calls waiting for a pipeline; more fail at once with RedisUnavailable."""
         self.pending: list[_Call] = []
-        """Calls waiting for a pipeline, urgent ones first."""
+        """Calls waiting for a pipeline (the urgent ones are in :attr:`urgent`)."""
+        self.urgent: list[_Call] = []
+        """Urgent calls waiting for a pipeline: they go first, in order."""
         self._flush_scheduled = False
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -95,6 +149,8 @@ class Batcher:
         """Pipelines sent so far (for metrics)."""
         self.calls = 0
         """Script calls sent so far (for metrics)."""
+        self.in_flight = 0
+        """Calls waiting for a pipeline or for their reply (load shedding reads it)."""
 
     async def load_scripts(self) -> None:
         """Load every script into Redis (SCRIPT LOAD); call at startup and after failover.
@@ -128,7 +184,8 @@ class Batcher:
             keys: its KEYS.
             args: its ARGV.
             urgent: goes ahead of the calls waiting, and is never refused for
-                their number (liveness: heartbeats, node loss).
+                their number (liveness, and results: a job already accepted
+                keeps its latency while new ones queue).
 
         Raises:
             RedisUnavailable: too many calls wait already, or the pipeline
@@ -142,19 +199,27 @@ class Batcher:
         future: asyncio.Future[Any] = loop.create_future()
         call = _Call(name, keys, args, future)
         if urgent:
-            self.pending.insert(0, call)
+            self.urgent.append(call)
         else:
             self.pending.append(call)
         if not self._flush_scheduled and self._inflight < self.max_pipelines:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        return await future
+        self.in_flight += 1
+        try:
+            return await future
+        finally:
+            self.in_flight -= 1
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        while self.pending and self._inflight < self.max_pipelines:
-            batch = self.pending[: self.max_batch]
-            del self.pending[: self.max_batch]
+        while (self.pending or self.urgent) and self._inflight < self.max_pipelines:
+            batch = self.urgent[: self.max_batch]
+            del self.urgent[: self.max_batch]
+            room = self.max_batch - len(batch)
+            if room > 0 and self.pending:
+                batch += self.pending[:room]
+                del self.pending[:room]
             self._inflight += 1
             seq = self._next_seq
             self._next_seq += 1
@@ -165,7 +230,7 @@ class Batcher:
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._inflight -= 1
-        if self.pending and not self._flush_scheduled:
+        if (self.pending or self.urgent) and not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
@@ -251,7 +316,11 @@ class Batcher:
                 results: list[Any] = []
                 # One deadline for all the replies rather than one per reply
                 # (math.inf: no timeout of redis-py's own in read_response).
-                async with asyncio.timeout(conn.socket_timeout or None):
+                reader = getattr(conn, "_reader", None)
+                async with _WireDeadline(
+                    self.reply_timeout_s or conn.socket_timeout,
+                    lambda: len(results) + len(getattr(reader, "_buffer", b"")),
+                ):
                     for _ in batch:
                         try:
                             results.append(await conn.read_response(timeout=math.inf))

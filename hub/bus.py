@@ -6,11 +6,12 @@ envelopes::
 
     kind (1 byte) | uint32 big-endian meta length | meta (JSON) | frame
 
-``kind`` is ``N`` (frame for a node), ``S`` (frame for a session) or ``C``
-(control: close a node connection with the code in meta ``c``, 4004 lost,
-else 4002 replaced). Delivery is at most once: a message for a hub that is
-down is lost, which is why results also stay in Redis for the session's
-resume (protocol.md §8).
+``kind`` is ``N`` (frame for a node), ``S`` (frame for a session), ``D`` (a
+started attempt of a job whose audio the receiving hub keeps: it sends the
+job frame; the frame part is the job's payload) or ``C`` (control: close a
+node connection with the code in meta ``c``, 4004 lost, else 4002 replaced).
+Delivery is at most once: a message for a hub that is down is lost, which
+is why results also stay in Redis for the session's resume (protocol.md §8).
 """
 
 from __future__ import annotations

@@ -124,6 +124,10 @@ class Settings:
     """Scheduling cell: the hash tag shared by every key (``hub:v1:{cell}:``)."""
     redis_timeout_s: float = 2.0
     """Timeout of one Redis command (connect and read), seconds."""
+    redis_reply_timeout_s: float = 10.0
+    """How long Redis may be silent while script replies are due before the
+    calls fail (Redis unavailable). Counted on the wire: a reply that waits
+    only because this hub was busy does not count."""
 
     # Scheduling
     queue_max: int = 1000
@@ -185,6 +189,19 @@ class Settings:
     send_buffer_bytes: int = 4 * 1024 * 1024
     """Bytes waiting to be written to one connection; a connection over it is
     too slow and is closed (4005)."""
+    audio_budget_bytes: int = 128 * 1024 * 1024
+    """Audio of unfinished jobs this hub keeps in memory (never in Redis); a
+    job that does not fit is refused ``OVERLOADED``."""
+
+    # Load shedding: past any of these a hub refuses new jobs OVERLOADED, with no Redis call
+    shed_loop_lag_ms: int = 100
+    """Event-loop lag (how late a 50 ms timer fires)."""
+    shed_script_calls: int = 2000
+    """Script calls waiting for a pipeline or in flight."""
+    shed_send_bytes: int = 64 * 1024 * 1024
+    """Bytes waiting in all connections' write buffers."""
+    shed_retry_after_ms: int = 1000
+    """The ``retry_after_ms`` of an ``OVERLOADED`` refusal."""
 
     # Auth
     node_secret: str | None = dataclasses.field(default=None, repr=False)
@@ -220,6 +237,11 @@ class Settings:
             "max_id_length",
             "sweep_interval_ms",
             "send_buffer_bytes",
+            "audio_budget_bytes",
+            "shed_loop_lag_ms",
+            "shed_script_calls",
+            "shed_send_bytes",
+            "shed_retry_after_ms",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), "must be at least 1")
@@ -229,6 +251,7 @@ class Settings:
             "resume_window_s",
             "register_timeout_s",
             "redis_timeout_s",
+            "redis_reply_timeout_s",
             "shutdown_grace_s",
         ):
             if getattr(self, name) < 0:

@@ -74,6 +74,8 @@ class Code(enum.StrEnum):
     INTERNAL = "INTERNAL"
     UNAVAILABLE = "UNAVAILABLE"
     TOO_MANY_JOBS = "TOO_MANY_JOBS"
+    OVERLOADED = "OVERLOADED"
+    AUDIO_LOST = "AUDIO_LOST"
 
 
 class ErrorCode(enum.IntEnum):

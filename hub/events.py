@@ -55,7 +55,8 @@ class Dispatch:
     tgt_lang: str
     deadline_ms: int
     payload: bytes
-    audio: bytes | None
+    audio_hub: str
+    """The hub that keeps the job's audio and sends the job frame; empty: no audio."""
     session_hub: str
     ref: str
 
@@ -218,7 +219,6 @@ def parse_event(raw: Sequence[Any], script: str) -> Event:
     """
     kind = as_text(raw[0])
     if kind == "dispatch":
-        audio = raw[10]
         return Dispatch(
             node_hub=as_text(raw[1]),
             node_id=as_text(raw[2]),
@@ -229,7 +229,7 @@ def parse_event(raw: Sequence[Any], script: str) -> Event:
             tgt_lang=as_text(raw[7]),
             deadline_ms=int(raw[8]),
             payload=bytes(raw[9]),
-            audio=bytes(audio) if audio else None,
+            audio_hub=as_text(raw[10]),
             session_hub=as_text(raw[11]),
             ref=as_text(raw[12]),
         )

@@ -58,6 +58,11 @@ class Metrics:
             "Connections closed because their send buffer was full",
             registry=r,
         )
+        self.results_held = Counter(
+            "hub_results_held",
+            "Times a node's result waited for Redis to record it",
+            registry=r,
+        )
         self.rtt = Histogram(
             "hub_node_ping_rtt_seconds",
             "Ping round trip to nodes",

@@ -32,6 +32,11 @@ __all__ = ["Nodes"]
 
 logger = logging.getLogger("hub.nodes")
 
+_RESULT_RETRY_FIRST_S = 0.05
+"""First wait before recording a held result again; it doubles up to the max."""
+
+_RESULT_RETRY_MAX_S = 1.0
+
 
 class Nodes:
     """Serves node connections: register, results and partials in, drain, gone.
@@ -207,28 +212,41 @@ class Nodes:
                 await self._drain(link)
 
     async def _complete(self, link: NodeLink, frame: proto.NodeResult) -> None:
+        """Record a result; while Redis is unavailable, hold it and try again.
+
+        The result is held in this task, so a node's held results count
+        against its frames in flight (:meth:`Tasks.bounded`): past the limit
+        its reader waits, and memory stays bounded. The node is never asked
+        to send a result again.
+        """
         assert link.node_id is not None
-        try:
-            done = await self._scheduler.complete_task(
-                frame.job_id,
-                link.node_id,
-                frame.attempt,
-                frame.status,
-                result=frame.result,
-                error=frame.error,
-            )
-        except SchedulingError as exc:
-            self._outbox.push(link.ws, proto.encode_error(frame.job_id, exc.code, exc.message))
-            return
-        except RedisUnavailable:
-            # The node keeps the result; protocol.md §8: it retries after UNAVAILABLE.
-            self._outbox.push(
-                link.ws,
-                proto.encode_error(
-                    frame.job_id, Code.UNAVAILABLE, "redis is unavailable; send the result again"
-                ),
-            )
-            return
+        delay = _RESULT_RETRY_FIRST_S
+        give_up = time.monotonic() + self._settings.max_job_timeout_ms / 1000
+        while True:
+            try:
+                done = await self._scheduler.complete_task(
+                    frame.job_id,
+                    link.node_id,
+                    frame.attempt,
+                    frame.status,
+                    result=frame.result,
+                    error=frame.error,
+                    repeat=delay > _RESULT_RETRY_FIRST_S,
+                )
+                break
+            except SchedulingError as exc:
+                if delay == _RESULT_RETRY_FIRST_S:
+                    self._outbox.push(
+                        link.ws, proto.encode_error(frame.job_id, exc.code, exc.message)
+                    )
+                return  # after a retry: the job ended meanwhile (its deadline, a cancel)
+            except RedisUnavailable:
+                if self._health.stopping or time.monotonic() > give_up:
+                    logger.warning("! gave up recording the result of job %s", frame.job_id)
+                    return
+                self._metrics.results_held.inc()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RESULT_RETRY_MAX_S)
         link.jobs.pop(frame.job_id, None)
         self._router.ended(done.ended)
         self._router.route(done.events)

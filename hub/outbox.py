@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection, broadcast
 
+from .audio import AudioStore
 from .bus import Bus, decode_envelope, encode_envelope
+from .events import Dispatch
 from .health import Health
 from .keys import Keys
 from .metrics import Metrics
@@ -47,6 +50,7 @@ class Outbox:
         metrics: counters of dropped frames and slow connections.
         health: whether the hub is shutting down (drained nodes then get 1001).
         tasks: owner of the closing tasks.
+        audio: the audio of jobs accepted here (dropped when their result goes out).
         send_buffer_bytes: a connection whose write buffer is larger is closed.
         max_backlog: most frames held for a node that is still registering.
     """
@@ -60,6 +64,7 @@ class Outbox:
         metrics: Metrics,
         health: Health,
         tasks: Tasks,
+        audio: AudioStore,
         *,
         send_buffer_bytes: int,
         max_backlog: int,
@@ -71,6 +76,9 @@ class Outbox:
         self._metrics = metrics
         self._health = health
         self._tasks = tasks
+        self._audio = audio
+        self.on_dispatch: Callable[[Dispatch], None] | None = None
+        """Sends the job frame of a dispatch forwarded here (set by the router)."""
         self._send_limit = send_buffer_bytes
         self._max_backlog = max_backlog
         self._too_slow: set[ServerConnection] = set()
@@ -185,6 +193,8 @@ class Outbox:
             job_id: the job, for any other frame about one.
         """
         if hub == self.hub_id:
+            if ended is not None:
+                self._audio.drop(ended)
             link = self._registry.sessions.get(session_id)
             if link is None:
                 return  # gone: results wait in Redis for its resume
@@ -209,6 +219,24 @@ class Outbox:
             if job_id is not None:
                 meta["j"] = job_id
             self._bus.publish(self._keys.channel(hub), encode_envelope(b"S", meta, frame))
+
+    def forward_dispatch(self, hub: str, d: Dispatch) -> None:
+        """Hand a started attempt to the hub that keeps the job's audio (it sends the job)."""
+        meta = {
+            "d": [
+                d.node_hub,
+                d.node_id,
+                d.job_id,
+                d.attempt,
+                d.session_id,
+                d.src_lang,
+                d.tgt_lang,
+                d.deadline_ms,
+                d.session_hub,
+                d.ref,
+            ]
+        }
+        self._bus.publish(self._keys.channel(hub), encode_envelope(b"D", meta, d.payload))
 
     def close_node(self, hub: str, node_id: str, epoch: int, code: CloseCode) -> None:
         """Close a node's connection of registration ``epoch`` on hub ``hub`` (4002 or 4004)."""
@@ -237,6 +265,12 @@ class Outbox:
             self.send_node(self.hub_id, meta["n"], frame, route, meta.get("u"))
         elif kind == b"S":
             self.send_session(self.hub_id, meta["s"], frame, meta.get("e"), meta.get("j"))
+        elif kind == b"D":
+            if self.on_dispatch is not None and isinstance(frame, bytes):
+                nhub, nid, jid, attempt, sid, src, tgt, deadline, shub, ref = meta["d"]
+                d = Dispatch(nhub, nid, jid, int(attempt), sid, src, tgt, int(deadline), frame,
+                             self.hub_id, shub, ref)  # fmt: skip
+                self.on_dispatch(d)
         elif kind == b"C":
             lost = meta.get("c") == CloseCode.LOST
             self.close_node(

@@ -89,6 +89,7 @@ class Scheduler(NodeScripts):
             max_batch=max_batch,
             max_pipelines=max_pipelines,
             max_pending=max_pending,
+            reply_timeout_s=settings.redis_reply_timeout_s,
         )
         """Sends the script calls."""
         self._random = random.Random()
@@ -111,7 +112,7 @@ class Scheduler(NodeScripts):
     @property
     def pending(self) -> int:
         """Script calls waiting for a pipeline."""
-        return len(self.batcher.pending)
+        return len(self.batcher.pending) + len(self.batcher.urgent)
 
     async def load_scripts(self) -> None:
         """Load every script into Redis (SCRIPT LOAD); call at startup and after failover.
@@ -133,7 +134,7 @@ class Scheduler(NodeScripts):
         payload: bytes,
         *,
         ref: str = "",
-        audio: bytes | None = None,
+        has_audio: bool = False,
         timeout_ms: int | None = None,
         job_id: str | None = None,
         session_hub: str | None = None,
@@ -142,7 +143,7 @@ class Scheduler(NodeScripts):
         """Run a session's job on the least-loaded free node, or queue it (dispatch_task.lua).
 
         KEYS: pair's pools, session, job, deadlines, session's jobs, queued,
-        queue depths. ARGV: prefix, job id, session, src, tgt, payload, audio,
+        queue depths. ARGV: prefix, job id, session, src, tgt, payload, has audio,
         timeout, queue wait, queue max, seed, session hub, ref, now, max queued
         per session, session TTL.
 
@@ -173,7 +174,7 @@ class Scheduler(NodeScripts):
                 src,
                 tgt,
                 payload,
-                audio or b"",
+                b"1" if has_audio else b"",
                 timeout_ms if timeout_ms is not None else s.job_timeout_ms,
                 s.queue_wait_ms,
                 s.queue_max,
@@ -199,12 +200,18 @@ class Scheduler(NodeScripts):
         *,
         result: bytes = b"null",
         error: str | None = None,
+        repeat: bool = False,
         now_ms: int = 0,
     ) -> Completion:
         """End a job on its node's report and free the slot (complete_task.lua).
 
         KEYS: job, node, node's jobs. ARGV: prefix, job id, node id, attempt,
-        status, result, error, now, job TTL.
+        status, result, error, now, job TTL, repeat.
+
+        Args:
+            repeat: this call repeats one whose reply was lost (Redis
+                unavailable): if that one ended the job, its result event
+                comes back again instead of STALE_ATTEMPT.
 
         Raises:
             SchedulingError: UNKNOWN_JOB, NODE_MISMATCH, STALE_ATTEMPT.
@@ -223,7 +230,9 @@ class Scheduler(NodeScripts):
                 error or "",
                 now_ms,
                 self.settings.job_ttl_ms,
+                b"1" if repeat else b"",
             ],
+            urgent=True,
         )
         raise_refusal(reply)
         return Completion(

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.asyncio.server import ServerConnection
 
 from . import protocol as proto
+from .audio import AudioStore
 from .auth import SessionGrant
 from .config import Settings
 from .errors import ClientError, Code, RedisUnavailable, SchedulingError
@@ -30,6 +31,7 @@ from .protocol import CloseCode, JobId, SessionId
 from .registry import Registry, SessionLink
 from .router import Router
 from .scheduler import Scheduler, new_job_id
+from .shedding import Shedder
 from .tasks import Tasks
 
 __all__ = ["Sessions"]
@@ -57,6 +59,8 @@ class Sessions:
         metrics: counters.
         health: whether Redis is usable and the hub is closing.
         tasks: owner of background frame handling.
+        audio: where the audio of jobs accepted here is kept.
+        shedder: whether new jobs must be refused ``OVERLOADED``.
     """
 
     def __init__(
@@ -71,6 +75,8 @@ class Sessions:
         metrics: Metrics,
         health: Health,
         tasks: Tasks,
+        audio: AudioStore,
+        shedder: Shedder,
     ) -> None:
         self.hub_id = hub_id
         self._settings = settings
@@ -82,6 +88,8 @@ class Sessions:
         self._metrics = metrics
         self._health = health
         self._tasks = tasks
+        self._audio = audio
+        self._shedder = shedder
         self._secret = settings.resume_secret.encode() if settings.resume_secret else b""
         self._gone: dict[str, asyncio.TimerHandle] = {}
         self._abandoning = 0
@@ -203,6 +211,12 @@ class Sessions:
             kind = type(frame)
             if kind is proto.SubmitJob:
                 assert isinstance(frame, proto.SubmitJob)
+                shed = self._shedder
+                why = shed.reason(len(frame.audio) if frame.audio else 0)
+                if why:
+                    # No task, no Redis call: a refusal costs a fraction of a dispatch.
+                    self._refuse(link, frame.ref, Code.OVERLOADED, why, shed.retry_after_ms)
+                    continue
                 await self._tasks.bounded(link, limit, self._submit(link, frame))
             elif kind is proto.CancelJob:
                 assert isinstance(frame, proto.CancelJob)
@@ -225,6 +239,13 @@ class Sessions:
             self._refuse(link, ref, Code.UNAVAILABLE, _UNAVAILABLE)
             return
         jid = JobId(new_job_id())
+        audio = frame.audio
+        timeout_ms = frame.timeout_ms or self._settings.job_timeout_ms
+        if audio and not self._audio.put(jid, audio, timeout_ms):
+            self._refuse(
+                link, ref, Code.OVERLOADED, "the audio budget is full", self._shedder.retry_after_ms
+            )
+            return
         try:
             reply = await self._scheduler.dispatch_task(
                 link.session_id,
@@ -232,14 +253,16 @@ class Sessions:
                 frame.tgt_lang,
                 frame.payload,
                 ref=ref,
-                audio=frame.audio,
-                timeout_ms=frame.timeout_ms,
+                has_audio=bool(audio),
+                timeout_ms=timeout_ms,
                 job_id=jid,
             )
         except SchedulingError as exc:
+            self._audio.drop(jid)
             self._refuse(link, ref, exc.code, exc.message)
             return
         except RedisUnavailable:
+            # The audio stays until the job is taken back or expires: it may have started.
             self._refuse(link, ref, Code.UNAVAILABLE, _UNAVAILABLE)
             # The script may have run before the connection failed: take the job back.
             if len(link.abandoned) < 1024:
@@ -271,16 +294,23 @@ class Sessions:
                 tgt_lang=frame.tgt_lang.lower(),
                 deadline_ms=reply.deadline_ms,
                 payload=frame.payload,
-                audio=frame.audio,
+                audio_hub=self.hub_id if audio else "",
                 session_hub=self.hub_id,
                 ref=ref,
             )
         )
 
-    def _refuse(self, link: SessionLink, ref: str, code: str, message: str) -> None:
+    def _refuse(
+        self,
+        link: SessionLink,
+        ref: str,
+        code: str,
+        message: str,
+        retry_after_ms: int | None = None,
+    ) -> None:
         link.conn.job_refused(ref)
         self._metrics.job_refused(code)
-        self._outbox.push(link.ws, proto.encode_error(ref, code, message))
+        self._outbox.push(link.ws, proto.encode_error(ref, code, message, retry_after_ms))
 
     async def _abandon(self, session_id: str, job_id: str) -> None:
         """End a job whose dispatch reply was lost, once Redis answers again (bounded)."""

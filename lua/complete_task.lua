@@ -14,10 +14,13 @@
   ARGV[7]  error text ('' when none)
   ARGV[8]  now in ms (0 = Redis TIME)
   ARGV[9]  ended job record TTL in ms
+  ARGV[10] '1' when the hub repeats a call whose reply it lost ('' else)
   Returns:
      {1, result_event, drained, {events}}  completed; slot released
              drained = 1 when the node is draining and now idle
              events = 'dispatch' for queued jobs handed to the freed slot
+             A repeat (ARGV[10]) of the call that ended the job gets its
+             result event again, drained 0 and no events.
     -5  no such job (never existed, or its record expired)  (UNKNOWN_JOB)
     -6  the job was never dispatched to this node           (NODE_MISMATCH)
     -7  stale attempt, or the job already ended: nothing changed (STALE_ATTEMPT)
@@ -32,6 +35,13 @@ local nid = ARGV[3]
 local now = now_ms(ARGV[8])
 
 local refusal = attempt_refusal(job_key, nid, ARGV[4])
+if refusal == 'stale' and ARGV[10] == '1' then
+  local j = rcall('HMGET', job_key, 'status', 'attempt', 'result', 'error', 'session', 'ref', 'shub')
+  if j[1] == ARGV[5] and tostring(j[2]) == ARGV[4] and j[3] == ARGV[6] and j[4] == ARGV[7] then
+    return { 1, result_event(session_hub(prefix, j[5], j[7]), j[5], jid, j[6] or '', j[1], j[3],
+      j[4]), 0, {} }
+  end
+end
 if refusal then return ({ unknown = -5, foreign = -6, moved = -7, stale = -7 })[refusal] end
 
 local result = end_job(prefix, jid, ARGV[5], ARGV[6], ARGV[7], now, tonumber(ARGV[9]))

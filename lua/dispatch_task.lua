@@ -15,7 +15,7 @@
   ARGV[4]  source language
   ARGV[5]  target language
   ARGV[6]  payload, JSON object text
-  ARGV[7]  audio bytes ('' = none)
+  ARGV[7]  '1' when the job has audio, which its hub (ARGV[12]) keeps; '' none
   ARGV[8]  time budget in ms from acceptance
   ARGV[9]  queue wait in ms (0 = never queue)
   ARGV[10] queue_max, per pool
@@ -67,8 +67,7 @@ local deadline = now + tonumber(ARGV[8])
 local function write_job(status)
   rcall('HSET', job_key, 'session', sid, 'ref', ARGV[13], 'src', src, 'tgt', tgt,
     'payload', ARGV[6], 'deadline', deadline, 'shub', ARGV[12], 'created', now,
-    'status', status, 'attempt', 0)
-  if ARGV[7] ~= '' then rcall('HSET', job_key, 'audio', ARGV[7]) end
+    'status', status, 'attempt', 0, 'audio', ARGV[7])
   rcall('ZADD', deadlines_key, deadline, jid)
   rcall('SADD', session_jobs_key, jid)
   rcall('PEXPIRE', session_jobs_key, tonumber(ARGV[16]))

@@ -389,7 +389,7 @@ async def test_node_cancels_a_job_the_hub_dropped_while_it_was_away(hub: Hub) ->
         assert (await session.submit("zh", "en")).ok
 
 
-async def test_node_sends_again_a_result_refused_while_redis_was_down(
+async def test_hub_holds_a_result_while_redis_is_down_and_records_it_when_back(
     spawn_redis: Callable[..., RedisProcess], keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="hub.client.node")
@@ -406,15 +406,18 @@ async def test_node_sends_again_a_result_refused_while_redis_was_down(
         await asyncio.wait_for(gate.started.wait(), 2)
         await asyncio.to_thread(redis.stop)
         await wait_for(lambda: not hub.ready, timeout=3000 * MS, what="the hub to see Redis go")
-        gate.opened.set()  # the result meets UNAVAILABLE, then is sent again
+        held = hub.metrics.results_held._value.get()
+        gate.opened.set()  # the hub holds the result and tries again
         await wait_for(
-            lambda: "refused (UNAVAILABLE); sending it again" in caplog.text,
-            timeout=2000 * MS,
-            what="the result refused",
+            lambda: hub.metrics.results_held._value.get() > held + 1,
+            timeout=3000 * MS,
+            what="the result held",
         )
         await asyncio.to_thread(redis.start)
         result = await asyncio.wait_for(task, 10)
     assert result.ok and result.result == {"text": "done", "attempt": 1}
+    # The node was never asked to send it again.
+    assert "refused (UNAVAILABLE)" not in caplog.text
 
 
 # Reconnection: sessions

@@ -114,7 +114,7 @@ class JobModel:
     session_id: str
     pair: tuple[str, str]
     payload: bytes
-    audio: bytes | None
+    has_audio: bool
     ref: str
     deadline: int
     status: str = "queued"
@@ -224,7 +224,7 @@ class Model:
             tgt_lang=job.pair[1],
             deadline_ms=job.deadline,
             payload=job.payload,
-            audio=job.audio,
+            audio_hub=session_hub(job.session_id) if job.has_audio else "",
             session_hub=session_hub(job.session_id),
             ref=job.ref,
         )
@@ -479,9 +479,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.counter += 1
         job_id = f"j{self.counter}"
         payload = b'{"n":%d}' % self.counter
-        audio = bytes(range(256)) if with_audio else None
         call = self.scheduler.dispatch_task(
-            session_id, *pair, payload, ref=f"r{self.counter}", audio=audio,
+            session_id, *pair, payload, ref=f"r{self.counter}", has_audio=with_audio,
             timeout_ms=timeout_ms, job_id=job_id, session_hub=session_hub(session_id),
             now_ms=model.now,
         )  # fmt: skip
@@ -511,7 +510,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 return
         reply = self.run(call)
         job = JobModel(
-            job_id, session_id, pair, payload, audio, f"r{self.counter}", model.now + timeout_ms
+            job_id, session_id, pair, payload, with_audio, f"r{self.counter}", model.now + timeout_ms
         )
         model.jobs[job_id] = job
         if allowed:
@@ -724,7 +723,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert "payload" not in got and "audio" not in got
             else:
                 assert got["payload"] == job.payload
-                assert got.get("audio") == job.audio
+                assert got.get("audio") == (b"1" if job.has_audio else b"")
             assert got.get("qpool") == (job.qpool.encode() if job.qpool else None), job
         for name in names:
             node, got, members = model.nodes[name], next(replies), next(replies)

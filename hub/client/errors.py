@@ -35,7 +35,9 @@ class JobRefused(HubClientError):
         ref: the job's ``ref``.
     """
 
-    def __init__(self, code: str, message: str, ref: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, ref: str | None = None, retry_after_ms: int | None = None
+    ) -> None:
         super().__init__(code, message, ref)
         self.code = code
         """Error code of protocol.md §6; act on it."""
@@ -43,6 +45,8 @@ class JobRefused(HubClientError):
         """English text for humans; it may change between releases."""
         self.ref = ref
         """The session's ``ref`` of the job."""
+        self.retry_after_ms = retry_after_ms
+        """When the job may be submitted again (``OVERLOADED``); ``None`` if the hub did not say."""
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"

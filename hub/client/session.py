@@ -422,7 +422,7 @@ class SessionClient(Link[ToSessionFrame]):
             pending.resent = False  # the hub still has the job: its result will come
             return
         if pending.job_id is None:
-            self._fail(pending, JobRefused(code, message, pending.ref))
+            self._fail(pending, JobRefused(code, message, pending.ref, frame.retry_after_ms))
 
     # Private methods: acknowledgements and bookkeeping
 

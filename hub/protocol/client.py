@@ -360,7 +360,10 @@ def _error(frame: dict[str, Any]) -> ErrorReply:
     ref = frame.get("ref")
     if ref is not None and type(ref) is not str:
         raise ProtocolError("'ref' must be a string or null")
-    return ErrorReply(ref, _str(frame, "code"), _str(frame, "message"))
+    retry = frame.get("retry_after_ms")
+    if retry is not None and (type(retry) is not int or retry < 0):
+        raise ProtocolError("'retry_after_ms' must be a non-negative integer")
+    return ErrorReply(ref, _str(frame, "code"), _str(frame, "message"), retry)
 
 
 def _welcome(frame: dict[str, Any]) -> Welcome:

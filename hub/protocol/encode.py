@@ -153,12 +153,18 @@ def encode_result(
     ).decode()
 
 
-def encode_error(ref: str | None, code: str, message: str) -> str:
+def encode_error(
+    ref: str | None, code: str, message: str, retry_after_ms: int | None = None
+) -> str:
     """Encode an error frame (protocol.md §6).
 
     Args:
         ref: the ``ref`` of the session's job concerned, if any.
         code: a :class:`~hub.errors.Code`.
         message: human-readable text, safe to send.
+        retry_after_ms: when the client may try again (``OVERLOADED``); omitted if None.
     """
-    return orjson.dumps({"type": "error", "ref": ref, "code": code, "message": message}).decode()
+    frame: dict[str, object] = {"type": "error", "ref": ref, "code": code, "message": message}
+    if retry_after_ms is not None:
+        frame["retry_after_ms"] = retry_after_ms
+    return orjson.dumps(frame).decode()

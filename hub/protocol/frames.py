@@ -338,6 +338,8 @@ class ErrorReply:
     code: str
     """A :class:`~hub.errors.Code`, or a code of a later protocol version."""
     message: str
+    retry_after_ms: int | None = None
+    """When the job may be submitted again (``OVERLOADED``); ``None`` if not said."""
 
 
 ToNodeFrame: TypeAlias = Registered | NodeJob | NodeCancel | ErrorReply

@@ -2,7 +2,8 @@
   The events scripts return to the hubs: one constructor per kind. Each is an
   array of strings and integers (hub/events.py reads them):
     {'dispatch', node_hub, node_id, job_id, attempt, session_id, src, tgt,
-     deadline_ms, payload, audio, session_hub, ref}
+     deadline_ms, payload, audio_hub, session_hub, ref}
+    (audio_hub: the hub that keeps the job's audio, '' when it has none)
     {'result', session_hub, session_id, job_id, ref, status, result, error}
     {'cancel', node_hub, node_id, job_id, attempt, reason}
     {'replaced', old_hub, node_id, old_epoch}
@@ -11,13 +12,14 @@
 --- @include "includes/base"
 --- @include "includes/sessions"
 
--- A job attempt started on a node: its hub sends the job (read from the
--- job's hash), the session's hub sends 'accepted'.
+-- A job attempt started on a node: the hub that keeps its audio (or, for a
+-- job without audio, whichever hub reads the event) sends the job, the
+-- session's hub sends 'accepted'.
 local function dispatch_event(prefix, jid, nid, attempt, node_hub)
   local j = rcall('HMGET', prefix .. 'job:' .. jid, 'session', 'src', 'tgt', 'deadline',
     'payload', 'audio', 'shub', 'ref')
   return { 'dispatch', node_hub, nid, jid, attempt, j[1], j[2], j[3], tonumber(j[4]),
-    j[5] or '{}', j[6] or '', session_hub(prefix, j[1], j[7]), j[8] or '' }
+    j[5] or '{}', (j[6] == '1' and j[7]) or '', session_hub(prefix, j[1], j[7]), j[8] or '' }
 end
 
 -- A job ended: the session's hub sends 'result'.

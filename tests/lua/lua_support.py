@@ -106,7 +106,7 @@ async def node_hash(redis: Redis, keys: Keys, node_id: str) -> dict[str, str]:
 
 
 async def job_hash(redis: Redis, keys: Keys, job_id: str) -> dict[str, bytes]:
-    """The job's hash; values stay bytes (payload and audio are binary)."""
+    """The job's hash; values stay bytes (the payload is JSON text as sent)."""
     return await hash_of(redis, keys.job(job_id))
 
 
@@ -143,7 +143,7 @@ def dispatch_of(
     node_hub: str = "h1",
     session_id: str = "s1",
     payload: bytes = b"{}",
-    audio: bytes | None = None,
+    audio_hub: str = "",
     ref: str = "",
     session_hub: str = "h1",
     deadline_ms: int = T0 + 10_000,
@@ -159,7 +159,7 @@ def dispatch_of(
         tgt_lang="fr",
         deadline_ms=deadline_ms,
         payload=payload,
-        audio=audio,
+        audio_hub=audio_hub,
         session_hub=session_hub,
         ref=ref,
     )
@@ -199,7 +199,7 @@ async def run_every_script(scheduler: Scheduler) -> None:
     await register(scheduler, "n2", max_jobs=1, pairs=(("de", "en"),), now_ms=t)
     await register(scheduler, "n3", max_jobs=1, now_ms=t + 100_000)
     assert await scheduler.heartbeat([Beat("n1", 1, load=b"{}", rtt_ms=1.0)], now_ms=t) == [1]
-    a = await scheduler.dispatch_task("s1", "en", "fr", b"{}", audio=b"\x00", now_ms=t)
+    a = await scheduler.dispatch_task("s1", "en", "fr", b"{}", has_audio=True, now_ms=t)
     b = await scheduler.dispatch_task("s1", "en", "fr", b"{}", now_ms=t)
     assert isinstance(a, Accepted) and isinstance(b, Accepted)
     assert isinstance(await scheduler.dispatch_task("s2", "en", "fr", b"{}", now_ms=t), Queued)

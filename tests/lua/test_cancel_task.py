@@ -28,7 +28,7 @@ async def refused(scheduler, job_id, session_id) -> SchedulingError:
 
 async def test_cancel_task_of_a_running_job_releases_the_slot(scheduler, redis, keys):
     await register(scheduler, "n1", max_jobs=2, hub_id="hn")
-    await dispatch(scheduler, "s1", "j1", ref="r1", audio=b"\x01", session_hub="hs")
+    await dispatch(scheduler, "s1", "j1", ref="r1", has_audio=True, session_hub="hs")
 
     cancelled = await scheduler.cancel_task("j1", "s1", now_ms=T0 + 30)
 

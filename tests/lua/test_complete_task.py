@@ -40,7 +40,7 @@ async def refused(scheduler, *args, **kwargs) -> SchedulingError:
 async def test_complete_task_finished_ends_the_job_and_releases_the_slot(scheduler, redis, keys):
     await register(scheduler, "n1", max_jobs=2)
     await scheduler.dispatch_task(
-        "s1", "en", "fr", b'{"a":1}', audio=b"\x00\x01", ref="r1", job_id="j1", now_ms=T0
+        "s1", "en", "fr", b'{"a":1}', has_audio=True, ref="r1", job_id="j1", now_ms=T0
     )
 
     done = await scheduler.complete_task(
@@ -86,7 +86,7 @@ async def test_complete_task_hands_the_freed_slot_the_next_queued_job(scheduler,
     await register(scheduler, "n1", max_jobs=1, hub_id="hn")
     await dispatch(scheduler, "s1", "j1")
     queued = await scheduler.dispatch_task(
-        "s2", "en", "fr", b'{"q":2}', audio=audio, ref="r2", job_id="j2", session_hub="hs",
+        "s2", "en", "fr", b'{"q":2}', has_audio=True, ref="r2", job_id="j2", session_hub="hs",
         now_ms=T0 + 1,
     )  # fmt: skip
     assert isinstance(queued, Queued)
@@ -96,7 +96,7 @@ async def test_complete_task_hands_the_freed_slot_the_next_queued_job(scheduler,
     assert done.events == (
         dispatch_of(
             "j2", "n1", 1, node_hub="hn", session_id="s2", deadline_ms=T0 + 1 + 10_000,
-            payload=b'{"q":2}', audio=audio, session_hub="hs", ref="r2",
+            payload=b'{"q":2}', audio_hub="hs", session_hub="hs", ref="r2",
         ),
     )  # fmt: skip
     job = await job_hash(redis, keys, "j2")

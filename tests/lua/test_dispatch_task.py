@@ -38,7 +38,7 @@ async def test_dispatch_task_accepted_takes_a_slot(scheduler, redis, keys):
         "Fr",
         b'{"text":"hello"}',
         ref="r1",
-        audio=audio,
+        has_audio=True,
         timeout_ms=7_000,
         job_id="j1",
         session_hub="hs",
@@ -53,7 +53,7 @@ async def test_dispatch_task_accepted_takes_a_slot(scheduler, redis, keys):
         "src": b"en",
         "tgt": b"fr",
         "payload": b'{"text":"hello"}',
-        "audio": audio,
+        "audio": b"1",
         "deadline": str(T0 + 7_010).encode(),
         "shub": b"hs",
         "created": str(T0 + 10).encode(),
@@ -216,7 +216,7 @@ async def test_dispatch_task_queued_when_every_node_is_busy(scheduler, redis, ke
         POOL.encode(),
         b"r2",
     )
-    assert "node" not in job and "audio" not in job
+    assert "node" not in job and job["audio"] == b""
     assert await redis.lrange(keys.queue(POOL), 0, -1) == [b"s2"]
     assert await redis.lrange(keys.session_queue(POOL, "s2"), 0, -1) == [b"j2"]
     assert await redis.hget(keys.queue_depth, POOL) == b"1"

@@ -45,7 +45,7 @@ async def test_node_lost_redispatches_its_job_as_a_new_attempt(make_scheduler, r
     audio = bytes(range(256))
     await register(h1, "n1", max_jobs=1)
     await h1.dispatch_task(
-        "s1", "en", "fr", b'{"t":"x"}', audio=audio, ref="r1", job_id="j1", now_ms=T0
+        "s1", "en", "fr", b'{"t":"x"}', has_audio=True, ref="r1", job_id="j1", now_ms=T0
     )
     await register(h2, "n2", max_jobs=2)
 
@@ -53,7 +53,7 @@ async def test_node_lost_redispatches_its_job_as_a_new_attempt(make_scheduler, r
 
     assert events == (
         CancelAttempt("h1", "n1", "j1", 1, "NODE_LOST"),
-        dispatch_of("j1", "n2", 2, node_hub="h2", payload=b'{"t":"x"}', audio=audio, ref="r1"),
+        dispatch_of("j1", "n2", 2, node_hub="h2", payload=b'{"t":"x"}', audio_hub="h1", ref="r1"),
         NodeLost("h1", "n1", 1),
     )
     job = await job_hash(redis, keys, "j1")
@@ -63,7 +63,7 @@ async def test_node_lost_redispatches_its_job_as_a_new_attempt(make_scheduler, r
         b"2",
         b",n1@1,n2@2,",
     )
-    assert job["audio"] == audio
+    assert job["audio"] == b"1"
     assert job["deadline"] == str(T0 + 10_000).encode()  # the deadline does not move
     assert (await node_hash(redis, keys, "n2"))["running"] == "1"
     assert await smembers(redis, keys.node_jobs("n2")) == {"j1"}
@@ -90,7 +90,7 @@ async def test_node_lost_without_epoch_loses_whatever_is_registered(scheduler, r
 
 async def test_node_lost_fails_the_job_when_no_node_is_free(scheduler, redis, keys):
     await register(scheduler, "n1", max_jobs=1)
-    await dispatch(scheduler, "s1", "j1", ref="r1", audio=b"\xff")
+    await dispatch(scheduler, "s1", "j1", ref="r1", has_audio=True)
     await register(scheduler, "n2", max_jobs=1)
     await dispatch(scheduler, "s2", "j2")
 

@@ -157,7 +157,7 @@ async def test_register_node_redispatches_jobs_it_did_not_resume(scheduler, redi
     audio = bytes(range(256))
     await register(scheduler, "n1", max_jobs=2)
     await scheduler.dispatch_task(
-        "s1", "en", "fr", b'{"k":1}', audio=audio, ref="r1", job_id="ja", now_ms=T0
+        "s1", "en", "fr", b'{"k":1}', has_audio=True, ref="r1", job_id="ja", now_ms=T0
     )
     await scheduler.dispatch_task("s1", "en", "fr", b"{}", job_id="jb", now_ms=T0)
     await register(scheduler, "n2", max_jobs=1, now_ms=T0 + 1)
@@ -168,12 +168,12 @@ async def test_register_node_redispatches_jobs_it_did_not_resume(scheduler, redi
     assert reg.events == (
         NodeReplaced("h1", "n1", 1),
         CancelAttempt("h1", "n1", "ja", 1, "NODE_LOST"),
-        dispatch_of("ja", "n2", 2, payload=b'{"k":1}', audio=audio, ref="r1"),
+        dispatch_of("ja", "n2", 2, payload=b'{"k":1}', audio_hub="h1", ref="r1"),
     )
     job = await job_hash(redis, keys, "ja")
     assert (job["status"], job["node"], job["attempt"]) == (b"running", b"n2", b"2")
     assert job["hist"] == b",n1@1,n2@2,"
-    assert job["audio"] == audio
+    assert job["audio"] == b"1"
     assert (await node_hash(redis, keys, "n1"))["running"] == "1"
     assert (await node_hash(redis, keys, "n2"))["running"] == "1"
     assert await smembers(redis, keys.node_jobs("n1")) == {"jb"}
@@ -186,7 +186,7 @@ async def test_register_node_fails_jobs_it_did_not_resume_when_no_node_is_free(
 ):
     await register(scheduler, "n1", max_jobs=1)
     await scheduler.dispatch_task(
-        "s1", "en", "fr", b"{}", audio=b"\x00\xff", ref="r1", job_id="ja", now_ms=T0
+        "s1", "en", "fr", b"{}", has_audio=True, ref="r1", job_id="ja", now_ms=T0
     )
 
     reg = await register(scheduler, "n1", max_jobs=1, now_ms=T0 + 3)
@@ -237,7 +237,7 @@ async def test_register_node_hands_queued_jobs_to_its_free_slots(scheduler, redi
     await register(scheduler, "n1", max_jobs=1)
     await scheduler.dispatch_task("s1", "en", "fr", b"{}", job_id="j1", now_ms=T0)
     q2 = await scheduler.dispatch_task(
-        "s1", "en", "fr", b"{}", audio=audio, job_id="j2", now_ms=T0 + 1
+        "s1", "en", "fr", b"{}", has_audio=True, job_id="j2", now_ms=T0 + 1
     )
     q3 = await scheduler.dispatch_task("s2", "en", "fr", b"{}", job_id="j3", now_ms=T0 + 2)
     q4 = await scheduler.dispatch_task("s2", "en", "fr", b"{}", job_id="j4", now_ms=T0 + 3)
@@ -250,7 +250,7 @@ async def test_register_node_hands_queued_jobs_to_its_free_slots(scheduler, redi
         ("j2", "n2", 1, "h2"),
         ("j3", "n2", 1, "h2"),
     ]
-    assert got[0].audio == audio
+    assert got[0].audio_hub == "h1"
     assert (await node_hash(redis, keys, "n2"))["running"] == "2"
     assert await free(redis, keys, POOL) == {}
     assert await redis.hget(keys.queue_depth, POOL) == b"1"

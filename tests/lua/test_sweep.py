@@ -41,7 +41,7 @@ async def test_sweep_with_nothing_due_changes_nothing(scheduler, redis, keys):
 
 async def test_sweep_times_out_a_running_job_and_hands_its_slot_on(scheduler, redis, keys):
     await register(scheduler, "n1", max_jobs=1, hub_id="hn")
-    await dispatch(scheduler, "s1", "j1", timeout_ms=100, ref="r1", audio=b"\x00")
+    await dispatch(scheduler, "s1", "j1", timeout_ms=100, ref="r1", has_audio=True)
     assert isinstance(await dispatch(scheduler, "s2", "j2", now_ms=T0 + 1), Queued)
 
     report = await scheduler.sweep(now_ms=T0 + 100, lease_ms=0)
