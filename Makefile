@@ -4,7 +4,7 @@ PYTHON ?= python
 .PHONY: install format lint test cov
 
 install:
-	$(PYTHON) -m pip install -e '.[dev,fast]'
+	$(PYTHON) -m pip install -e '.[dev]'
 
 format:
 	ruff check --select I --fix .  # import order is formatting too

@@ -55,6 +55,13 @@ def _serve_parser(sub: Any) -> None:
     )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop: uvloop (installed by default on Linux and macOS), asyncio's "
+        "own, or auto: uvloop when it is installed (default)",
+    )
+    p.add_argument(
         "--redis-wait-s",
         type=non_negative_float,
         default=10.0,
@@ -96,13 +103,22 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.load(flags=flags, config_file=getattr(args, "config", None))
 
 
-def _use_uvloop() -> bool:
+def _use_loop(choice: str) -> str:
+    """Install the event loop ``--loop`` asks for; returns the one used.
+
+    Raises:
+        CLIError: uvloop was asked for and is not installed.
+    """
+    if choice == "asyncio":
+        return "asyncio"
     try:
         import uvloop
     except ImportError:
-        return False
+        if choice == "uvloop":
+            raise CLIError("--loop uvloop: uvloop is not installed") from None
+        return "asyncio"
     uvloop.install()
-    return True
+    return "uvloop"
 
 
 async def _serve(settings: Settings, redis_wait_s: float) -> None:
@@ -125,6 +141,8 @@ async def _serve(settings: Settings, redis_wait_s: float) -> None:
         hub.install_signal_handlers(stop)
         try:
             await start_hub(hub, settings)
+            loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+            logging.getLogger("hub.cli").info("= event loop: %s", loop)
             where = (
                 f"embedded Redis at {redis_url}"
                 if embedded
@@ -217,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log_level)
-    _use_uvloop()
+    _use_loop(args.loop)
     return run_command(_serve_and_exit(settings, args.redis_wait_s))
 
 

@@ -135,6 +135,7 @@ def test_demo_prints_each_result_and_exits_0() -> None:
         (("serve", "--config", "/nonexistent/hub.toml"), "invalid setting config="),
         (("serve", "--redis-url", "http://x"), "scheme must be redis, rediss or unix"),
         (("serve", "--redis-wait-s", "-1"), "argument --redis-wait-s: expected a finite number"),
+        (("serve", "--loop", "trio"), "argument --loop: invalid choice: 'trio'"),
         (("node", "--max-jobs", "0"), "argument --max-jobs: expected at least 1, got 0"),
         (("node", "--service-time-ms", "a..b"), "expected milliseconds like 200 or 50..300"),
         (("node", "--lang-pairs", "zhen"), "expected src:tgt pairs like zh:en, got 'zhen'"),
@@ -199,6 +200,21 @@ async def test_serve_without_redis_wait_starts_and_is_not_ready(tmp_path: Path) 
         assert await http_status(ready.port, "/readyz", 5) == 503
         assert await child.stop(20) == 0
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_serve_runs_on_the_event_loop_asked_for(loop: str, tmp_path: Path) -> None:
+    """uvloop is the default where installed; asyncio's own loop stays supported."""
+    log = tmp_path / "serve.log"
+    args = () if loop == "uvloop" else ("--loop", "asyncio")
+    async with hub_child(
+        *SERVE, *args, "--data-dir", str(tmp_path / "data"), "--log-level", "INFO", stderr=log
+    ) as child:
+        ready = parse_ready_line(await child.read_line())
+        assert ready is not None
+        assert await http_status(ready.port, "/readyz", 5) == 200
+        assert await child.stop(20) == 0
+    assert f"= event loop: {loop}" in log.read_text()
 
 
 # hub serve, node and status together

@@ -509,9 +509,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert self.refused(call) is ErrorCode.SESSION_QUEUE_FULL
                 return
         reply = self.run(call)
-        job = JobModel(
-            job_id, session_id, pair, payload, with_audio, f"r{self.counter}", model.now + timeout_ms
-        )
+        ref, deadline = f"r{self.counter}", model.now + timeout_ms
+        job = JobModel(job_id, session_id, pair, payload, with_audio, ref, deadline)
         model.jobs[job_id] = job
         if allowed:
             assert isinstance(reply, Accepted), reply

@@ -82,7 +82,6 @@ async def test_complete_task_failed_keeps_the_error(scheduler, redis, keys):
 
 
 async def test_complete_task_hands_the_freed_slot_the_next_queued_job(scheduler, redis, keys):
-    audio = bytes(range(256))
     await register(scheduler, "n1", max_jobs=1, hub_id="hn")
     await dispatch(scheduler, "s1", "j1")
     queued = await scheduler.dispatch_task(

@@ -29,7 +29,6 @@ async def refused(scheduler, session_id="s1", src="en", tgt="fr", **kwargs) -> S
 
 
 async def test_dispatch_task_accepted_takes_a_slot(scheduler, redis, keys):
-    audio = bytes(range(256))
     await register(scheduler, "n1", max_jobs=2, hub_id="hn")
 
     accepted = await scheduler.dispatch_task(

@@ -42,7 +42,6 @@ async def refused(scheduler, node_id, **kwargs) -> SchedulingError:
 async def test_node_lost_redispatches_its_job_as_a_new_attempt(make_scheduler, redis, keys):
     h1 = await make_scheduler(hub_id="h1")
     h2 = await make_scheduler(hub_id="h2")
-    audio = bytes(range(256))
     await register(h1, "n1", max_jobs=1)
     await h1.dispatch_task(
         "s1", "en", "fr", b'{"t":"x"}', has_audio=True, ref="r1", job_id="j1", now_ms=T0

@@ -154,7 +154,6 @@ async def test_register_node_resume_keeps_the_jobs(scheduler, redis, keys):
 
 
 async def test_register_node_redispatches_jobs_it_did_not_resume(scheduler, redis, keys):
-    audio = bytes(range(256))
     await register(scheduler, "n1", max_jobs=2)
     await scheduler.dispatch_task(
         "s1", "en", "fr", b'{"k":1}', has_audio=True, ref="r1", job_id="ja", now_ms=T0
@@ -233,7 +232,6 @@ async def test_register_node_drops_jobs_that_are_not_its_own(scheduler, redis, k
 
 
 async def test_register_node_hands_queued_jobs_to_its_free_slots(scheduler, redis, keys):
-    audio = bytes(range(256))
     await register(scheduler, "n1", max_jobs=1)
     await scheduler.dispatch_task("s1", "en", "fr", b"{}", job_id="j1", now_ms=T0)
     q2 = await scheduler.dispatch_task(
