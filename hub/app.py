@@ -167,7 +167,9 @@ class Hub:
             s.port,
             process_request=self.gate.process_request,
             max_size=s.max_frame_bytes,
-            max_queue=16,
+            # Bounded reading: past 4 messages waiting to be handled, the
+            # connection stops reading its socket (TCP backpressure).
+            max_queue=4,
             compression=None,
             ping_interval=None,
             ping_timeout=None,

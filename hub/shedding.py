@@ -8,7 +8,9 @@ it and the session refuses the job ``OVERLOADED`` (with ``retry_after_ms``)
 at once, with no Redis call. Jobs already accepted go on at full speed.
 
 The signs:
-- event-loop lag: how late a 50 ms timer fires (``shed_loop_lag_ms``);
+- event-loop lag: how late a 50 ms timer fires (``shed_loop_lag_ms``), twice
+  in a row: one late tick is a pause (a garbage collection, another process
+  on the core), two are a backlog;
 - script calls waiting for a pipeline or in flight (``shed_script_calls``);
 - bytes waiting in all connections' write buffers (``shed_send_bytes``);
 - the audio budget (:class:`~hub.audio.AudioStore`) cannot take the job.
@@ -86,14 +88,16 @@ class Shedder:
         """Measure the loop lag and the write buffers until the hub stops."""
         loop = asyncio.get_running_loop()
         tick = 0
+        late = 0.0
         while not self._health.stopping:
             start = loop.time()
             await asyncio.sleep(_TICK_S)
-            self.lag_s = max(0.0, loop.time() - start - _TICK_S)
+            self.lag_s, previous = max(0.0, loop.time() - start - _TICK_S), late
+            late = self.lag_s
             tick += 1
             if tick % _SEND_EVERY == 0:
                 self.send_bytes = self._sum_send_buffers()
-            if self.lag_s > self._max_lag_s:
+            if min(late, previous) > self._max_lag_s:
                 self._shed("the event loop is behind")
             elif self.send_bytes > self._max_send:
                 self._shed("too many bytes wait to be sent")

@@ -201,3 +201,33 @@ def test_smoke_churn_keeps_exactly_once(tmp_path: Path) -> None:
         # waits for its deadline (JOB_TIMEOUT) instead of running.
         pytest.xfail(f"{missing} job(s) got no result: job frame dropped during re-registration")
     assert report["verdict"] == {"ok": True, "problems": []}
+
+
+def test_smoke_overload_answers_every_job_once_and_keeps_memory_bounded(tmp_path: Path) -> None:
+    # Three times what four one-slot nodes carry: the hub refuses what it
+    # cannot take (queue full, or overloaded), and every job gets exactly one
+    # answer: a result, or a refusal; none is lost, none answered twice. A
+    # job that waited in the queue past queue_wait_ms fails NO_AVAILABLE_NODE;
+    # every job that was accepted (ran on a node) finishes.
+    report = run_loadtest(
+        tmp_path,
+        "--scenario",
+        "overload",
+        "--overload-factor",
+        "3",
+        "--max-jobs",
+        "1",
+        "--service-time-ms",
+        "20..40",
+        expect_ok=False,
+    )
+    jobs = report["jobs"]
+    errors = report["errors"]
+    assert errors["checks"] == {}, errors
+    assert set(errors["failed"]) <= {"NO_AVAILABLE_NODE"}, errors
+    assert set(errors["refused"]) <= {"OVERLOADED", "QUEUE_FULL", "RATE_LIMITED"}, errors
+    assert jobs["sent"] == jobs["results"] + jobs.get("refused", 0)
+    assert jobs["failed"] + jobs.get("refused", 0) > 0  # it was overloaded
+    assert jobs["accepted"] == jobs["ok"] == jobs["node_results"]
+    # Bounded: queues and buffers do not grow with the offered load.
+    assert report["memory"]["hubs"][0]["peak_kb"] < 300 * 1024
