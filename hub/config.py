@@ -198,6 +198,8 @@ class Settings:
     """Event-loop lag (how late a 50 ms timer fires)."""
     shed_script_calls: int = 2000
     """Script calls waiting for a pipeline or in flight."""
+    shed_dispatch_ms: int = 50
+    """Moving average of the time from a submit to its dispatch reply."""
     shed_send_bytes: int = 64 * 1024 * 1024
     """Bytes waiting in all connections' write buffers."""
     shed_retry_after_ms: int = 1000
@@ -240,6 +242,7 @@ class Settings:
             "audio_budget_bytes",
             "shed_loop_lag_ms",
             "shed_script_calls",
+            "shed_dispatch_ms",
             "shed_send_bytes",
             "shed_retry_after_ms",
         ):

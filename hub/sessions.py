@@ -246,6 +246,7 @@ class Sessions:
                 link, ref, Code.OVERLOADED, "the audio budget is full", self._shedder.retry_after_ms
             )
             return
+        started = time.monotonic()
         try:
             reply = await self._scheduler.dispatch_task(
                 link.session_id,
@@ -272,6 +273,7 @@ class Sessions:
                 self._abandoning += 1
                 self._tasks.spawn(self._abandon(link.session_id, jid))
             return
+        self._shedder.dispatched(time.monotonic() - started)
         if jid in link.ended_early:
             # Its result is already sent; protocol.md §9.2 wants nothing after it.
             link.ended_early.discard(jid)

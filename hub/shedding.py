@@ -12,6 +12,8 @@ The signs:
   in a row: one late tick is a pause (a garbage collection, another process
   on the core), two are a backlog;
 - script calls waiting for a pipeline or in flight (``shed_script_calls``);
+- how long ``dispatch_task`` takes from the submit to its reply, a moving
+  average (``shed_dispatch_ms``): the queue in this hub and in Redis together;
 - bytes waiting in all connections' write buffers (``shed_send_bytes``);
 - the audio budget (:class:`~hub.audio.AudioStore`) cannot take the job.
 """
@@ -34,6 +36,9 @@ _TICK_S = 0.05
 
 _SEND_EVERY = 5
 """Ticks between two sums of the write buffers (they cost one call per connection)."""
+
+_EWMA = 0.05
+"""Weight of each new dispatch time in the moving average."""
 
 _HOLD_S = 0.25
 """How long a sign of being behind keeps the hub shedding after it was last seen."""
@@ -65,6 +70,10 @@ class Shedder:
         self._max_lag_s = settings.shed_loop_lag_ms / 1000
         self._max_calls = settings.shed_script_calls
         self._max_send = settings.shed_send_bytes
+        self._max_dispatch_s = settings.shed_dispatch_ms / 1000
+        self.dispatch_s = 0.0
+        """Moving average of the time from a submit to its dispatch reply."""
+        self._dispatches = 0
         self.retry_after_ms = settings.shed_retry_after_ms
         """Sent with each ``OVERLOADED`` refusal."""
         self.lag_s = 0.0
@@ -80,9 +89,16 @@ class Shedder:
             return self._behind
         if self._batcher.in_flight >= self._max_calls:
             return "too many script calls in flight"
+        if self.dispatch_s > self._max_dispatch_s:
+            return "jobs wait too long for their dispatch"
         if audio_bytes and self._audio.full(audio_bytes):
             return "the audio budget is full"
         return ""
+
+    def dispatched(self, seconds: float) -> None:
+        """Record how long one submit waited for its dispatch reply."""
+        self.dispatch_s += (seconds - self.dispatch_s) * _EWMA
+        self._dispatches += 1
 
     async def watch(self) -> None:
         """Measure the loop lag and the write buffers until the hub stops."""
@@ -97,6 +113,10 @@ class Shedder:
             tick += 1
             if tick % _SEND_EVERY == 0:
                 self.send_bytes = self._sum_send_buffers()
+            if not self._dispatches:
+                # No submit got through (all shed, or none came): the average fades.
+                self.dispatch_s *= 0.5
+            self._dispatches = 0
             if min(late, previous) > self._max_lag_s:
                 self._shed("the event loop is behind")
             elif self.send_bytes > self._max_send:

@@ -148,3 +148,20 @@ async def test_flood_of_refused_jobs_leaves_the_hub_bounded(
     assert "dispatch_task" not in scripts
     assert len(hub.tasks) < 10
     await wait_for(lambda: hub.scheduler.batcher.in_flight == 0, timeout=1000 * MS)
+
+
+async def test_hub_whose_dispatches_are_slow_sheds_until_the_average_fades(
+    make_hub: MakeHub, connect: Connect
+) -> None:
+    hub = await make_hub(shed_dispatch_ms=50)
+    await open_node(connect, hub, "gpu-1")
+    session = await open_session(connect, hub)
+    for _ in range(100):
+        hub.shedder.dispatched(0.5)  # as if submits waited 500 ms for their reply
+    await submit(session, "c-1")
+    refused = await expect(session, "error", ref="c-1", code="OVERLOADED")
+    assert "dispatch" in refused["message"]
+    # With no dispatch getting through, the average fades and jobs are taken again.
+    await wait_for(lambda: not hub.shedder.reason(0), timeout=3000 * MS, what="the fade")
+    await submit(session, "c-1")
+    await expect(session, "accepted", ref="c-1")
