@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="profile the started hubs with cProfile (CPU clock): hub-<i>.pstats in --out",
     )
+    p.add_argument(
+        "--worker-cprofile",
+        action="store_true",
+        help="profile the load generators during the load with cProfile (CPU clock): "
+        "worker-<i>.pstats in --out",
+    )
     p.add_argument("--connect-concurrency", type=int, default=32)
     p.add_argument("--out", type=Path, help="report directory (default loadtest/reports/<time>)")
     p.add_argument("--quiet", action="store_true", help="no status line")
@@ -257,7 +263,9 @@ async def run(args: argparse.Namespace) -> int:
         await asyncio.sleep(0.5)  # let the hubs settle before the baseline
         samples["baseline"] = sample()
 
-        workers = await start_workers(plan, urls, args.processes, out_dir, status)
+        workers = await start_workers(
+            plan, urls, args.processes, out_dir, status, cprofile=args.worker_cprofile
+        )
         harness_pids = [w.process.pid for w in workers]
         started = time.perf_counter()
         async with asyncio.timeout(plan.connect_timeout_s + 15):
@@ -436,8 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nloadtest: interrupted", file=sys.stderr)
         return 130
-    if args.hub_cprofile:
-        for path in sorted(args.out.glob("hub-*.pstats")):
+    profiled = [
+        *(["hub-*.pstats"] if args.hub_cprofile else []),
+        *(["worker-*.pstats"] if args.worker_cprofile else []),
+    ]
+    for pattern in profiled:
+        for path in sorted(args.out.glob(pattern)):
             text = profile_summary(path)
             path.with_suffix(".txt").write_text(text)
             print(f"\n{path.name}, by CPU time in the function itself:\n{text}")

@@ -129,11 +129,20 @@ class WorkerProcess:
 
 
 async def start_workers(
-    plan: Plan, urls: list[str], count: int, out_dir: Path, status: Status
+    plan: Plan,
+    urls: list[str],
+    count: int,
+    out_dir: Path,
+    status: Status,
+    *,
+    cprofile: bool = False,
 ) -> list[WorkerProcess]:
+    """Start ``count`` workers; with ``cprofile``, each profiles its load in ``out_dir``."""
     workers = []
     for i in range(count):
-        config = {"plan": plan.to_json(), "urls": urls, "index": i, "count": count}
+        config: dict[str, Any] = {"plan": plan.to_json(), "urls": urls, "index": i, "count": count}
+        if cprofile:
+            config["cprofile"] = str(out_dir / f"worker-{i}.pstats")
         process = await spawn(
             [sys.executable, "-m", "loadtest.worker", orjson.dumps(config).decode()],
             log_path=out_dir / f"worker-{i}.log",

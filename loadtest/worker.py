@@ -91,6 +91,8 @@ class Worker:
         self.closing = False
         """Set when the run ends: disconnections are expected from now on."""
         self.connect_failures = 0
+        self.profile_path: str | None = config.get("cprofile")
+        """Where to write a cProfile of the load window (CPU clock), if asked."""
         self._go: asyncio.Future[float | None] = self.loop.create_future()
         self._stop_now = False
         self._close: asyncio.Event = asyncio.Event()
@@ -141,8 +143,18 @@ class Worker:
         cpu_go = cpu_seconds()
         cpu_drained = cpu_go
         if go_wall is not None:
+            profile_path = self.profile_path
+            profiler = None
+            if profile_path is not None:
+                import cProfile
+
+                profiler = cProfile.Profile(time.process_time)
+                profiler.enable()
             await self._run_load(go_wall)
             cpu_drained = cpu_seconds()
+            if profiler is not None and profile_path is not None:
+                profiler.disable()
+                profiler.dump_stats(profile_path)
             self.emit({"t": "drained", "index": self.index, "outstanding": self._outstanding()})
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(60):
