@@ -52,6 +52,7 @@ from .scheduler import Scheduler
 from .sessions import Sessions
 from .shedding import Shedder
 from .tasks import Tasks
+from .wsconn import HubConnection
 
 __all__ = ["Hub"]
 
@@ -166,6 +167,7 @@ class Hub:
             s.host,
             s.port,
             process_request=self.gate.process_request,
+            create_connection=HubConnection,
             max_size=s.max_frame_bytes,
             # Bounded reading: past 4 messages waiting to be handled, the
             # connection stops reading its socket (TCP backpressure).

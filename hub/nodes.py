@@ -9,6 +9,7 @@ If Redis is down then, the node's lease expires it later (the sweep).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -27,6 +28,7 @@ from .registry import NodeLink, Registry, Route
 from .router import Router
 from .scheduler import Scheduler
 from .tasks import Tasks
+from .wsconn import HubConnection
 
 __all__ = ["Nodes"]
 
@@ -188,28 +190,42 @@ class Nodes:
         return True
 
     async def _receive_frames(self, link: NodeLink) -> None:
+        """Handle the node's messages until its connection closes.
+
+        Each message is handled in ``data_received`` (:class:`HubConnection`);
+        only a fragmented one comes through this loop.
+        """
         ws = link.ws
-        limit = 2 * link.max_jobs + 8
-        async for message in ws:
-            try:
-                frame = link.conn.receive(message)
-            except ClientError as exc:
-                self._metrics.bad_frames.labels("node", exc.code).inc()
-                self._outbox.push(ws, proto.encode_error(exc.ref, exc.code, exc.message))
-                continue
-            kind = type(frame)
-            if kind is proto.NodeResult:
-                assert isinstance(frame, proto.NodeResult)
-                await self._tasks.bounded(link, limit, self._complete(link, frame))
-            elif kind is proto.NodePartial:
-                assert isinstance(frame, proto.NodePartial)
-                if not self._relay_partial(link, frame):
-                    await self._tasks.bounded(link, limit, self._route_partial(link, frame))
-            elif kind is proto.Load:
-                assert isinstance(frame, proto.Load)
-                link.load = frame.load
-            elif kind is proto.Drain:
-                await self._drain(link)
+        handle = functools.partial(self._on_message, link, 2 * link.max_jobs + 8)
+        if isinstance(ws, HubConnection):
+            ws.on_message = handle
+        try:
+            async for message in ws:
+                handle(message)
+        finally:
+            if isinstance(ws, HubConnection):
+                ws.on_message = None
+
+    def _on_message(self, link: NodeLink, limit: int, message: str | bytes) -> None:
+        try:
+            frame = link.conn.receive(message)
+        except ClientError as exc:
+            self._metrics.bad_frames.labels("node", exc.code).inc()
+            self._outbox.push(link.ws, proto.encode_error(exc.ref, exc.code, exc.message))
+            return
+        kind = type(frame)
+        if kind is proto.NodeResult:
+            assert isinstance(frame, proto.NodeResult)
+            self._tasks.start(link, limit, self._complete(link, frame))
+        elif kind is proto.NodePartial:
+            assert isinstance(frame, proto.NodePartial)
+            if not self._relay_partial(link, frame):
+                self._tasks.start(link, limit, self._route_partial(link, frame))
+        elif kind is proto.Load:
+            assert isinstance(frame, proto.Load)
+            link.load = frame.load
+        elif kind is proto.Drain:
+            self._tasks.start(link, limit, self._drain(link))
 
     async def _complete(self, link: NodeLink, frame: proto.NodeResult) -> None:
         """Record a result; while Redis is unavailable, hold it and try again.

@@ -7,6 +7,7 @@ which connection an event is about (:meth:`Registry.node_link`).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import secrets
 import time
@@ -56,6 +57,11 @@ class NodeLink:
         self.backlog: list[Backlog] = []
         """Frames that arrived for the node before its registration finished here."""
 
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        """The socket's transport (``Tasks.start`` pauses its reading)."""
+        return self.ws.transport
+
 
 class SessionLink:
     """One session connection on this hub."""
@@ -85,6 +91,11 @@ class SessionLink:
         """Jobs whose result came before their dispatch reply was handled."""
         self.abandoned: set[str] = set()
         """Jobs refused with UNAVAILABLE whose script may have run after all."""
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        """The socket's transport (``Tasks.start`` pauses its reading)."""
+        return self.ws.transport
 
 
 Link = NodeLink | SessionLink

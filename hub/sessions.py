@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -33,6 +34,7 @@ from .router import Router
 from .scheduler import Scheduler, new_job_id
 from .shedding import Shedder
 from .tasks import Tasks
+from .wsconn import HubConnection
 
 __all__ = ["Sessions"]
 
@@ -93,6 +95,7 @@ class Sessions:
         self._secret = settings.resume_secret.encode() if settings.resume_secret else b""
         self._gone: dict[str, asyncio.TimerHandle] = {}
         self._abandoning = 0
+        self._inflight_limit = 2 * settings.max_inflight_per_session
 
     # Public methods
 
@@ -197,34 +200,52 @@ class Sessions:
         return hmac.new(self._secret, session_id.encode(), hashlib.sha256).hexdigest()[:32]
 
     async def _receive_frames(self, link: SessionLink) -> None:
+        """Handle the session's messages until its connection closes.
+
+        Each message is handled in ``data_received`` (:class:`HubConnection`);
+        only a fragmented one comes through this loop.
+        """
         ws = link.ws
-        limit = 2 * self._settings.max_inflight_per_session
-        async for message in ws:
-            now = time.monotonic()
-            link.last_active = now
-            try:
-                frame = link.conn.receive(message, now)
-            except ClientError as exc:
-                self._metrics.bad_frames.labels("session", exc.code).inc()
-                self._outbox.push(ws, proto.encode_error(exc.ref, exc.code, exc.message))
-                continue
-            kind = type(frame)
-            if kind is proto.SubmitJob:
-                assert isinstance(frame, proto.SubmitJob)
-                shed = self._shedder
-                why = shed.reason(len(frame.audio) if frame.audio else 0)
-                if why:
-                    # No task, no Redis call: a refusal costs a fraction of a dispatch.
-                    self._refuse(link, frame.ref, Code.OVERLOADED, why, shed.retry_after_ms)
-                    continue
-                await self._tasks.bounded(link, limit, self._submit(link, frame))
-            elif kind is proto.CancelJob:
-                assert isinstance(frame, proto.CancelJob)
-                await self._cancel(link, frame)
-            elif kind is proto.Ack:
-                assert isinstance(frame, proto.Ack)
-                with contextlib.suppress(RedisUnavailable):
-                    await self._scheduler.ack_results(link.session_id, frame.job_ids)
+        handle = functools.partial(self._on_message, link)
+        if isinstance(ws, HubConnection):
+            ws.on_message = handle
+        try:
+            async for message in ws:
+                handle(message)
+        finally:
+            if isinstance(ws, HubConnection):
+                ws.on_message = None
+
+    def _on_message(self, link: SessionLink, message: str | bytes) -> None:
+        now = time.monotonic()
+        link.last_active = now
+        try:
+            frame = link.conn.receive(message, now)
+        except ClientError as exc:
+            self._metrics.bad_frames.labels("session", exc.code).inc()
+            self._outbox.push(link.ws, proto.encode_error(exc.ref, exc.code, exc.message))
+            return
+        kind = type(frame)
+        limit = self._inflight_limit
+        if kind is proto.SubmitJob:
+            assert isinstance(frame, proto.SubmitJob)
+            shed = self._shedder
+            why = shed.reason(len(frame.audio) if frame.audio else 0)
+            if why:
+                # No task, no Redis call: a refusal costs a fraction of a dispatch.
+                self._refuse(link, frame.ref, Code.OVERLOADED, why, shed.retry_after_ms)
+                return
+            self._tasks.start(link, limit, self._submit(link, frame))
+        elif kind is proto.CancelJob:
+            assert isinstance(frame, proto.CancelJob)
+            self._tasks.start(link, limit, self._cancel(link, frame))
+        elif kind is proto.Ack:
+            assert isinstance(frame, proto.Ack)
+            self._tasks.start(link, limit, self._ack(link.session_id, frame.job_ids))
+
+    async def _ack(self, session_id: str, job_ids: tuple[JobId, ...]) -> None:
+        with contextlib.suppress(RedisUnavailable):
+            await self._scheduler.ack_results(session_id, job_ids)
 
     # Jobs
 

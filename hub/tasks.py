@@ -26,6 +26,13 @@ class Counted(Protocol):
     pending: int
 
 
+class Paused(Counted, Protocol):
+    """A counted connection whose socket reading can be paused (:meth:`Tasks.start`)."""
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
+
 class Tasks:
     """The set of background tasks a hub owns."""
 
@@ -56,6 +63,20 @@ class Tasks:
         else:
             self.spawn(counted)
 
+    def start(self, link: Paused, limit: int, coro: Coroutine[Any, Any, None]) -> None:
+        """Handle one frame of ``link`` in the background, from a callback.
+
+        Like :meth:`bounded`, without awaiting: past ``limit`` frames in
+        flight the connection stops reading its socket (TCP backpressure)
+        until half of them are done.
+        """
+        link.pending += 1
+        self.spawn(_counted_then_resume(link, limit, coro))
+        if link.pending == limit + 1:
+            transport = link.transport
+            if transport is not None and not transport.is_closing():
+                transport.pause_reading()
+
     async def close(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for the tasks, then cancel the rest."""
         if self._tasks:
@@ -71,6 +92,17 @@ class Tasks:
             exc = task.exception()
             if not isinstance(exc, ConnectionClosed):
                 logger.error("! background task failed", exc_info=exc)
+
+
+async def _counted_then_resume(link: Paused, limit: int, coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        await coro
+    finally:
+        link.pending -= 1
+        if link.pending == limit // 2:
+            transport = link.transport
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()
 
 
 async def _counted(link: Counted, coro: Coroutine[Any, Any, None]) -> None:

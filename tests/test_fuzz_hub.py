@@ -704,6 +704,7 @@ async def test_hub_survives_hostile_traffic(
         max_connections_per_ip=None,
         # The loop's lag is the fuzzers' as much as the hub's: no shedding for it.
         shed_loop_lag_ms=60_000,
+        shed_dispatch_ms=60_000,
     )
     url = f"ws://127.0.0.1:{hub.port}"
 
