@@ -12,9 +12,10 @@ It also checks the hub's promise that a node never gets more than
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from hub.errors import Code, ProtocolError
 from hub.protocol import (
@@ -34,6 +35,25 @@ if TYPE_CHECKING:
 
 __all__ = ["SimNode"]
 
+_HEADER_LENGTH = 4
+"""A binary frame starts with its JSON header's length, uint32 big-endian (protocol.md §2)."""
+
+
+class _Running:
+    """A job a node holds until its service time is up."""
+
+    __slots__ = ("attempt", "audio_len", "job_id", "payload", "received", "tag")
+
+    def __init__(
+        self, job_id: str, attempt: int, payload: Any, audio_len: int, tag: str, received: float
+    ) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self.payload = payload
+        self.audio_len = audio_len
+        self.tag = tag
+        self.received = received
+
 
 class SimNode(SimPeer):
     """One simulated node; it reconnects with the same id after churn or a drop."""
@@ -41,7 +61,8 @@ class SimNode(SimPeer):
     def __init__(self, worker: Worker, index: int, base_url: str) -> None:
         super().__init__(worker, base_url + "/v1/node", "node")
         self.node_id = f"lt-n{index}"
-        self.running: dict[str, asyncio.TimerHandle | None] = {}
+        self.running: dict[str, _Running] = {}
+        """Jobs held, by id; a job cancelled or lost with the connection leaves it."""
 
     def hello(self) -> bytes:
         plan = self.w.plan
@@ -51,69 +72,115 @@ class SimNode(SimPeer):
     # Callbacks
 
     def on_message(self, binary: bool, data: bytes) -> None:
-        w = self.w
         if self.leaving:
             return  # the hub re-dispatches what it sent us after we left
+        received = time.perf_counter()
+        w = self.w
+        header = data
+        audio_len = 0
+        tag = ""
+        if binary:
+            # A job with audio: decode the header alone, and read of the audio
+            # only what the result echoes, without copying it.
+            end = _HEADER_LENGTH + int.from_bytes(data[:_HEADER_LENGTH], "big")
+            if len(data) < _HEADER_LENGTH or end > len(data):
+                w.stats.checks["node: bad frame from hub"] += 1
+                return
+            header = data[_HEADER_LENGTH:end]
+            audio_len = len(data) - end
+            tag = data[end : end + 8].hex()
+        try:
+            frame = orjson.loads(header)
+        except orjson.JSONDecodeError:
+            frame = None
+        # Job frames are read here, with the checks of hub.protocol's decoder
+        # but without building its frozen dataclass; any other frame, and a
+        # job that fails a check, goes through the decoder.
+        if type(frame) is dict and frame.get("type") == "job":
+            job_id = frame.get("job_id")
+            attempt = frame.get("attempt")
+            payload = frame.get("payload")
+            if (
+                type(job_id) is str
+                and type(attempt) is int
+                and type(payload) is dict
+                and type(frame.get("session_id")) is str
+                and type(frame.get("src_lang")) is str
+                and type(frame.get("tgt_lang")) is str
+                and type(frame.get("deadline_ms")) is int
+            ):
+                self._job(job_id, attempt, payload, audio_len, tag, received)
+                w.wheel.poll(received)  # the loop is awake: run the ticks and results nearly due
+                return
+        self._decode(data, binary, received)
+
+    def _decode(self, data: bytes, binary: bool, received: float) -> None:
+        st = self.w.stats
         try:
             frame = decode_to_node(data, binary=binary)
         except ProtocolError as exc:
             problem = "unexpected frame type" if exc.code == Code.UNKNOWN_TYPE else "bad frame"
-            w.stats.checks[f"node: {problem} from hub"] += 1
+            st.checks[f"node: {problem} from hub"] += 1
             return
         if type(frame) is NodeJob:
-            self._job(frame)
+            audio = frame.audio or b""
+            self._job(
+                frame.job_id, frame.attempt, frame.payload, len(audio), audio[:8].hex(), received
+            )
         elif type(frame) is NodeCancel:
-            w.stats.counters["node_cancels"] += 1
-            handle = self.running.pop(frame.job_id, None)
-            if handle is not None:
-                handle.cancel()
+            st.counters["node_cancels"] += 1
+            self.running.pop(frame.job_id, None)
         elif type(frame) is Registered:
             self.greet()
         elif type(frame) is ErrorReply:
-            w.stats.node_errors[frame.code] += 1
+            st.node_errors[frame.code] += 1
 
     def on_close(self, code: int | None) -> None:
-        for handle in self.running.values():
-            if handle is not None:
-                handle.cancel()
         self.running.clear()
         super().on_close(code)
 
     # Jobs
 
-    def _job(self, frame: NodeJob) -> None:
+    def _job(
+        self,
+        job_id: str,
+        attempt: int,
+        payload: dict[str, Any],
+        audio_len: int,
+        tag: str,
+        received: float,
+    ) -> None:
         w = self.w
         w.stats.counters["node_jobs"] += 1
-        job_id, attempt, payload = frame.job_id, frame.attempt, frame.payload
-        audio = frame.audio or b""
         if len(self.running) >= w.plan.max_jobs:
             w.stats.checks["node: more jobs than max_jobs at once"] += 1
-        if w.plan.audio_bytes and len(audio) != w.plan.audio_bytes:
+        if w.plan.audio_bytes and audio_len != w.plan.audio_bytes:
             w.stats.checks["node: audio length differs from what was sent"] += 1
-        tag = audio[:8].hex()
-        received = time.perf_counter()
+        job = _Running(job_id, attempt, payload, audio_len, tag, received)
         if w.instant:
-            self._finish(job_id, attempt, payload, len(audio), tag, received)
+            self._answer(job)
         else:
-            self.running[job_id] = w.loop.call_later(
-                w.service.draw_s(w.rng),
-                self._finish,
-                job_id,
-                attempt,
-                payload,
-                len(audio),
-                tag,
-                received,
-            )
+            self.running[job_id] = job
+            w.wheel.call_at(received + w.service.draw_s(w.rng), self._finish, job)
 
-    def _finish(
-        self, job_id: str, attempt: int, payload: Any, audio_len: int, tag: str, received: float
-    ) -> None:
-        self.running.pop(job_id, None)
+    def _finish(self, job: _Running) -> None:
+        """The service time is up: answer, unless the job was cancelled or lost meanwhile."""
+        running = self.running
+        # Identity, not id: after a reconnection the hub may send the same job again.
+        if running.get(job.job_id) is job:
+            del running[job.job_id]
+            self._answer(job)
+
+    def _answer(self, job: _Running) -> None:
         conn = self.conn
         if conn is None or not conn.is_open:
             return
-        hold_us = int((time.perf_counter() - received) * 1e6)
-        result = {"echo": payload, "audio_len": audio_len, "audio_tag": tag, "hold_us": hold_us}
-        conn.send_text(encode_node_result(job_id, attempt, "finished", result))
+        hold_us = int((time.perf_counter() - job.received) * 1e6)
+        result = {
+            "echo": job.payload,
+            "audio_len": job.audio_len,
+            "audio_tag": job.tag,
+            "hold_us": hold_us,
+        }
+        conn.send_text(encode_node_result(job.job_id, job.attempt, "finished", result))
         self.w.stats.counters["node_results"] += 1

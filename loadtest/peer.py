@@ -40,7 +40,9 @@ class SimPeer:
         started = time.perf_counter()
         self.leaving = False
         self.greeted = asyncio.get_running_loop().create_future()
-        conn = await wsclient.connect(self.url, self.on_message, self.on_close)
+        conn = await wsclient.connect(
+            self.url, self.on_message, self.on_close, flusher=self.w.flusher
+        )
         self.conn = conn
         hello = self.hello()
         if hello is not None:

@@ -10,10 +10,11 @@ right payload and the right audio, and that it comes exactly once
 
 from __future__ import annotations
 
-import asyncio
 import struct
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from hub.errors import Code, ProtocolError
 from hub.protocol import (
@@ -25,8 +26,8 @@ from hub.protocol import (
     Welcome,
     decode_to_session,
     encode_submit_job,
-    encode_submit_job_audio,
 )
+from hub.protocol.frames import join_binary
 
 from .peer import SimPeer
 
@@ -62,7 +63,8 @@ class SimSession(SimPeer):
         self.seq = 0
         self.next_due = 0.0
         """Open loop: when the next job is due (perf_counter)."""
-        self.timer: asyncio.TimerHandle | None = None
+        self.ticks = 0
+        """Open loop: the generation of the tick chain; :meth:`stop` ends the current one."""
 
     def leave(self) -> None:
         """Disconnect on purpose: unfinished jobs are abandoned, not errors."""
@@ -77,55 +79,58 @@ class SimSession(SimPeer):
         """Start sending: open loop from ``first_due`` on, closed loop at once."""
         w = self.w
         if w.plan.open_loop:
+            self.ticks += 1
             self.next_due = first_due
-            self.timer = w.loop.call_later(max(0.0, first_due - time.perf_counter()), self._tick)
+            w.wheel.call_at(first_due, self._tick, self.ticks)
         else:
             for _ in range(w.plan.inflight):
                 self.send_job()
 
     def stop(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.ticks += 1
 
-    def _tick(self) -> None:
+    def _tick(self, generation: int) -> None:
+        if generation != self.ticks:
+            return  # stopped
         w = self.w
         now = time.perf_counter()
         if now >= w.end_at:
-            self.timer = None
             return
         if not self.is_open:
             pass  # reconnecting: this tick is lost, like audio of a dropped call
         elif len(self.jobs) >= w.plan.max_outstanding:
             w.stats.counters["skipped"] += 1
         else:
-            self.send_job()
+            self.send_job(now)
         self.next_due += w.interval_s
         if self.next_due < now:  # a stalled loop does not send a catch-up burst
             self.next_due = now + w.interval_s
-        self.timer = w.loop.call_later(self.next_due - now, self._tick)
+        w.wheel.call_at(self.next_due, self._tick, generation)
 
-    def send_job(self) -> None:
+    def send_job(self, now: float | None = None) -> None:
         w = self.w
         conn = self.conn
         if conn is None or not conn.is_open:
             return
-        now = time.perf_counter()
+        if now is None:
+            now = time.perf_counter()
         if now >= w.end_at:
             return
         self.seq = seq = self.seq + 1
         ref = str(seq)
-        payload = {"seq": seq, "sid": self.sid}
+        header = encode_submit_job(
+            ref, w.plan.src_lang, w.plan.tgt_lang, {"seq": seq, "sid": self.sid}
+        )
         self.jobs[ref] = _Job(seq, now)
-        if w.audio_rest is None:
-            conn.send_text(encode_submit_job(ref, w.plan.src_lang, w.plan.tgt_lang, payload))
+        tail = w.audio_tail
+        if tail is None:
+            conn.send_text(header)
         else:
-            audio = _TAG.pack(self.index, seq) + w.audio_rest
-            conn.send_binary(
-                encode_submit_job_audio(ref, w.plan.src_lang, w.plan.tgt_lang, payload, audio)
-            )
-        w.stats.counters["sent"] += 1
-        w.stats.second(now).sent += 1
+            # The audio is the job's tag and the worker's audio, masked once for all jobs.
+            conn.send_binary_with_tail(join_binary(header, _TAG.pack(self.index, seq)), tail)
+        st = w.stats
+        st.counters["sent"] += 1
+        st.second(now).sent += 1
 
     def _next_after_answer(self, refused: bool) -> None:
         """Closed loop: send the next job (after a short pause when refused)."""
@@ -140,21 +145,70 @@ class SimSession(SimPeer):
     # Callbacks
 
     def on_message(self, binary: bool, data: bytes) -> None:
-        w = self.w
-        st = w.stats
         if self.leaving:
             return  # frames still in flight to a connection we are closing
+        now = time.perf_counter()
+        w = self.w
+        try:
+            frame = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            frame = None
+        kind = frame.get("type") if type(frame) is dict else None
+        # The two frames every job gets are read here, with the checks of
+        # hub.protocol's decoder but without building its frozen dataclasses;
+        # any other frame, and one of these that fails a check, goes through
+        # the decoder.
+        if kind == "result":
+            ref = frame.get("ref")
+            job_id = frame.get("job_id")
+            status = frame.get("status")
+            result = frame.get("result")
+            error = frame.get("error")
+            if (
+                type(ref) is str
+                and type(job_id) is str
+                and (status == "finished" or status == "failed")
+                and (result is None or type(result) is dict)
+                and (error is None or type(error) is str)
+            ):
+                self._result(ref, job_id, status == "finished", result, error, now)
+                w.wheel.poll(now)  # the loop is awake: run the ticks and results nearly due
+                return
+        elif kind == "accepted":
+            ref = frame.get("ref")
+            job_id = frame.get("job_id")
+            attempt = frame.get("attempt")
+            if (
+                type(ref) is str
+                and type(job_id) is str
+                and type(frame.get("node_id")) is str
+                and type(attempt) is int
+            ):
+                self._accepted(ref, job_id, attempt, now)
+                w.wheel.poll(now)
+                return
+        self._decode(data, now)
+        w.wheel.poll(now)
+
+    def _decode(self, data: bytes, now: float) -> None:
+        st = self.w.stats
         try:
             frame = decode_to_session(data)
         except ProtocolError as exc:
             problem = "unexpected frame type" if exc.code == Code.UNKNOWN_TYPE else "bad frame"
             st.checks[f"session: {problem} from hub"] += 1
             return
-        now = time.perf_counter()
         if type(frame) is SessionResult:
-            self._result(frame, now)
+            self._result(
+                frame.ref,
+                frame.job_id,
+                frame.status == "finished",
+                frame.result,
+                frame.error,
+                now,
+            )
         elif type(frame) is Accepted:
-            self._accepted(frame, now)
+            self._accepted(frame.ref, frame.job_id, frame.attempt, now)
         elif type(frame) is Queued:
             st.counters["queued"] += 1
             job = self.jobs.get(frame.ref)
@@ -175,14 +229,14 @@ class SimSession(SimPeer):
         elif type(frame) is Welcome:
             self.greet()
 
-    def _accepted(self, frame: Accepted, now: float) -> None:
+    def _accepted(self, ref: str, job_id: str, attempt: int, now: float) -> None:
         st = self.w.stats
-        job = self.jobs.get(frame.ref)
+        job = self.jobs.get(ref)
         if job is None:
-            refused = self.refused.get(frame.ref)
+            refused = self.refused.get(ref)
             if refused is not None:
                 st.checks[f"session: accepted for a job refused with {refused}"] += 1
-            elif not self._late(frame.ref):
+            elif not self._late(ref):
                 st.checks["session: accepted for an unknown ref"] += 1
             return
         if job.accepted_at is None:
@@ -194,13 +248,13 @@ class SimSession(SimPeer):
             if job.job_id is None:
                 st.hists["answer"].record(us)
                 st.counters["answered"] += 1
-        if frame.attempt > 1:
+        if attempt > 1:
             st.counters["redispatched"] += 1
         if job.job_id is None:
-            job.job_id = frame.job_id
-        elif job.job_id != frame.job_id:
+            job.job_id = job_id
+        elif job.job_id != job_id:
             st.checks["session: accepted with another job_id"] += 1
-        job.attempt = frame.attempt
+        job.attempt = attempt
 
     def _refused(self, frame: ErrorReply, now: float) -> None:
         st = self.w.stats
@@ -221,9 +275,17 @@ class SimSession(SimPeer):
         """Whether ``ref`` names a job this session sent before (answered or abandoned)."""
         return ref.isdigit() and 0 < int(ref) <= self.seq
 
-    def _result(self, frame: SessionResult, now: float) -> None:
-        st = self.w.stats
-        ref = frame.ref
+    def _result(
+        self,
+        ref: str,
+        job_id: str,
+        finished: bool,
+        result: dict[str, Any] | None,
+        error: str | None,
+        now: float,
+    ) -> None:
+        w = self.w
+        st = w.stats
         job = self.jobs.pop(ref, None)
         if job is None:
             refused = self.refused.get(ref)
@@ -234,26 +296,27 @@ class SimSession(SimPeer):
             else:
                 st.checks["session: result for an unknown ref"] += 1
             return
-        st.counters["results"] += 1
-        if job.job_id is not None and frame.job_id != job.job_id:
-            st.checks["session: result with another job_id"] += 1
+        counters = st.counters
+        counters["results"] += 1
         if job.job_id is None:
             st.checks["session: result before accepted or queued"] += 1
+        elif job_id != job.job_id:
+            st.checks["session: result with another job_id"] += 1
         second = st.second(now)
-        if frame.status == "finished":
-            st.counters["finished"] += 1
-            result = frame.result or {}
+        if finished:
+            counters["finished"] += 1
+            if result is None:
+                result = {}
             echo = result.get("echo") or {}
-            w = self.w
             if echo.get("seq") != job.seq or echo.get("sid") != self.sid:
                 st.checks["session: result echoes another job's payload"] += 1
-            elif w.audio_rest is not None and (
+            elif w.audio_tail is not None and (
                 result.get("audio_len") != w.plan.audio_bytes
                 or result.get("audio_tag") != _TAG.pack(self.index, job.seq).hex()
             ):
                 st.checks["session: result echoes other audio"] += 1
             else:
-                st.counters["ok"] += 1
+                counters["ok"] += 1
                 second.ok += 1
             us = int((now - job.sent_at) * 1e6)
             st.hists["e2e"].record(us)
@@ -263,10 +326,11 @@ class SimSession(SimPeer):
             if type(hold) is int:
                 st.hists["overhead"].record(us - hold)
         else:
-            st.counters["failed"] += 1
+            counters["failed"] += 1
             second.failed += 1
-            st.failed[str(frame.error)] += 1
-        self._next_after_answer(refused=False)
+            st.failed[str(error)] += 1
+        if not w.plan.open_loop:
+            self._next_after_answer(refused=False)
 
     def dropped(self) -> None:
         if self.jobs:

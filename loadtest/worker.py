@@ -37,6 +37,8 @@ from .peer import SimPeer
 from .scenarios import Plan, ServiceTime
 from .sessions import SimSession
 from .stats import Stats
+from .wheel import TimerWheel
+from .wsclient import Flusher, MaskedTail
 
 __all__ = ["Worker", "main"]
 
@@ -70,11 +72,18 @@ class Worker:
         self.service = ServiceTime.parse(plan.service_time)
         self.instant = self.service.instant
         self.interval_s = plan.job_interval_ms / 1000
-        self.audio_rest: bytes | None = (
-            self.rng.randbytes(max(0, plan.audio_bytes - 8)) if plan.audio_bytes else None
-        )
         if plan.audio_bytes and plan.audio_bytes < 8:
             raise ValueError("--audio-bytes must be 0 or at least 8")
+        self.audio_rest: bytes | None = (
+            self.rng.randbytes(plan.audio_bytes - 8) if plan.audio_bytes else None
+        )
+        """The audio of every job after its 8-byte tag (see :mod:`loadtest.sessions`)."""
+        self.audio_tail = None if self.audio_rest is None else MaskedTail(self.audio_rest)
+        """The same, masked once for every job (see :class:`loadtest.wsclient.MaskedTail`)."""
+        self.flusher = Flusher(self.loop)
+        """Where every connection's writes wait for the end of the loop iteration."""
+        self.wheel = TimerWheel(self.loop)
+        """The one timer of the sessions' ticks and the nodes' service times."""
         self.stats = Stats()
         # Connection i of each kind goes to hub i % len(urls): round robin
         # over the whole fleet, whichever worker holds it.

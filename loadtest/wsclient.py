@@ -1,12 +1,24 @@
 """A light callback-based WebSocket client for simulated peers.
 
 Thousands of simulated sessions share one worker process, so each message
-must cost the harness as little as possible. This client drives websockets'
-Sans-I/O :class:`~websockets.client.ClientProtocol` from a plain
-:class:`asyncio.Protocol`: bytes in, ``on_message(opcode_is_binary, data)``
-out, with no task, future or queue per connection or per message (the
-``websockets.asyncio`` client keeps an assembler and awaits per ``recv()``).
-Pings from the hub are answered by the protocol itself.
+must cost the harness as little as possible, or the load test measures
+itself rather than the hub. This client is a plain :class:`asyncio.Protocol`
+that speaks RFC 6455 itself: bytes in, ``on_message(binary, data)`` out,
+with no task, future, queue or generator per connection or per message (the
+handshake alone uses a future, to let :func:`connect` wait for it). Pings
+from the hub are answered at once; close frames are answered as the RFC asks.
+
+What it saves per message, compared with driving a general-purpose protocol:
+
+- frames are parsed in place from the bytes the transport hands over: one
+  slice per payload, no buffering unless a frame spans reads;
+- frames are masked with one random key per process (see :data:`MASK_KEY`),
+  so a payload that every message repeats (the jobs' audio) is masked once,
+  in advance (:class:`MaskedTail`), and written as it is: sending a 16 KB job
+  copies and masks only its few dozen bytes of header;
+- writes are coalesced: frames sent to one connection in one loop iteration
+  go out together, in one ``writelines`` (one ``writev``) at the end of the
+  iteration (:class:`Flusher`).
 
 Usage::
 
@@ -18,23 +30,64 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import os
+import struct
 from collections.abc import Callable
 from typing import cast
+from urllib.parse import urlsplit
 
-from websockets.client import ClientProtocol
-from websockets.frames import Frame, Opcode
-from websockets.http11 import Response
-from websockets.protocol import State
-from websockets.uri import parse_uri
+from websockets.utils import accept_key, generate_key
 
-__all__ = ["Connection", "HandshakeFailed", "connect"]
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    from websockets.utils import apply_mask
+
+__all__ = [
+    "MASK_KEY",
+    "Connection",
+    "Flusher",
+    "HandshakeFailed",
+    "MaskedTail",
+    "connect",
+    "parse_frames",
+]
 
 CLOSE_TIMEOUT_S = 2.0
 """How long to wait for the server to close TCP after the closing handshake."""
 
+MAX_HANDSHAKE_BYTES = 16 * 1024
+"""Largest HTTP response to the upgrade request we read."""
+
+MASK_KEY = os.urandom(4)
+"""The masking key of every frame this process sends.
+
+RFC 6455 §5.3 asks for a fresh, unpredictable key per frame, so that a
+hostile script in a browser cannot choose the bytes a proxy on the path
+sees. A load generator runs no foreign script and talks to a hub on a
+loopback address, with no intermediary: one random key per process is as
+safe here, and it lets the audio every job repeats be masked once and
+reused (:class:`MaskedTail`) instead of masked again for each job. Frames
+are still masked, as the RFC requires of every client frame (the hub refuses
+unmasked ones).
+"""
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+_LEN16 = struct.Struct(">BBH4s")
+_LEN64 = struct.Struct(">BBQ4s")
+_CLOSE_CODE = struct.Struct(">H")
+
+# Connection states.
+_CONNECTING, _OPEN, _CLOSING, _CLOSED = range(4)
+
 
 class HandshakeFailed(Exception):
     """The server refused the WebSocket upgrade (e.g. 503 too many connections)."""
+
+
+class ProtocolFailure(Exception):
+    """The server broke RFC 6455; the connection is failed with close code 1002."""
 
 
 OnMessage = Callable[[bool, bytes], None]
@@ -43,40 +96,160 @@ OnClose = Callable[[int | None], None]
 """Called once when the connection is gone, with the close code received, if any."""
 
 
+def frame_header(opcode: int, length: int) -> bytes:
+    """The header of a final, masked frame of ``length`` payload bytes, key included."""
+    if length < 126:
+        return bytes((0x80 | opcode, 0x80 | length)) + MASK_KEY
+    if length < 65536:
+        return _LEN16.pack(0x80 | opcode, 0xFE, length, MASK_KEY)
+    return _LEN64.pack(0x80 | opcode, 0xFF, length, MASK_KEY)
+
+
+def encode_frame(opcode: int, payload: bytes) -> bytes:
+    """A whole final frame, masked with :data:`MASK_KEY`."""
+    return frame_header(opcode, len(payload)) + apply_mask(payload, MASK_KEY)
+
+
+class MaskedTail:
+    """Bytes that end many binary messages, masked once for every alignment.
+
+    The byte at offset ``i`` of a payload is masked with ``MASK_KEY[i % 4]``,
+    so the masked form of a tail depends only on where it starts modulo 4:
+    four masked copies cover every message that ends with it.
+    """
+
+    __slots__ = ("data", "masked")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        """The tail, unmasked."""
+        self.masked = tuple(
+            apply_mask(data, MASK_KEY[phase:] + MASK_KEY[:phase]) for phase in range(4)
+        )
+        """The tail masked as if it started at payload offset ``phase`` (mod 4)."""
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def parse_frames(data: bytes) -> tuple[list[tuple[int, bool, bytes]], int]:
+    """Parse the complete server frames at the start of ``data``.
+
+    Returns:
+        ``(opcode, fin, payload)`` for each complete frame, and the offset
+        where the first incomplete one starts (``len(data)`` if none).
+
+    Raises:
+        ProtocolFailure: a masked frame or a reserved bit set.
+    """
+    frames = []
+    n = len(data)
+    pos = 0
+    while n - pos >= 2:
+        b0 = data[pos]
+        b1 = data[pos + 1]
+        if b1 & 0x80 or b0 & 0x70:
+            raise ProtocolFailure("masked server frame" if b1 & 0x80 else "reserved bit set")
+        length = b1
+        start = pos + 2
+        if length == 126:
+            if n - pos < 4:
+                break
+            length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+            start = pos + 4
+        elif length == 127:
+            if n - pos < 10:
+                break
+            length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+            start = pos + 10
+        end = start + length
+        if end > n:
+            break
+        frames.append((b0 & 0x0F, b0 >= 0x80, data[start:end]))
+        pos = end
+    return frames, pos
+
+
+class Flusher:
+    """Writes what connections of one loop queued in an iteration, once, at its end.
+
+    A connection that sends several frames in one iteration (a node ending
+    several jobs at the same tick, a pong and a result) has them written
+    together, with one system call.
+    """
+
+    __slots__ = ("_dirty", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._dirty: list[Connection] = []
+
+    def add(self, conn: Connection) -> None:
+        if not self._dirty:
+            self._loop.call_soon(self.flush)
+        self._dirty.append(conn)
+
+    def flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush()
+
+
 class Connection(asyncio.Protocol):
     """One client connection. Create it with :func:`connect`."""
 
-    def __init__(self, uri: str, on_message: OnMessage, on_close: OnClose) -> None:
-        self.protocol = ClientProtocol(parse_uri(uri), max_size=None)
+    def __init__(
+        self, uri: str, on_message: OnMessage, on_close: OnClose, flusher: Flusher | None = None
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        parts = urlsplit(uri)
+        self._host = parts.netloc
+        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._key = generate_key()
         self.on_message = on_message
         self.on_close = on_close
+        self.flusher = flusher if flusher is not None else Flusher(loop)
         self.transport: asyncio.Transport | None = None
-        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.opened: asyncio.Future[None] = loop.create_future()
         self.close_code: int | None = None
         """The close code the server sent, once it did."""
+        self.is_open = False
+        """Whether messages can be sent (the handshake is done, no close sent or received)."""
+        self._state = _CONNECTING
+        self._buffer = b""
+        """Bytes received that do not make a whole frame (or response) yet."""
+        self._pending: list[bytes] | None = None
+        """Frames queued for the end of this loop iteration."""
         self._fragments: list[bytes] = []
         self._fragment_binary = False
-        self._closed = False
+        self._close_sent = False
         self._close_timer: asyncio.TimerHandle | None = None
 
     # Public methods
 
-    @property
-    def is_open(self) -> bool:
-        """Whether messages can be sent."""
-        return self.protocol.state is State.OPEN and not self._closed
-
     def send_text(self, data: bytes) -> None:
         """Send a text message (``data`` is UTF-8); silently dropped unless open."""
         if self.is_open:
-            self.protocol.send_text(data)
-            self._flush()
+            self._queue(frame_header(OP_TEXT, len(data)) + apply_mask(data, MASK_KEY))
 
     def send_binary(self, data: bytes) -> None:
         """Send a binary message; silently dropped unless open."""
         if self.is_open:
-            self.protocol.send_binary(data)
-            self._flush()
+            self._queue(frame_header(OP_BINARY, len(data)) + apply_mask(data, MASK_KEY))
+
+    def send_binary_with_tail(self, head: bytes, tail: MaskedTail) -> None:
+        """Send the binary message ``head + tail.data``, copying and masking only ``head``."""
+        if not self.is_open:
+            return
+        size = len(head)
+        first = frame_header(OP_BINARY, size + len(tail.data)) + apply_mask(head, MASK_KEY)
+        pending = self._pending
+        if pending is None:
+            self._pending = [first, tail.masked[size & 3]]
+            self.flusher.add(self)
+        else:
+            pending.append(first)
+            pending.append(tail.masked[size & 3])
 
     def write_buffer_size(self) -> int:
         """Bytes waiting in the transport."""
@@ -85,11 +258,11 @@ class Connection(asyncio.Protocol):
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake (or drop the socket if it isn't open)."""
-        if self._closed:
+        if self._state == _CLOSED:
             return
-        if self.protocol.state is State.OPEN:
-            self.protocol.send_close(code, reason)
-            self._flush()
+        if self._state == _OPEN:
+            self._send_close(code, reason)
+            self.flush()
             self._expect_close()
         elif self.transport is not None:
             self.transport.close()
@@ -99,84 +272,167 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def flush(self) -> None:
+        """Write the frames queued in this iteration now."""
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        transport = self.transport
+        if transport is not None and self._state != _CLOSED:
+            transport.writelines(pending)
+
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports don't subclass asyncio.Transport: no isinstance().
         self.transport = cast(asyncio.Transport, transport)
-        self.protocol.send_request(self.protocol.connect())
-        self._flush()
+        request = (
+            f"GET {self._path} HTTP/1.1\r\n"
+            f"Host: {self._host}\r\n"
+            "Upgrade: websocket\r\n"
+            "Connection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {self._key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        self.transport.write(request.encode())
 
     def data_received(self, data: bytes) -> None:
-        protocol = self.protocol
-        protocol.receive_data(data)
-        self._flush()  # pongs and close replies
-        for event in protocol.events_received():
-            if type(event) is Frame:
-                self._frame(event)
-            elif isinstance(event, Response):
-                self._handshake_done()
-        if protocol.close_expected():
-            self._expect_close()
+        if self._buffer:
+            data = self._buffer + data
+            self._buffer = b""
+        if self._state == _CONNECTING:
+            data = self._handshake(data)
+            if not data:
+                return
+        if self._state == _CLOSED:
+            return
+        try:
+            frames, end = parse_frames(data)
+        except ProtocolFailure as exc:
+            self._fail(str(exc))
+            return
+        if end < len(data):
+            self._buffer = data[end:]
+        for opcode, fin, payload in frames:
+            if opcode <= OP_BINARY and opcode != OP_CONT:
+                if fin:
+                    self.on_message(opcode == OP_BINARY, payload)
+                else:
+                    self._fragments = [payload]
+                    self._fragment_binary = opcode == OP_BINARY
+            elif opcode == OP_CONT:
+                self._fragments.append(payload)
+                if fin:
+                    message, self._fragments = b"".join(self._fragments), []
+                    self.on_message(self._fragment_binary, message)
+            elif opcode == OP_PING:
+                if not self._close_sent:
+                    self._queue(encode_frame(OP_PONG, payload))
+            elif opcode == OP_CLOSE:
+                self._close_received(payload)
+                return
+            elif opcode != OP_PONG:
+                self._fail(f"unknown opcode {opcode}")
+                return
 
     def eof_received(self) -> bool | None:
-        self.protocol.receive_eof()
-        self._flush()
-        for event in self.protocol.events_received():
-            if type(event) is Frame:
-                self._frame(event)
-        return None
+        return None  # close the transport: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
+        self._state = _CLOSED
+        self.is_open = False
+        self._pending = None
         if self._close_timer is not None:
             self._close_timer.cancel()
         if not self.opened.done():
             self.opened.set_exception(
-                self.protocol.handshake_exc
-                or ConnectionError(f"connection lost during the handshake: {exc}")
+                ConnectionError(f"connection lost during the handshake: {exc}")
             )
             self.opened.exception()  # handled by connect(); don't warn when nobody awaits
-        close = self.protocol.close_rcvd
-        self.close_code = close.code if close is not None else None
         self.on_close(self.close_code)
 
     # Private methods
 
-    def _handshake_done(self) -> None:
-        if self.opened.done():
-            return
-        exc = self.protocol.handshake_exc
-        if exc is None:
-            self.opened.set_result(None)
+    def _queue(self, frame: bytes) -> None:
+        pending = self._pending
+        if pending is None:
+            self._pending = [frame]
+            self.flusher.add(self)
         else:
-            self.opened.set_exception(HandshakeFailed(str(exc)))
-            self.opened.exception()
-            self._expect_close()
+            pending.append(frame)
 
-    def _frame(self, frame: Frame) -> None:
-        opcode = frame.opcode
-        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-            if frame.fin:
-                self.on_message(opcode is Opcode.BINARY, bytes(frame.data))
+    def _handshake(self, data: bytes) -> bytes:
+        """Read the response to the upgrade; return the bytes after it (frames)."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            if len(data) > MAX_HANDSHAKE_BYTES:
+                self._refused("response headers too long")
             else:
-                self._fragments = [bytes(frame.data)]
-                self._fragment_binary = opcode is Opcode.BINARY
-        elif opcode is Opcode.CONT:
-            self._fragments.append(bytes(frame.data))
-            if frame.fin:
-                data, self._fragments = b"".join(self._fragments), []
-                self.on_message(self._fragment_binary, data)
+                self._buffer = data
+            return b""
+        head, data = data[:end].decode("latin-1"), data[end + 4 :]
+        status_line, *lines = head.split("\r\n")
+        parts = status_line.split(" ", 2)
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if len(parts) < 2 or parts[1] != "101":
+            self._refused(f"server rejected WebSocket connection: HTTP {' '.join(parts[1:])}")
+            return b""
+        if headers.get("upgrade", "").lower() != "websocket":
+            self._refused("response has no Upgrade: websocket")
+            return b""
+        if headers.get("sec-websocket-accept") != accept_key(self._key):
+            self._refused("wrong Sec-WebSocket-Accept")
+            return b""
+        if headers.get("sec-websocket-extensions"):
+            self._refused("server chose an extension we did not offer")
+            return b""
+        self._state = _OPEN
+        self.is_open = True
+        self.opened.set_result(None)
+        return data
 
-    def _flush(self) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        for data in self.protocol.data_to_send():
-            if data:
-                transport.write(data)
-            elif transport.can_write_eof():
-                transport.write_eof()
+    def _refused(self, message: str) -> None:
+        self._state = _CLOSED
+        if not self.opened.done():
+            self.opened.set_exception(HandshakeFailed(message))
+            self.opened.exception()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _send_close(self, code: int, reason: str = "") -> None:
+        if not self._close_sent:
+            self._close_sent = True
+            self.is_open = False
+            self._state = _CLOSING
+            self._queue(encode_frame(OP_CLOSE, _CLOSE_CODE.pack(code) + reason.encode()))
+
+    def _close_received(self, payload: bytes) -> None:
+        if len(payload) >= 2:
+            self.close_code = _CLOSE_CODE.unpack_from(payload)[0]
+        elif not payload:
+            self.close_code = 1005  # no status code in the close frame (RFC 6455 §7.1.5)
+        else:
+            self.close_code = 1002
+        self.is_open = False
+        if not self._close_sent:
+            # Echo the code (RFC 6455 §5.5.1), then the server closes TCP.
+            self._send_close(self.close_code if len(payload) >= 2 else 1000)
+            self.flush()
+        self._state = _CLOSING
+        self._expect_close()
+
+    def _fail(self, reason: str) -> None:
+        """The server broke the protocol: close with 1002 and drop the connection."""
+        self._send_close(1002, reason[:100])
+        self.flush()
+        self._state = _CLOSED
+        self.is_open = False
+        if self.transport is not None:
+            self.transport.close()
 
     def _expect_close(self) -> None:
         if self._close_timer is None and self.transport is not None:
@@ -186,19 +442,32 @@ class Connection(asyncio.Protocol):
 
 
 async def connect(
-    uri: str, on_message: OnMessage, on_close: OnClose, *, timeout_s: float = 10.0
+    uri: str,
+    on_message: OnMessage,
+    on_close: OnClose,
+    *,
+    timeout_s: float = 10.0,
+    flusher: Flusher | None = None,
 ) -> Connection:
     """Open a WebSocket connection to a ``ws://`` URI on a loopback address.
+
+    Args:
+        flusher: where the connection's writes wait for the end of the loop
+            iteration; share one between the connections of a loop.
 
     Raises:
         HandshakeFailed: the server refused the upgrade.
         OSError, TimeoutError, ConnectionError: the connection failed.
     """
-    parsed = parse_uri(uri)
+    parts = urlsplit(uri)
+    if parts.scheme != "ws" or parts.hostname is None:
+        raise ValueError(f"not a ws:// URI: {uri!r}")
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout_s):
         _, conn = await loop.create_connection(
-            lambda: Connection(uri, on_message, on_close), parsed.host, parsed.port
+            lambda: Connection(uri, on_message, on_close, flusher),
+            parts.hostname,
+            parts.port or 80,
         )
         try:
             await conn.opened
