@@ -2,7 +2,10 @@
 
 A script pulls in shared helpers with a line ``--- @include "includes/<name>"``;
 the loader replaces it with that file's text, each file once per script (a
-later include of the same file is dropped), and rejects include cycles.
+later include of the same file is dropped), and rejects include cycles. Then
+it leaves out the helpers the script never calls: Redis runs a script's whole
+text on every call, so each ``local function`` costs a closure (and garbage)
+per call whether it is used or not.
 Scripts are read from the checkout's ``lua/`` when running from source, else
 from the installed ``hub.lua`` package.
 """
@@ -15,7 +18,7 @@ from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["SCRIPT_NAMES", "load_script_sources", "script_shas"]
+__all__ = ["SCRIPT_NAMES", "drop_unused_functions", "load_script_sources", "script_shas"]
 
 SCRIPT_NAMES = (
     "register_node",
@@ -34,6 +37,10 @@ SCRIPT_NAMES = (
 """Every script, by file name without ``.lua`` (also its Scheduler method's name)."""
 
 _INCLUDE = re.compile(r'^--- @include "([\w/.-]+)"\s*$', re.MULTILINE)
+_FUNCTION = re.compile(r"^local function (\w+)\b.*?^end\n", re.MULTILINE | re.DOTALL)
+"""A top-level helper: from ``local function <name>`` to the first ``end`` in column 0."""
+_COMMENT = re.compile(r"--\[\[.*?\]\]|--[^\n]*", re.DOTALL)
+_NAME = re.compile(r"\w+")
 
 
 def _lua_dir() -> Path | None:
@@ -73,8 +80,34 @@ def _inline(source: str, seen: tuple[str, ...], done: set[str]) -> str:
     return _INCLUDE.sub(replace, source)
 
 
+def drop_unused_functions(source: str) -> str:
+    """Leave out the top-level ``local function`` helpers that ``source`` never calls.
+
+    A helper is kept when the rest of the script (outside helpers), or a kept
+    helper, names it outside comments. The includes keep to the layout this
+    relies on: a helper starts with ``local function`` in column 0 and ends
+    with the first ``end`` in column 0.
+
+    Args:
+        source: a script with its includes inlined.
+
+    Returns:
+        The script without the unused helpers.
+    """
+    helpers = {m.group(1): m.group(0) for m in _FUNCTION.finditer(source)}
+    used: set[str] = set()
+    todo = [_FUNCTION.sub("", source)]
+    while todo:
+        for name in _NAME.findall(_COMMENT.sub("", todo.pop())):
+            if name in helpers and name not in used:
+                used.add(name)
+                todo.append(helpers[name])
+    return _FUNCTION.sub(lambda m: m.group(0) if m.group(1) in used else "", source)
+
+
 def load_script_sources() -> dict[str, str]:
-    """Read every script, with its ``--- @include`` lines inlined (each once).
+    """Read every script, with its ``--- @include`` lines inlined (each once) and
+    the helpers it never calls left out (:func:`drop_unused_functions`).
 
     Returns:
         Script name -> source, for every name of :data:`SCRIPT_NAMES`.
@@ -82,7 +115,10 @@ def load_script_sources() -> dict[str, str]:
     Raises:
         ValueError: on an include cycle.
     """
-    return {name: _inline(_read_lua(name), (name,), set()) for name in SCRIPT_NAMES}
+    return {
+        name: drop_unused_functions(_inline(_read_lua(name), (name,), set()))
+        for name in SCRIPT_NAMES
+    }
 
 
 def script_shas(sources: Mapping[str, str]) -> dict[str, str]:

@@ -23,9 +23,9 @@ local prefix = ARGV[1]
 local jid = ARGV[2]
 local now = now_ms(ARGV[5])
 
-local owner = rcall('HGET', job_key, 'session')
-if not owner then return -5 end
-if owner ~= ARGV[3] then return -10 end
+local j = hmget(job_key, ATTEMPT_FIELDS)
+if not j.session then return -5 end
+if j.session ~= ARGV[3] then return -10 end
 local events, ended = {}, {}
-if not cancel_job(prefix, jid, ARGV[4], now, tonumber(ARGV[6]), events, ended) then return -7 end
+if not cancel_job(prefix, jid, ARGV[4], now, tonumber(ARGV[6]), events, ended, j) then return -7 end
 return { 1, ended[1], events }

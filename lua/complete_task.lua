@@ -28,26 +28,25 @@
 --- @include "includes/jobs"
 
 local job_key = KEYS[1]
-local node_key = KEYS[2]
 local prefix = ARGV[1]
 local jid = ARGV[2]
 local nid = ARGV[3]
 local now = now_ms(ARGV[8])
 
-local refusal = attempt_refusal(job_key, nid, ARGV[4])
+local j = hmget(job_key, { 'status', 'node', 'attempt', 'hist', 'session', 'ref', 'shub' })
+local refusal = attempt_refusal(j, nid, ARGV[4])
 if refusal == 'stale' and ARGV[10] == '1' then
-  local j = rcall('HMGET', job_key, 'status', 'attempt', 'result', 'error', 'session', 'ref', 'shub')
-  if j[1] == ARGV[5] and tostring(j[2]) == ARGV[4] and j[3] == ARGV[6] and j[4] == ARGV[7] then
-    return { 1, result_event(session_hub(prefix, j[5], j[7]), j[5], jid, j[6] or '', j[1], j[3],
-      j[4]), 0, {} }
+  local r = rcall('HMGET', job_key, 'result', 'error')
+  if j.status == ARGV[5] and tostring(j.attempt) == ARGV[4] and r[1] == ARGV[6] and r[2] == ARGV[7] then
+    return { 1, result_event(session_hub(prefix, j.session, j.shub), j.session, jid, j.ref or '',
+      j.status, r[1], r[2]), 0, {} }
   end
 end
 if refusal then return ({ unknown = -5, foreign = -6, moved = -7, stale = -7 })[refusal] end
 
-local result = end_job(prefix, jid, ARGV[5], ARGV[6], ARGV[7], now, tonumber(ARGV[9]))
+local result = end_job(prefix, jid, j, ARGV[5], ARGV[6], ARGV[7], now, tonumber(ARGV[9]))
 local events = {}
-vacate(prefix, nid, jid, now, events)
-local f = rcall('HMGET', node_key, 'state', 'running')
+local n = vacate(prefix, nid, jid, now, events)
 local drained = 0
-if f[1] == 'draining' and tonumber(f[2]) == 0 then drained = 1 end
+if n.state == 'draining' and n.running == 0 then drained = 1 end
 return { 1, result, drained, events }

@@ -57,30 +57,41 @@ if #pools == 0 then return -1 end
 table.sort(pools)
 
 local pair = src .. ':' .. tgt
-local s = rcall('HMGET', session_key, 'pool', 'node', 'pair')
+local s = rcall('HMGET', session_key, 'pool', 'node', 'pair', 'renew')
 local pref_pool, pref_node = nil, nil
 if s[3] == pair then pref_pool, pref_node = s[1] or nil, s[2] or nil end
 
 local nid, pool = pick_node(prefix, pools, pref_pool, pref_node)
 local deadline = now + tonumber(ARGV[8])
 
-local function write_job(status)
-  rcall('HSET', job_key, 'session', sid, 'ref', ARGV[13], 'src', src, 'tgt', tgt,
-    'payload', ARGV[6], 'deadline', deadline, 'shub', ARGV[12], 'created', now,
-    'status', status, 'attempt', 0, 'audio', ARGV[7])
-  rcall('ZADD', deadlines_key, deadline, jid)
+-- The session's hash and jobs set live while the session is active: their
+-- TTL is renewed when half of it has passed (the hash's 'renew' time), and
+-- the jobs set gets one when a job creates it (it is gone whenever empty).
+local function track_session(...)
+  local ttl = tonumber(ARGV[16])
   rcall('SADD', session_jobs_key, jid)
-  rcall('PEXPIRE', session_jobs_key, tonumber(ARGV[16]))
-  rcall('HSET', session_key, 'hub', ARGV[12])
-  rcall('PEXPIRE', session_key, tonumber(ARGV[16]))
+  if now >= (tonumber(s[4]) or 0) then
+    rcall('HSET', session_key, 'hub', ARGV[12], 'renew', now + math.floor(ttl / 2), ...)
+    rcall('PEXPIRE', session_key, ttl)
+    rcall('PEXPIRE', session_jobs_key, ttl)
+  else
+    rcall('HSET', session_key, 'hub', ARGV[12], ...)
+    if rcall('SCARD', session_jobs_key) == 1 then rcall('PEXPIRE', session_jobs_key, ttl) end
+  end
 end
 
 if nid then
-  write_job('queued')
-  take_slot(prefix, nid)
-  local attempt, node_hub = start_attempt(prefix, jid, nid, pool, now)
+  local n = read_node(prefix, nid)
+  take_slot(prefix, n)
+  rcall('HSET', job_key, 'session', sid, 'ref', ARGV[13], 'src', src, 'tgt', tgt,
+    'payload', ARGV[6], 'deadline', deadline, 'shub', ARGV[12], 'created', now,
+    'status', 'running', 'attempt', 1, 'audio', ARGV[7], 'node', nid, 'pool', pool,
+    'started', now, 'hist', ',' .. nid .. '@1,')
+  rcall('ZADD', deadlines_key, deadline, jid)
+  rcall('SADD', n.key .. ':jobs', jid)
+  track_session('pool', pool, 'node', nid, 'pair', pair)
   stat(prefix, 'dispatched')
-  return { 1, nid, attempt, node_hub, deadline }
+  return { 1, nid, 1, n.hub, deadline }
 end
 
 -- No free slot: tell an empty fleet from a busy one.
@@ -104,8 +115,11 @@ local sq = qkey .. ':s:' .. sid
 local waiting = rcall('LLEN', sq)
 if waiting >= tonumber(ARGV[15]) then return -11 end
 
-write_job('queued')
-rcall('HSET', job_key, 'qpool', qpool)
+rcall('HSET', job_key, 'session', sid, 'ref', ARGV[13], 'src', src, 'tgt', tgt,
+  'payload', ARGV[6], 'deadline', deadline, 'shub', ARGV[12], 'created', now,
+  'status', 'queued', 'attempt', 0, 'audio', ARGV[7], 'qpool', qpool)
+rcall('ZADD', deadlines_key, deadline, jid)
+track_session()
 rcall('RPUSH', sq, jid)
 if waiting == 0 then rcall('RPUSH', qkey, sid) end
 rcall('HINCRBY', depth_key, qpool, 1)

@@ -19,5 +19,4 @@ local nid = ARGV[2]
 local refusal = node_refusal(node_key, ARGV[3])
 if refusal then return refusal end
 rcall('HSET', node_key, 'state', 'draining')
-refresh_free(prefix, nid)
-return { 1, tonumber(rcall('HGET', node_key, 'running')) or 0 }
+return { 1, refresh_free(prefix, nid).running }

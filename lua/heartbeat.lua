@@ -30,22 +30,22 @@ for i = 3, #ARGV - 4, 5 do
   if refusal then
     out[#out + 1] = refusal
   else
-    rcall('HSET', nkey, 'seen', now)
-    if load ~= '' then rcall('HSET', nkey, 'load', load) end
-    if rtt ~= '' then rcall('HSET', nkey, 'rtt_ms', rtt) end
+    local fields = { 'seen', now }
+    if load ~= '' then fields[#fields + 1] = 'load'; fields[#fields + 1] = load end
+    if rtt ~= '' then fields[#fields + 1] = 'rtt_ms'; fields[#fields + 1] = rtt end
+    if online == '0' and state == 'live' then
+      fields[#fields + 1] = 'state'; fields[#fields + 1] = 'offline'
+    elseif online ~= '0' and state == 'offline' then
+      fields[#fields + 1] = 'state'; fields[#fields + 1] = 'live'
+    end
+    rcall('HSET', nkey, unpack(fields))
     rcall('ZADD', seen_key, now, nid)
     if online == '0' then
-      if state == 'live' then
-        rcall('HSET', nkey, 'state', 'offline')
-        refresh_free(prefix, nid)
-      end
+      if state == 'live' then refresh_free(prefix, nid) end
       out[#out + 1] = 0
     else
-      if state == 'offline' then
-        rcall('HSET', nkey, 'state', 'live')
-        -- Back online: its free slots take the jobs waiting in its pools.
-        fill_slots(prefix, nid, now, events)
-      end
+      -- Back online: its free slots take the jobs waiting in its pools.
+      if state == 'offline' then fill_slots(prefix, read_node(prefix, nid), now, events) end
       out[#out + 1] = 1
     end
   end

@@ -20,8 +20,8 @@
 local job_key = KEYS[1]
 local prefix = ARGV[1]
 
-local refusal = attempt_refusal(job_key, ARGV[2], ARGV[3])
+local j = hmget(job_key, { 'status', 'node', 'attempt', 'hist', 'session', 'ref', 'shub' })
+local refusal = attempt_refusal(j, ARGV[2], ARGV[3])
 if refusal then return ({ unknown = -5, foreign = -6, moved = -12, stale = -13 })[refusal] end
-local j = rcall('HMGET', job_key, 'session', 'ref', 'shub')
-local sid = j[1] or ''
-return { 1, sid, session_hub(prefix, sid, j[3]), j[2] or '' }
+local sid = j.session or ''
+return { 1, sid, session_hub(prefix, sid, j.shub), j.ref or '' }

@@ -56,8 +56,9 @@ for _, jid in ipairs(rcall('ZRANGEBYSCORE', deadlines_key, '-inf', now, 'LIMIT',
 end
 
 for _, jid in ipairs(rcall('ZRANGEBYSCORE', queued_key, '-inf', now, 'LIMIT', 0, batch)) do
-  if rcall('HGET', prefix .. 'job:' .. jid, 'status') == 'queued' then
-    cancel_job(prefix, jid, 'NO_AVAILABLE_NODE', now, ttl, events, events)
+  local j = hmget(prefix .. 'job:' .. jid, ATTEMPT_FIELDS)
+  if j.status == 'queued' then
+    cancel_job(prefix, jid, 'NO_AVAILABLE_NODE', now, ttl, events, events, j)
     queue_expired = queue_expired + 1
   else
     rcall('ZREM', queued_key, jid)

@@ -1,6 +1,6 @@
 --[[
   What every script needs: the Redis call, repeatable randomness, the clock,
-  comma lists and the cell's counters.
+  comma lists, hash reads and the cell's counters.
 
   Every key is built from `prefix` (ARGV[1] of each script), which carries the
   cell's hash tag, so keys derived in the includes live in the same cluster
@@ -28,6 +28,18 @@ local function now_ms(value)
   local tm = rcall('TIME')
   return tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
 end
+
+-- HMGET as a table: field -> value (false when the field or the key is missing).
+local function hmget(key, fields)
+  local values = rcall('HMGET', key, unpack(fields))
+  local out = {}
+  for i, field in ipairs(fields) do out[field] = values[i] end
+  return out
+end
+
+-- The fields of a job hash that starting an attempt and its dispatch event need.
+local ATTEMPT_FIELDS = { 'status', 'node', 'attempt', 'hist', 'qpool', 'session', 'src', 'tgt',
+  'deadline', 'payload', 'audio', 'shub', 'ref' }
 
 local function split(text)
   local out = {}

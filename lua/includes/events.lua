@@ -10,16 +10,14 @@
     {'lost', node_hub, node_id, epoch}
 ]]
 --- @include "includes/base"
---- @include "includes/sessions"
 
 -- A job attempt started on a node: the hub that keeps its audio (or, for a
 -- job without audio, whichever hub reads the event) sends the job, the
--- session's hub sends 'accepted'.
-local function dispatch_event(prefix, jid, nid, attempt, node_hub)
-  local j = rcall('HMGET', prefix .. 'job:' .. jid, 'session', 'src', 'tgt', 'deadline',
-    'payload', 'audio', 'shub', 'ref')
-  return { 'dispatch', node_hub, nid, jid, attempt, j[1], j[2], j[3], tonumber(j[4]),
-    j[5] or '{}', (j[6] == '1' and j[7]) or '', session_hub(prefix, j[1], j[7]), j[8] or '' }
+-- session's hub sends 'accepted'. `j` holds the job's ATTEMPT_FIELDS,
+-- `shub_now` the hub holding the session's socket.
+local function dispatch_event(jid, j, nid, attempt, node_hub, shub_now)
+  return { 'dispatch', node_hub, nid, jid, attempt, j.session, j.src, j.tgt, tonumber(j.deadline),
+    j.payload or '{}', (j.audio == '1' and j.shub) or '', shub_now, j.ref or '' }
 end
 
 -- A job ended: the session's hub sends 'result'.

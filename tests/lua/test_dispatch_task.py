@@ -71,14 +71,16 @@ async def test_dispatch_task_accepted_takes_a_slot(scheduler, redis, keys):
     assert await free(redis, keys, POOL) == {"n1": 0.5}
     assert await smembers(redis, keys.session_jobs("s1")) == {"j1"}
     session = await redis.hgetall(keys.session("s1"))
+    ttl = scheduler._session_ttl_ms()
     assert session == {
         b"hub": b"hs",
         b"pool": POOL.encode(),
         b"node": b"n1",
         b"pair": b"en:fr",
+        b"renew": str(T0 + 10 + ttl // 2).encode(),
     }
-    assert await redis.pttl(keys.session("s1")) > 0
-    assert await redis.pttl(keys.session_jobs("s1")) > 0
+    assert 0 < await redis.pttl(keys.session("s1")) <= ttl
+    assert 0 < await redis.pttl(keys.session_jobs("s1")) <= ttl
 
 
 async def test_dispatch_task_uses_the_default_timeout(scheduler):
@@ -223,6 +225,56 @@ async def test_dispatch_task_queued_when_every_node_is_busy(scheduler, redis, ke
     assert await redis.zscore(keys.deadlines, "j2") == T0 + 5 + 10_000
     assert await smembers(redis, keys.session_jobs("s2")) == {"j2"}
     assert (await node_hash(redis, keys, "n1"))["running"] == "1"
+
+
+# The session's TTLs
+
+
+async def test_dispatch_task_renews_the_session_ttls_when_half_has_passed(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=4)
+    ttl = scheduler._session_ttl_ms()
+    await dispatch(scheduler, "s1", job_id="j1", now_ms=T0)
+    # Shortened by hand, to tell a renewal from no renewal.
+    await redis.pexpire(keys.session("s1"), 50_000)
+    await redis.pexpire(keys.session_jobs("s1"), 50_000)
+
+    # Before the renewal time: the TTLs stay as they are.
+    await dispatch(scheduler, "s1", job_id="j2", now_ms=T0 + ttl // 2 - 1)
+    assert await redis.pttl(keys.session("s1")) <= 50_000
+    assert await redis.pttl(keys.session_jobs("s1")) <= 50_000
+
+    # From the renewal time on: both are renewed, and so is the renewal time.
+    await dispatch(scheduler, "s1", job_id="j3", now_ms=T0 + ttl // 2)
+    assert await redis.pttl(keys.session("s1")) > 50_000
+    assert await redis.pttl(keys.session_jobs("s1")) > 50_000
+    assert await redis.hget(keys.session("s1"), "renew") == str(T0 + ttl).encode()
+
+
+async def test_dispatch_task_gives_a_recreated_jobs_set_its_ttl(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=4)
+    await dispatch(scheduler, "s1", job_id="j1", now_ms=T0)
+    await scheduler.complete_task("j1", "n1", 1, "finished", now_ms=T0 + 1)
+    assert await redis.exists(keys.session_jobs("s1")) == 0  # gone when empty
+
+    # Long before the renewal time, the set a new job creates gets a TTL.
+    await dispatch(scheduler, "s1", job_id="j2", now_ms=T0 + 2)
+    assert await smembers(redis, keys.session_jobs("s1")) == {"j2"}
+    assert await redis.pttl(keys.session_jobs("s1")) > 0
+
+
+async def test_dispatch_task_queued_tracks_the_session(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=1)
+    await dispatch(scheduler, "s0", job_id="j0")
+
+    await dispatch(scheduler, "s1", job_id="j1", session_hub="hs")
+
+    assert await smembers(redis, keys.session_jobs("s1")) == {"j1"}
+    assert await redis.hgetall(keys.session("s1")) == {
+        b"hub": b"hs",
+        b"renew": str(T0 + scheduler._session_ttl_ms() // 2).encode(),
+    }
+    assert await redis.pttl(keys.session("s1")) > 0
+    assert await redis.pttl(keys.session_jobs("s1")) > 0
 
 
 # Returns: -1 .. -4, -11

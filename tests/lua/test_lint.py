@@ -90,21 +90,57 @@ def includes_of(name: str) -> set[str]:
     return found
 
 
-def test_loaded_sources_inline_each_include_once_and_keep_no_directive():
+CALL = re.compile(r"\b(\w+)\(")
+COMMENT = re.compile(r"--\[\[.*?\]\]|--[^\n]*", re.DOTALL)
+
+
+def test_loaded_sources_inline_each_used_helper_once_and_keep_no_directive():
     sources = load_script_sources()
+    helpers = {
+        function
+        for path in INCLUDES
+        for function in FUNCTION.findall(path.read_text(encoding="utf-8"))
+    }
 
     assert set(sources) == set(SCRIPT_NAMES)
     assert INCLUDES
     for name, source in sources.items():
         assert not INCLUDE.search(source)
         used = includes_of(name)
+        defined = FUNCTION.findall(source)
+        assert len(defined) == len(set(defined)), name
         for path in INCLUDES:
             functions = FUNCTION.findall(path.read_text(encoding="utf-8"))
             assert functions, path.name
-            for function in functions:
-                count = len(re.findall(rf"^local function {function}\b", source, re.MULTILINE))
-                expected = 1 if f"includes/{path.stem}" in used else 0
-                assert count == expected, (name, path.name, function)
+            if f"includes/{path.stem}" not in used:
+                assert not set(functions) & set(defined), (name, path.name)
+        code = COMMENT.sub("", source)
+        # Every helper the script calls is defined, before the calls.
+        for called in set(CALL.findall(code)) & helpers:
+            assert called in defined, (name, called)
+            first_call = re.search(rf"(?<!function )\b{called}\(", code)
+            assert first_call and code.index(f"local function {called}(") < first_call.start()
+        # Every helper left in is called somewhere else in the script.
+        for function in defined:
+            calls = re.findall(rf"\b{function}\b", code)
+            assert len(calls) > 1, (name, function)
+
+
+def test_the_loader_leaves_out_unused_helpers():
+    source = (
+        "local rcall = redis.call\n"
+        "local function a()\n  return 1\nend\n"
+        "local function b()\n  return a() -- c() only in a comment\nend\n"
+        "local function c()\n  if true then\n    return 3\n  end\nend\n"
+        "local function d()\n  return c()\nend\n"
+        "return b()\n"
+    )
+
+    kept = scripts_module.drop_unused_functions(source)
+
+    assert FUNCTION.findall(kept) == ["a", "b"]
+    assert kept.startswith("local rcall = redis.call\n")
+    assert kept.endswith("return b()\n")
 
 
 def test_each_helper_is_defined_in_one_include():
