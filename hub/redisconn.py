@@ -110,6 +110,8 @@ class _HiredisPacking(AbstractConnection):
             command = [command]
         try:
             writer.writelines(command)
+            if writer.transport.get_write_buffer_size() == 0:
+                return  # all written at once (the usual case): nothing to wait for
             async with asyncio.timeout(timeout_s):
                 await writer.drain()
         except BaseException as exc:
