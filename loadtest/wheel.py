@@ -23,15 +23,23 @@ import heapq
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["RESOLUTION_S", "TimerWheel"]
+__all__ = ["EARLY_S", "RESOLUTION_S", "Batch", "TimerWheel"]
 
 RESOLUTION_S = 0.002
 """Default slot width: deadlines within 2 ms of each other run in one wake-up."""
 
-EARLY_S = 0.002
+EARLY_S = 0.005
 """Default lead: when the loop is awake anyway, what is due this soon runs now."""
+
+
+class Batch(Protocol):
+    """Brackets a run of callbacks (:class:`loadtest.wsclient.Flusher` is one)."""
+
+    def begin(self) -> None: ...
+
+    def end(self) -> None: ...
 
 
 class TimerWheel:
@@ -51,6 +59,7 @@ class TimerWheel:
 
     __slots__ = (
         "_armed",
+        "_batch",
         "_early",
         "_handle",
         "_heap",
@@ -65,8 +74,12 @@ class TimerWheel:
         loop: asyncio.AbstractEventLoop,
         resolution_s: float = RESOLUTION_S,
         early_s: float = EARLY_S,
+        *,
+        batch: Batch | None = None,
     ) -> None:
         self._loop = loop
+        self._batch = batch
+        """Told when a run of callbacks begins and ends (to write what they sent at once)."""
         self._resolution = resolution_s
         self._early = early_s
         self._slots: dict[int, list[tuple[Callable[[Any], None], Any]]] = {}
@@ -129,6 +142,9 @@ class TimerWheel:
         # While callbacks run, call_at() arms nothing; a slot they add that is
         # due already runs in this loop.
         self._running = True
+        batch = self._batch
+        if batch is not None:
+            batch.begin()
         try:
             while heap and heap[0] <= last:
                 for callback, arg in slots.pop(heapq.heappop(heap)):
@@ -140,6 +156,8 @@ class TimerWheel:
                         )
         finally:
             self._running = False
+            if batch is not None:
+                batch.end()
         if not heap:
             if self._handle is not None:
                 self._handle.cancel()

@@ -82,7 +82,7 @@ class Worker:
         """The same, masked once for every job (see :class:`loadtest.wsclient.MaskedTail`)."""
         self.flusher = Flusher(self.loop)
         """Where every connection's writes wait for the end of the loop iteration."""
-        self.wheel = TimerWheel(self.loop)
+        self.wheel = TimerWheel(self.loop, batch=self.flusher)
         """The one timer of the sessions' ticks and the nodes' service times."""
         self.stats = Stats()
         # Connection i of each kind goes to hub i % len(urls): round robin

@@ -16,9 +16,9 @@ What it saves per message, compared with driving a general-purpose protocol:
   so a payload that every message repeats (the jobs' audio) is masked once,
   in advance (:class:`MaskedTail`), and written as it is: sending a 16 KB job
   copies and masks only its few dozen bytes of header;
-- writes are coalesced: frames sent to one connection in one loop iteration
-  go out together, in one ``writelines`` (one ``writev``) at the end of the
-  iteration (:class:`Flusher`).
+- writes are coalesced: frames sent to one connection while the loop handles
+  a read or a timer go out together, in one ``writelines`` (one ``writev``)
+  at the end (:class:`Flusher`).
 
 Usage::
 
@@ -50,7 +50,6 @@ __all__ = [
     "HandshakeFailed",
     "MaskedTail",
     "connect",
-    "parse_frames",
 ]
 
 CLOSE_TIMEOUT_S = 2.0
@@ -84,10 +83,6 @@ _CONNECTING, _OPEN, _CLOSING, _CLOSED = range(4)
 
 class HandshakeFailed(Exception):
     """The server refused the WebSocket upgrade (e.g. 503 too many connections)."""
-
-
-class ProtocolFailure(Exception):
-    """The server broke RFC 6455; the connection is failed with close code 1002."""
 
 
 OnMessage = Callable[[bool, bytes], None]
@@ -132,67 +127,52 @@ class MaskedTail:
         return len(self.data)
 
 
-def parse_frames(data: bytes) -> tuple[list[tuple[int, bool, bytes]], int]:
-    """Parse the complete server frames at the start of ``data``.
-
-    Returns:
-        ``(opcode, fin, payload)`` for each complete frame, and the offset
-        where the first incomplete one starts (``len(data)`` if none).
-
-    Raises:
-        ProtocolFailure: a masked frame or a reserved bit set.
-    """
-    frames = []
-    n = len(data)
-    pos = 0
-    while n - pos >= 2:
-        b0 = data[pos]
-        b1 = data[pos + 1]
-        if b1 & 0x80 or b0 & 0x70:
-            raise ProtocolFailure("masked server frame" if b1 & 0x80 else "reserved bit set")
-        length = b1
-        start = pos + 2
-        if length == 126:
-            if n - pos < 4:
-                break
-            length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-            start = pos + 4
-        elif length == 127:
-            if n - pos < 10:
-                break
-            length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-            start = pos + 10
-        end = start + length
-        if end > n:
-            break
-        frames.append((b0 & 0x0F, b0 >= 0x80, data[start:end]))
-        pos = end
-    return frames, pos
-
-
 class Flusher:
-    """Writes what connections of one loop queued in an iteration, once, at its end.
+    """Writes the frames connections of one loop queue, together, once a batch of work ends.
 
-    A connection that sends several frames in one iteration (a node ending
-    several jobs at the same tick, a pong and a result) has them written
-    together, with one system call.
+    The batches are what one wake-up of the loop does: a read
+    (:meth:`Connection.data_received` and what it sets off) and a run of the
+    worker's timer wheel each bracket their work with :meth:`begin` and
+    :meth:`end`. A connection that is sent several frames in a batch (a node
+    ending several jobs at one tick, a pong and a result) has them written
+    with one system call. Frames queued outside any batch are written at the
+    end of the loop iteration (``call_soon``).
     """
 
-    __slots__ = ("_dirty", "_loop")
+    __slots__ = ("_depth", "_dirty", "_loop", "_scheduled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._dirty: list[Connection] = []
+        self._depth = 0
+        self._scheduled = False
 
     def add(self, conn: Connection) -> None:
-        if not self._dirty:
-            self._loop.call_soon(self.flush)
+        """Write ``conn``'s queued frames when the batch ends."""
         self._dirty.append(conn)
+        if not self._depth and not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush_soon)
+
+    def begin(self) -> None:
+        """Start a batch; batches nest."""
+        self._depth += 1
+
+    def end(self) -> None:
+        """End a batch; the outermost one writes every queued frame."""
+        self._depth -= 1
+        if not self._depth and self._dirty:
+            self.flush()
 
     def flush(self) -> None:
+        """Write every queued frame now."""
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn.flush()
+
+    def _flush_soon(self) -> None:
+        self._scheduled = False
+        self.flush()
 
 
 class Connection(asyncio.Protocol):
@@ -301,40 +281,70 @@ class Connection(asyncio.Protocol):
         if self._buffer:
             data = self._buffer + data
             self._buffer = b""
-        if self._state == _CONNECTING:
-            data = self._handshake(data)
-            if not data:
+        if self._state != _OPEN:
+            if self._state == _CONNECTING:
+                data = self._handshake(data)
+            if self._state == _CLOSED or not data:
                 return
-        if self._state == _CLOSED:
-            return
+        flusher = self.flusher
+        flusher.begin()
         try:
-            frames, end = parse_frames(data)
-        except ProtocolFailure as exc:
-            self._fail(str(exc))
-            return
-        if end < len(data):
-            self._buffer = data[end:]
-        for opcode, fin, payload in frames:
-            if opcode <= OP_BINARY and opcode != OP_CONT:
-                if fin:
-                    self.on_message(opcode == OP_BINARY, payload)
+            self._frames(data)
+        finally:
+            flusher.end()
+
+    def _frames(self, data: bytes) -> None:
+        """Handle every whole frame in ``data``; keep the rest for the next read."""
+        n = len(data)
+        pos = 0
+        while n - pos >= 2:
+            b0 = data[pos]
+            length = data[pos + 1]
+            if length & 0x80 or b0 & 0x70:
+                self._fail("masked server frame" if length & 0x80 else "reserved bit set")
+                return
+            start = pos + 2
+            if length >= 126:
+                if length == 126:
+                    start = pos + 4
+                    length = int.from_bytes(data[pos + 2 : start], "big")
                 else:
-                    self._fragments = [payload]
-                    self._fragment_binary = opcode == OP_BINARY
-            elif opcode == OP_CONT:
-                self._fragments.append(payload)
-                if fin:
-                    message, self._fragments = b"".join(self._fragments), []
-                    self.on_message(self._fragment_binary, message)
-            elif opcode == OP_PING:
-                if not self._close_sent:
-                    self._queue(encode_frame(OP_PONG, payload))
-            elif opcode == OP_CLOSE:
-                self._close_received(payload)
+                    start = pos + 10
+                    length = int.from_bytes(data[pos + 2 : start], "big")
+                if start > n:
+                    break
+            end = start + length
+            if end > n:
+                break
+            pos = end
+            opcode = b0 & 0x0F
+            if b0 & 0x80 and OP_TEXT <= opcode <= OP_BINARY:
+                self.on_message(opcode == OP_BINARY, data[start:end])
+            elif not self._control(opcode, b0 & 0x80, data[start:end]):
                 return
-            elif opcode != OP_PONG:
-                self._fail(f"unknown opcode {opcode}")
-                return
+        if pos < n:
+            self._buffer = data[pos:]
+
+    def _control(self, opcode: int, fin: int, payload: bytes) -> bool:
+        """Handle a control frame or a fragment; False when the connection is done."""
+        if OP_TEXT <= opcode <= OP_BINARY:
+            self._fragments = [payload]
+            self._fragment_binary = opcode == OP_BINARY
+        elif opcode == OP_CONT:
+            self._fragments.append(payload)
+            if fin:
+                message, self._fragments = b"".join(self._fragments), []
+                self.on_message(self._fragment_binary, message)
+        elif opcode == OP_PING:
+            if not self._close_sent:
+                self._queue(encode_frame(OP_PONG, payload))
+        elif opcode == OP_CLOSE:
+            self._close_received(payload)
+            return False
+        elif opcode != OP_PONG:
+            self._fail(f"unknown opcode {opcode}")
+            return False
+        return True
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost follows
