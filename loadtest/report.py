@@ -210,9 +210,9 @@ def build(
             "capacity_jobs_per_s": meta.get("capacity_per_s"),
         },
         "latency_ms": {
-            "accepted": _ms(stats.hists["accept"]),
+            "accepted": _ms(stats.total("accept")),
             "answer": _ms(stats.hists["answer"]),
-            "end_to_end": _ms(stats.hists["e2e"]),
+            "end_to_end": _ms(stats.total("e2e")),
             "end_to_end_minus_service": _ms(stats.hists["overhead"]),
             "connect": _ms(stats.hists["connect"]),
         },
@@ -257,8 +257,8 @@ def build(
         "timeseries": series,
         "cpu_timeseries": cpu_series,
         "histograms": {
-            "end_to_end": stats.hists["e2e"].to_dict(),
-            "accepted": stats.hists["accept"].to_dict(),
+            "end_to_end": stats.total("e2e").to_dict(),
+            "accepted": stats.total("accept").to_dict(),
         },
     }
 

@@ -242,7 +242,6 @@ class SimSession(SimPeer):
         if job.accepted_at is None:
             job.accepted_at = now
             us = int((now - job.sent_at) * 1e6)
-            st.hists["accept"].record(us)
             st.second(now).accept.record(us)
             st.counters["accepted"] += 1
             if job.job_id is None:
@@ -319,9 +318,7 @@ class SimSession(SimPeer):
                 counters["ok"] += 1
                 second.ok += 1
             us = int((now - job.sent_at) * 1e6)
-            st.hists["e2e"].record(us)
             second.e2e.record(us)
-            st.recent.record(us)
             hold = result.get("hold_us")
             if type(hold) is int:
                 st.hists["overhead"].record(us - hold)

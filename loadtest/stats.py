@@ -13,7 +13,7 @@ from typing import Any
 
 from .hdr import Histogram
 
-__all__ = ["COUNTERS", "HISTOGRAMS", "Second", "Stats"]
+__all__ = ["COUNTERS", "HISTOGRAMS", "PER_SECOND", "Second", "Stats"]
 
 COUNTERS = (
     "sent",  # jobs sent by sessions
@@ -43,6 +43,10 @@ HISTOGRAMS = (
     "overhead",  # e2e minus the time the node held the job
     "connect",  # connection opened -> welcome or registered
 )
+
+PER_SECOND = ("accept", "e2e")
+"""Histograms recorded in each :class:`Second` only: their totals are the sum of
+the seconds' (:meth:`Stats.total`), so each job records each latency once."""
 
 
 class Second:
@@ -108,12 +112,11 @@ class Stats:
         """Error frames received by nodes, by code (STALE_ATTEMPT, ...)."""
         self.disconnects: Counter[str] = Counter()
         """Connections the hub closed on us, by ``kind:code``."""
-        self.hists = {name: Histogram() for name in HISTOGRAMS}
+        self.hists = {name: Histogram() for name in HISTOGRAMS if name not in PER_SECOND}
+        """Latency histograms by name, but for :data:`PER_SECOND`: :meth:`total` reads all."""
         self.seconds: dict[int, Second] = {}
         self.go = 0.0
         """``perf_counter()`` when the load started."""
-        self.recent = Histogram()
-        """End-to-end latencies since the last progress report (reset by it)."""
 
     # Recording (hot path)
 
@@ -125,6 +128,24 @@ class Stats:
         return s
 
     # Totals
+
+    def total(self, name: str) -> Histogram:
+        """The histogram ``name`` over the whole run."""
+        if name not in PER_SECOND:
+            return self.hists[name]
+        h = Histogram()
+        for second in self.seconds.values():
+            h.merge(getattr(second, name))
+        return h
+
+    def since(self, first: int, end: int) -> Histogram:
+        """End-to-end latencies of the results received in seconds ``first`` to ``end - 1``."""
+        h = Histogram()
+        for i in range(first, end):
+            second = self.seconds.get(i)
+            if second is not None:
+                h.merge(second.e2e)
+        return h
 
     def errors(self) -> int:
         """Everything that went wrong, for the status line."""
@@ -145,7 +166,7 @@ class Stats:
             "checks": dict(self.checks),
             "node_errors": dict(self.node_errors),
             "disconnects": dict(self.disconnects),
-            "hists": {name: h.to_dict() for name, h in self.hists.items()},
+            "hists": {name: self.total(name).to_dict() for name in (*self.hists, *PER_SECOND)},
             "seconds": {str(i): s.to_json() for i, s in self.seconds.items()},
         }
 
@@ -158,7 +179,11 @@ class Stats:
         st.checks.update(data["checks"])
         st.node_errors.update(data["node_errors"])
         st.disconnects.update(data["disconnects"])
-        st.hists = {name: Histogram.from_dict(h) for name, h in data["hists"].items()}
+        st.hists = {
+            name: Histogram.from_dict(h)
+            for name, h in data["hists"].items()
+            if name not in PER_SECOND  # the sum of the seconds' histograms
+        }
         st.seconds = {int(i): Second.from_json(s) for i, s in data["seconds"].items()}
         return st
 

@@ -100,6 +100,8 @@ class Worker:
         self.closing = False
         """Set when the run ends: disconnections are expected from now on."""
         self.connect_failures = 0
+        self._reported_seconds = 0
+        """Seconds of the load whose latencies went to the parent in a progress report."""
         self.profile_path: str | None = config.get("cprofile")
         """Where to write a cProfile of the load window (CPU clock), if asked."""
         self._go: asyncio.Future[float | None] = self.loop.create_future()
@@ -228,7 +230,7 @@ class Worker:
                         file=sys.stderr,
                         flush=True,
                     )
-        self._send_progress()
+        self._send_progress(last=True)
 
     def _outstanding(self) -> int:
         return sum(len(s.jobs) for s in self.sessions)
@@ -238,9 +240,17 @@ class Worker:
             await asyncio.sleep(PROGRESS_INTERVAL_S)
             self._send_progress()
 
-    def _send_progress(self) -> None:
+    def _send_progress(self, last: bool = False) -> None:
+        """Report counts, and the latencies of the seconds of results not reported yet.
+
+        Only whole seconds are reported (all of them with ``last``), so the
+        parent's running p99 lags by up to a second and misses nothing.
+        """
         st = self.stats
         c = st.counters
+        first = self._reported_seconds
+        end = max(st.seconds, default=-1) + 1 if last else int(time.perf_counter() - st.go)
+        self._reported_seconds = max(first, end)
         self.emit(
             {
                 "t": "progress",
@@ -251,10 +261,9 @@ class Worker:
                 "refused": c["refused"],
                 "outstanding": self._outstanding(),
                 "errors": st.errors(),
-                "recent": st.recent.to_dict(),
+                "recent": st.since(first, end).to_dict(),
             }
         )
-        st.recent = type(st.recent)()
 
     async def _watch_lag(self) -> None:
         """Record how late the loop wakes up: a stalled harness shows here, not in the hub."""

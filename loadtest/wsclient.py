@@ -139,34 +139,36 @@ class Flusher:
     end of the loop iteration (``call_soon``).
     """
 
-    __slots__ = ("_depth", "_dirty", "_loop", "_scheduled")
+    __slots__ = ("_loop", "_scheduled", "depth", "dirty")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._dirty: list[Connection] = []
-        self._depth = 0
+        self.dirty: list[Connection] = []
+        """Connections with frames queued."""
+        self.depth = 0
+        """Batches begun and not ended (:meth:`Connection.data_received` counts inline)."""
         self._scheduled = False
 
     def add(self, conn: Connection) -> None:
         """Write ``conn``'s queued frames when the batch ends."""
-        self._dirty.append(conn)
-        if not self._depth and not self._scheduled:
+        self.dirty.append(conn)
+        if not self.depth and not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._flush_soon)
 
     def begin(self) -> None:
         """Start a batch; batches nest."""
-        self._depth += 1
+        self.depth += 1
 
     def end(self) -> None:
         """End a batch; the outermost one writes every queued frame."""
-        self._depth -= 1
-        if not self._depth and self._dirty:
+        self.depth -= 1
+        if not self.depth and self.dirty:
             self.flush()
 
     def flush(self) -> None:
         """Write every queued frame now."""
-        dirty, self._dirty = self._dirty, []
+        dirty, self.dirty = self.dirty, []
         for conn in dirty:
             conn.flush()
 
@@ -287,43 +289,38 @@ class Connection(asyncio.Protocol):
             if self._state == _CLOSED or not data:
                 return
         flusher = self.flusher
-        flusher.begin()
+        flusher.depth += 1  # a batch: what the frames make us send goes out at its end
         try:
-            self._frames(data)
-        finally:
-            flusher.end()
-
-    def _frames(self, data: bytes) -> None:
-        """Handle every whole frame in ``data``; keep the rest for the next read."""
-        n = len(data)
-        pos = 0
-        while n - pos >= 2:
-            b0 = data[pos]
-            length = data[pos + 1]
-            if length & 0x80 or b0 & 0x70:
-                self._fail("masked server frame" if length & 0x80 else "reserved bit set")
-                return
-            start = pos + 2
-            if length >= 126:
-                if length == 126:
-                    start = pos + 4
+            # Every whole frame in `data`; the rest waits for the next read.
+            n = len(data)
+            pos = 0
+            while n - pos >= 2:
+                b0 = data[pos]
+                length = data[pos + 1]
+                if length & 0x80 or b0 & 0x70:
+                    self._fail("masked server frame" if length & 0x80 else "reserved bit set")
+                    return
+                start = pos + 2
+                if length >= 126:
+                    start = pos + (4 if length == 126 else 10)
+                    if start > n:
+                        break
                     length = int.from_bytes(data[pos + 2 : start], "big")
-                else:
-                    start = pos + 10
-                    length = int.from_bytes(data[pos + 2 : start], "big")
-                if start > n:
+                end = start + length
+                if end > n:
                     break
-            end = start + length
-            if end > n:
-                break
-            pos = end
-            opcode = b0 & 0x0F
-            if b0 & 0x80 and OP_TEXT <= opcode <= OP_BINARY:
-                self.on_message(opcode == OP_BINARY, data[start:end])
-            elif not self._control(opcode, b0 & 0x80, data[start:end]):
-                return
-        if pos < n:
-            self._buffer = data[pos:]
+                pos = end
+                opcode = b0 & 0x0F
+                if b0 & 0x80 and OP_TEXT <= opcode <= OP_BINARY:
+                    self.on_message(opcode == OP_BINARY, data[start:end])
+                elif not self._control(opcode, b0 & 0x80, data[start:end]):
+                    return
+            if pos < n:
+                self._buffer = data[pos:]
+        finally:
+            flusher.depth -= 1
+            if not flusher.depth and flusher.dirty:
+                flusher.flush()
 
     def _control(self, opcode: int, fin: int, payload: bytes) -> bool:
         """Handle a control frame or a fragment; False when the connection is done."""
