@@ -1,4 +1,10 @@
-"""The load-test harness (loadtest/): its histogram, and smoke runs that check correctness.
+"""The load-test harness (loadtest/): its histogram, WebSocket client and timer
+wheel, and smoke runs that check correctness.
+
+The client is tested against a websockets server on loopback: whatever it
+sends (masked, pre-masked audio included) must reach the server intact, and
+whatever the server sends (any length, fragmented, pings, close) must reach
+the client intact.
 
 The smoke runs start the real thing, ``python -m loadtest``, as a child
 process: an embedded Redis, one or two hub processes and two load generator
@@ -10,19 +16,28 @@ behind. They do not check speed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import sys
+import time
+from collections.abc import AsyncIterator
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
 
+from loadtest import wsclient
 from loadtest.hdr import Histogram, bucket_bounds, bucket_index
 from loadtest.procs import process_gone, run_command
 from loadtest.report import table
 from loadtest.scenarios import Plan, ServiceTime, overload_interval_ms
-from tests.helpers import MS, wait_for_sync
+from loadtest.stats import Stats
+from loadtest.wheel import TimerWheel
+from tests.helpers import MS, wait_for, wait_for_sync
 
 NO_RESULT = "session: no result before the drain time ran out"
 
@@ -76,6 +91,187 @@ def test_histogram_empty_and_negative_values() -> None:
     h.record(-5)
     assert h.max == 0
     assert h.summary()["count"] == 1
+
+
+def test_stats_totals_are_the_sum_of_the_seconds() -> None:
+    st = Stats()
+    for i, us in enumerate((100, 200, 300, 40_000)):
+        st.second(float(i)).e2e.record(us)
+        st.second(float(i)).accept.record(us // 2)
+    st.hists["overhead"].record(7)
+    assert st.total("e2e").count == 4
+    assert st.total("e2e").max == 40_000
+    assert st.since(1, 3).count == 2
+    # Through JSON and a merge (the parent's way), nothing is counted twice.
+    merged = Stats()
+    merged.merge(Stats.from_json(json.loads(json.dumps(st.to_json()))))
+    merged.merge(Stats.from_json(st.to_json()))
+    assert merged.total("e2e").count == 8
+    assert merged.total("accept").total == 2 * st.total("accept").total
+    assert merged.total("overhead").count == 2
+    assert Stats.from_json(merged.to_json()).total("e2e").count == 8
+
+
+# WebSocket client
+
+
+@pytest.fixture
+async def echo_server() -> AsyncIterator[Server]:
+    """A websockets server that sends every message back, and obeys a few text commands."""
+
+    async def handler(ws: ServerConnection) -> None:
+        async for message in ws:
+            if message == "fragments":
+                await ws.send(["frag", "men", "ted"])
+            elif message == "ping":
+                async with asyncio.timeout(5):
+                    await (await ws.ping(b"are you there"))
+                await ws.send("pong received")
+            elif message == "close 4004":
+                await ws.close(4004, "bye")
+            else:
+                await ws.send(message)
+
+    def refuse(ws: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/busy":
+            return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "busy\n")
+        return None
+
+    async with serve(handler, "127.0.0.1", 0, process_request=refuse, max_size=None) as server:
+        yield server
+
+
+def url_of(server: Server, path: str = "/") -> str:
+    port = next(iter(server.sockets)).getsockname()[1]
+    return f"ws://127.0.0.1:{port}{path}"
+
+
+class Peer:
+    """What a connection received, and how it ended."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[bool, bytes]] = []
+        self.closed: list[int | None] = []
+
+    def on_message(self, binary: bool, data: bytes) -> None:
+        self.messages.append((binary, bytes(data)))
+
+    def on_close(self, code: int | None) -> None:
+        self.closed.append(code)
+
+    async def next(self, count: int = 1) -> list[tuple[bool, bytes]]:
+        await wait_for(lambda: len(self.messages) >= count, timeout=5000 * MS)
+        taken, self.messages = self.messages[:count], self.messages[count:]
+        return taken
+
+
+async def test_wsclient_messages_of_every_length_and_alignment_arrive_intact(
+    echo_server: Server,
+) -> None:
+    peer = Peer()
+    conn = await wsclient.connect(url_of(echo_server), peer.on_message, peer.on_close)
+    rng = random.Random(3)
+    # Payload lengths on each side of the 7-bit and 16-bit length forms.
+    for size in (0, 1, 125, 126, 65535, 65536, 70_000):
+        data = rng.randbytes(size)
+        conn.send_binary(data)
+        assert await peer.next() == [(True, data)]
+    conn.send_text("héllo".encode())
+    assert await peer.next() == [(False, "héllo".encode())]
+    # Pre-masked tails, after heads of every length modulo 4, several in one batch.
+    for tail_size in (3, 16_000, 70_000):
+        tail = wsclient.MaskedTail(rng.randbytes(tail_size))
+        heads = [rng.randbytes(n) for n in range(9)]
+        conn.flusher.begin()
+        for head in heads:
+            conn.send_binary_with_tail(head, tail)
+        conn.flusher.end()
+        assert await peer.next(len(heads)) == [(True, head + tail.data) for head in heads]
+    conn.close()
+    await wait_for(lambda: peer.closed, timeout=5000 * MS)
+    assert peer.closed == [1000]  # the server echoed our close code
+
+
+async def test_wsclient_reads_fragments_answers_pings_and_reports_the_close_code(
+    echo_server: Server,
+) -> None:
+    peer = Peer()
+    conn = await wsclient.connect(url_of(echo_server), peer.on_message, peer.on_close)
+    conn.send_text(b"fragments")
+    assert await peer.next() == [(False, b"fragmented")]
+    conn.send_text(b"ping")
+    assert await peer.next() == [(False, b"pong received")]
+    conn.send_text(b"close 4004")
+    await wait_for(lambda: peer.closed, timeout=5000 * MS)
+    assert peer.closed == [4004]
+    assert conn.close_code == 4004
+    assert not conn.is_open
+    conn.send_text(b"dropped")  # silently: the connection is closed
+
+
+async def test_wsclient_raises_when_the_upgrade_is_refused(echo_server: Server) -> None:
+    peer = Peer()
+    with pytest.raises(wsclient.HandshakeFailed, match="503"):
+        await wsclient.connect(url_of(echo_server, "/busy"), peer.on_message, peer.on_close)
+
+
+async def test_wsclient_writes_a_batch_to_one_connection_at_once(echo_server: Server) -> None:
+    peer = Peer()
+    conn = await wsclient.connect(url_of(echo_server), peer.on_message, peer.on_close)
+    assert conn.transport is not None
+    writes = 0
+    write_lines = conn.transport.writelines
+
+    def counted(chunks: Any) -> None:
+        nonlocal writes
+        writes += 1
+        write_lines(chunks)
+
+    conn.transport.writelines = counted  # type: ignore[method-assign]
+    conn.flusher.begin()
+    for i in range(5):
+        conn.send_text(str(i).encode())
+    assert writes == 0
+    conn.flusher.end()
+    assert writes == 1
+    # Outside a batch, frames wait for the end of the loop iteration.
+    conn.send_text(b"5")
+    conn.send_text(b"6")
+    assert writes == 1
+    assert [m for _, m in await peer.next(7)] == [str(i).encode() for i in range(7)]
+    assert writes == 2
+    conn.close()
+
+
+# Timer wheel
+
+
+async def test_timer_wheel_runs_each_callback_once_never_too_early() -> None:
+    loop = asyncio.get_running_loop()
+    wheel = TimerWheel(loop, resolution_s=0.002, early_s=0.005)
+    ran: list[tuple[int, float]] = []
+    start = time.perf_counter()
+    due = [start + i * 0.003 for i in range(40)]
+    for i, when in reversed(list(enumerate(due))):
+        wheel.call_at(when, lambda i: ran.append((i, time.perf_counter())), i)
+    assert len(wheel) == 40
+    # The loop is awake: what is due within early_s runs now.
+    wheel.poll(time.perf_counter())
+    assert {i for i, _ in ran} >= {0, 1}
+    await wait_for(lambda: len(ran) == 40, timeout=2000 * MS)
+    await asyncio.sleep(0.02)
+    assert sorted(i for i, _ in ran) == list(range(40))
+    assert len(wheel) == 0
+    for i, at in ran:
+        assert at >= due[i] - 0.005
+    # A callback that fails does not stop the others.
+    loop.set_exception_handler(lambda loop, context: None)
+    wheel.call_at(time.perf_counter(), lambda _: 1 / 0)
+    wheel.call_at(time.perf_counter(), lambda i: ran.append((i, 0.0)), 99)
+    await wait_for(lambda: len(ran) == 41, timeout=2000 * MS)
+    wheel.call_at(time.perf_counter() + 10, lambda i: ran.append((i, 0.0)), 100)
+    wheel.clear()
+    assert len(wheel) == 0
 
 
 # Plans
