@@ -114,7 +114,7 @@ class NodeScripts(CellReads):
     async def heartbeat(self, beats: Sequence[Beat], *, now_ms: int = 0) -> Heartbeats:
         """Record heartbeats of many nodes in one call (heartbeat.lua).
 
-        KEYS: seen. ARGV: prefix, now, then per node: id, epoch, online, load, rtt.
+        KEYS: seen. ARGV: prefix, now, seed, then per node: id, epoch, online, load, rtt.
 
         Returns:
             One code per beat: 1 recorded, 0 recorded as offline, -8 unknown
@@ -123,7 +123,7 @@ class NodeScripts(CellReads):
         """
         if not beats:
             return Heartbeats((), ())
-        args: list[Any] = [self.keys.prefix, now_ms]
+        args: list[Any] = [self.keys.prefix, now_ms, self._seed()]
         for b in beats:
             args += [
                 b.node_id,

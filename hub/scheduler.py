@@ -206,7 +206,7 @@ class Scheduler(NodeScripts):
         """End a job on its node's report and free the slot (complete_task.lua).
 
         KEYS: job, node, node's jobs. ARGV: prefix, job id, node id, attempt,
-        status, result, error, now, job TTL, repeat.
+        status, result, error, now, job TTL, repeat, seed.
 
         Args:
             repeat: this call repeats one whose reply was lost (Redis
@@ -231,6 +231,7 @@ class Scheduler(NodeScripts):
                 now_ms,
                 self.settings.job_ttl_ms,
                 b"1" if repeat else b"",
+                self._seed(),
             ],
             urgent=True,
         )
@@ -246,7 +247,7 @@ class Scheduler(NodeScripts):
     ) -> Cancellation:
         """End a session's unfinished job (cancel_task.lua).
 
-        KEYS: job. ARGV: prefix, job id, session id, reason, now, job TTL.
+        KEYS: job. ARGV: prefix, job id, session id, reason, now, job TTL, seed.
 
         Raises:
             SchedulingError: UNKNOWN_JOB (also for another session's job),
@@ -256,7 +257,7 @@ class Scheduler(NodeScripts):
         reply = await self._call(
             "cancel_task",
             [k.job(job_id)],
-            [k.prefix, job_id, session_id, reason, now_ms, self.settings.job_ttl_ms],
+            [k.prefix, job_id, session_id, reason, now_ms, self.settings.job_ttl_ms, self._seed()],
         )
         raise_refusal(reply)
         return Cancellation(
@@ -337,7 +338,7 @@ class Scheduler(NodeScripts):
         """Cancel a gone session's unfinished jobs (session_closed.lua).
 
         KEYS: session, session's jobs. ARGV: prefix, session id, hub id,
-        reason, now, job TTL, batch.
+        reason, now, job TTL, batch, seed.
 
         Returns:
             (done, events); done is False when the session resumed on another hub.
@@ -346,7 +347,16 @@ class Scheduler(NodeScripts):
         reply = await self._call(
             "session_closed",
             [k.session(session_id), k.session_jobs(session_id)],
-            [k.prefix, session_id, self.hub_id, reason, now_ms, self.settings.job_ttl_ms, batch],
+            [
+                k.prefix,
+                session_id,
+                self.hub_id,
+                reason,
+                now_ms,
+                self.settings.job_ttl_ms,
+                batch,
+                self._seed(),
+            ],
         )
         return bool(int(reply[0])), parse_events(reply[1], "session_closed")
 
@@ -374,12 +384,14 @@ class Scheduler(NodeScripts):
     async def ack_results(self, session_id: str, job_ids: Sequence[str]) -> int:
         """Forget acknowledged results of a session (ack_results.lua).
 
-        KEYS: session's ended jobs. ARGV: prefix, job ids.
+        KEYS: session's ended jobs, session. ARGV: prefix, job ids.
         """
         if not job_ids:
             return 0
         k = self.keys
-        reply = await self._call("ack_results", [k.session_done(session_id)], [k.prefix, *job_ids])
+        reply = await self._call(
+            "ack_results", [k.session_done(session_id), k.session(session_id)], [k.prefix, *job_ids]
+        )
         return int(reply)
 
     def _session_ttl_ms(self) -> int:

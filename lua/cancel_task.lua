@@ -8,6 +8,7 @@
   ARGV[4]  reason code, e.g. CANCELLED
   ARGV[5]  now in ms (0 = Redis TIME)
   ARGV[6]  ended job record TTL in ms
+  ARGV[7]  random seed
   Returns:
      {1, result_event, {events}}  cancelled; a running job's slot is released
              events = 'cancel' for the node, 'dispatch' for queued jobs
@@ -22,6 +23,7 @@ local job_key = KEYS[1]
 local prefix = ARGV[1]
 local jid = ARGV[2]
 local now = now_ms(ARGV[5])
+seed_random(ARGV[7])
 
 local j = hmget(job_key, ATTEMPT_FIELDS)
 if not j.session then return -5 end

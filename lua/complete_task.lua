@@ -15,6 +15,7 @@
   ARGV[8]  now in ms (0 = Redis TIME)
   ARGV[9]  ended job record TTL in ms
   ARGV[10] '1' when the hub repeats a call whose reply it lost ('' else)
+  ARGV[11] random seed
   Returns:
      {1, result_event, drained, {events}}  completed; slot released
              drained = 1 when the node is draining and now idle
@@ -32,6 +33,7 @@ local prefix = ARGV[1]
 local jid = ARGV[2]
 local nid = ARGV[3]
 local now = now_ms(ARGV[8])
+seed_random(ARGV[11])
 
 local j = hmget(job_key, { 'status', 'node', 'attempt', 'hist', 'session', 'ref', 'shub' })
 local refusal = attempt_refusal(j, nid, ARGV[4])

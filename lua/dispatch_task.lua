@@ -24,7 +24,7 @@
   ARGV[13] the session's ref for the job
   ARGV[14] now in ms (0 = Redis TIME)
   ARGV[15] max queued jobs per session
-  ARGV[16] session record TTL in ms
+  ARGV[16] session record TTL in ms (renewed once half of it has passed)
   Returns:
      {1, node_id, attempt, node_hub, deadline_ms}  accepted: the slot is taken
      {0, pool, deadline_ms}                         queued: waits for a slot
@@ -57,16 +57,20 @@ if #pools == 0 then return -1 end
 table.sort(pools)
 
 local pair = src .. ':' .. tgt
-local s = rcall('HMGET', session_key, 'pool', 'node', 'pair', 'renew')
+local s = rcall('HMGET', session_key, 'pool', 'node', 'pair', 'renew', 'hub')
 local pref_pool, pref_node = nil, nil
 if s[3] == pair then pref_pool, pref_node = s[1] or nil, s[2] or nil end
 
 local nid, pool = pick_node(prefix, pools, pref_pool, pref_node)
 local deadline = now + tonumber(ARGV[8])
 
--- The session's hash and jobs set live while the session is active: their
--- TTL is renewed when half of it has passed (the hash's 'renew' time), and
--- the jobs set gets one when a job creates it (it is gone whenever empty).
+-- Adds the job to the session's jobs and records the session's hub (and,
+-- for a job that started, where: the fields given): writes the session's
+-- hash only when something changed. The hash and the jobs set live while the session is
+-- active: their TTL is renewed once half of it has passed (the hash's
+-- 'renew' time). The jobs set is gone whenever empty; a job that creates it
+-- between renewals leaves it without a TTL until the next renewal, which
+-- is safe: each of its jobs ends by its deadline and leaves it.
 local function track_session(...)
   local ttl = tonumber(ARGV[16])
   rcall('SADD', session_jobs_key, jid)
@@ -74,9 +78,8 @@ local function track_session(...)
     rcall('HSET', session_key, 'hub', ARGV[12], 'renew', now + math.floor(ttl / 2), ...)
     rcall('PEXPIRE', session_key, ttl)
     rcall('PEXPIRE', session_jobs_key, ttl)
-  else
+  elseif s[5] ~= ARGV[12] or (nid and (s[1] ~= pool or s[2] ~= nid or s[3] ~= pair)) then
     rcall('HSET', session_key, 'hub', ARGV[12], ...)
-    if rcall('SCARD', session_jobs_key) == 1 then rcall('PEXPIRE', session_jobs_key, ttl) end
   end
 end
 
@@ -84,9 +87,8 @@ if nid then
   local n = read_node(prefix, nid)
   take_slot(prefix, n)
   rcall('HSET', job_key, 'session', sid, 'ref', ARGV[13], 'src', src, 'tgt', tgt,
-    'payload', ARGV[6], 'deadline', deadline, 'shub', ARGV[12], 'created', now,
-    'status', 'running', 'attempt', 1, 'audio', ARGV[7], 'node', nid, 'pool', pool,
-    'started', now, 'hist', ',' .. nid .. '@1,')
+    'payload', ARGV[6], 'deadline', deadline, 'shub', ARGV[12], 'status', 'running',
+    'attempt', 1, 'audio', ARGV[7], 'node', nid, 'hist', ',' .. nid .. '@1,')
   rcall('ZADD', deadlines_key, deadline, jid)
   rcall('SADD', n.key .. ':jobs', jid)
   track_session('pool', pool, 'node', nid, 'pair', pair)
@@ -116,8 +118,8 @@ local waiting = rcall('LLEN', sq)
 if waiting >= tonumber(ARGV[15]) then return -11 end
 
 rcall('HSET', job_key, 'session', sid, 'ref', ARGV[13], 'src', src, 'tgt', tgt,
-  'payload', ARGV[6], 'deadline', deadline, 'shub', ARGV[12], 'created', now,
-  'status', 'queued', 'attempt', 0, 'audio', ARGV[7], 'qpool', qpool)
+  'payload', ARGV[6], 'deadline', deadline, 'shub', ARGV[12], 'status', 'queued',
+  'attempt', 0, 'audio', ARGV[7], 'qpool', qpool)
 rcall('ZADD', deadlines_key, deadline, jid)
 track_session()
 rcall('RPUSH', sq, jid)

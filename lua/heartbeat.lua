@@ -4,7 +4,8 @@
   KEYS[1]  lease zset          hub:v1:{c}:seen
   ARGV[1]  key prefix          hub:v1:{c}:
   ARGV[2]  now in ms (0 = Redis TIME)
-  ARGV[3+5i..7+5i], one group per node:
+  ARGV[3]  random seed
+  ARGV[4+5i..8+5i], one group per node:
            node id, epoch of the connection, online flag (1 | 0),
            load JSON object ('' = unchanged), round trip ms ('' = unknown)
   Returns:
@@ -20,10 +21,11 @@
 local seen_key = KEYS[1]
 local prefix = ARGV[1]
 local now = now_ms(ARGV[2])
+seed_random(ARGV[3])
 
 local out = {}
 local events = {}
-for i = 3, #ARGV - 4, 5 do
+for i = 4, #ARGV - 4, 5 do
   local nid, epoch, online, load, rtt = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local nkey = prefix .. 'node:' .. nid
   local refusal, state = node_refusal(nkey, epoch)

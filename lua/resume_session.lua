@@ -37,13 +37,18 @@ for _, jid in ipairs(rcall('SMEMBERS', session_jobs_key)) do
     open[#open + 1] = { jid, j[2] or '', j[1] }
   end
 end
-local ended = {}
+local ended, dropped = {}, false
 for _, jid in ipairs(rcall('ZRANGE', done_key, 0, tonumber(ARGV[5]) - 1)) do
   local j = rcall('HMGET', prefix .. 'job:' .. jid, 'status', 'ref', 'result', 'error')
   if j[1] == 'finished' or j[1] == 'failed' then
     ended[#ended + 1] = result_event(ARGV[3], sid, jid, j[2] or '', j[1], j[3] or 'null', j[4] or '')
   else
     rcall('ZREM', done_key, jid)
+    dropped = true
   end
+end
+-- Emptied: the next end gives the ended jobs zset a TTL again (as ack_results).
+if dropped and #ended == 0 and rcall('EXISTS', done_key) == 0 then
+  rcall('HDEL', session_key, 'done_renew')
 end
 return { 1, open, ended }

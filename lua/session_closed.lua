@@ -12,6 +12,7 @@
   ARGV[5]  now in ms (0 = Redis TIME)
   ARGV[6]  ended job record TTL in ms
   ARGV[7]  most jobs to cancel in this call
+  ARGV[8]  random seed
   Returns:
      {1, {events}}  cancelled; 'result' per job (nobody to send it to, but a
                     later resume finds it), 'cancel' per running job,
@@ -25,6 +26,7 @@ local session_jobs_key = KEYS[2]
 local prefix = ARGV[1]
 local now = now_ms(ARGV[5])
 local ttl = tonumber(ARGV[6])
+seed_random(ARGV[8])
 
 local holder = rcall('HGET', session_key, 'hub')
 if holder and holder ~= ARGV[3] then return { 0, {} } end

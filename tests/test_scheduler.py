@@ -273,7 +273,9 @@ class Fleet:
             for pool in node_pools:
                 score = await self.redis.zscore(k.free(pool), node_id)
                 if state == "live" and running < max_jobs:
-                    assert score == running / max_jobs, node_id
+                    # The load level (in 2**20ths) times 2**31 plus a tie-break below 2**31.
+                    assert score is not None, node_id
+                    assert int(score) // 2**31 == running * 2**20 // max_jobs, node_id
                 else:
                     assert score is None, node_id
         for pool in pools:

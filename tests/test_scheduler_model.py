@@ -737,7 +737,13 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert int(got[b"running"]) == len(running) <= node.spec.max_jobs, name
         for pool in pools:
             free = {m.decode(): s for m, s in next(replies)}
-            assert free == model.free_in(pool), pool
+            loads = model.free_in(pool)
+            assert free.keys() == loads.keys(), pool
+            # A score is the load level (in 2**20ths) times 2**31 plus a tie-break below 2**31.
+            assert all(
+                free[n] == int(free[n]) and int(free[n]) // 2**31 == int(loads[n] * 2**20)
+                for n in loads
+            ), (pool, free, loads)
             assert [s.decode() for s in next(replies)] == model.queues.get(pool, []), pool
             for sid in SESSIONS:
                 waiting = [j.decode() for j in next(replies)]

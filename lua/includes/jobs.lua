@@ -17,8 +17,8 @@
 local function start_attempt(prefix, jid, j, n, pool, now)
   local jkey = prefix .. 'job:' .. jid
   local attempt = (tonumber(j.attempt) or 0) + 1
-  rcall('HSET', jkey, 'status', 'running', 'node', n.id, 'pool', pool, 'started', now,
-    'attempt', attempt, 'hist', (j.hist or ',') .. n.id .. '@' .. attempt .. ',')
+  rcall('HSET', jkey, 'status', 'running', 'node', n.id, 'attempt', attempt,
+    'hist', (j.hist or ',') .. n.id .. '@' .. attempt .. ',')
   if j.qpool then rcall('HDEL', jkey, 'qpool') end
   rcall('SADD', n.key .. ':jobs', jid)
   local shub_now = remember_node(prefix, j.session, pool, n.id, j.src .. ':' .. j.tgt, j.shub)
@@ -44,9 +44,15 @@ end
 -- result for `ttl` ms, drops the payload, files it under the session's ended
 -- jobs (the newest 1000). Returns the result event. The caller took the job
 -- out of its queue or off its node.
+--
+-- The ended jobs zset lives at least `ttl` after each end, so each result
+-- can be resumed while its record lives: its TTL is set to 2 * ttl once the
+-- session hash's 'done_renew' time has passed, which then moves to now + ttl.
+-- Scripts that may empty the zset (Redis deletes an empty one) drop
+-- 'done_renew', so the zset the next end creates gets its TTL.
 local function end_job(prefix, jid, j, status, result, err, now, ttl)
   local jkey = prefix .. 'job:' .. jid
-  rcall('HSET', jkey, 'status', status, 'result', result, 'error', err, 'ended', now)
+  rcall('HSET', jkey, 'status', status, 'result', result, 'error', err)
   rcall('HDEL', jkey, 'payload', 'audio', 'qpool')
   rcall('PEXPIRE', jkey, ttl)
   rcall('ZREM', prefix .. 'deadlines', jid)
@@ -56,10 +62,15 @@ local function end_job(prefix, jid, j, status, result, err, now, ttl)
   local dkey = skey .. ':done'
   rcall('ZADD', dkey, now, jid)
   rcall('ZREMRANGEBYRANK', dkey, 0, -1001)
-  rcall('PEXPIRE', dkey, ttl)
+  local s = rcall('HMGET', skey, 'hub', 'done_renew')
+  if now >= (tonumber(s[2]) or 0) then
+    rcall('PEXPIRE', dkey, 2 * ttl)
+    -- Only into a live hash: recreating an expired one would leave it without a TTL.
+    if s[1] then rcall('HSET', skey, 'done_renew', now + ttl) end
+  end
   stat(prefix, status)
   if err ~= '' and status == 'failed' then stat(prefix, 'error:' .. err) end
-  return result_event(session_hub(prefix, sid, j.shub), sid, jid, j.ref or '', status, result, err)
+  return result_event(s[1] or j.shub or '', sid, jid, j.ref or '', status, result, err)
 end
 
 -- Hands queued jobs of node `n`'s pools to its free slots, appending the

@@ -17,14 +17,27 @@ local function read_node(prefix, nid)
     state = f[3], pools = split(f[4]), hub = f[5] or '' }
 end
 
+-- A free node's score is an integer, so a small (listpack) zset compares
+-- scores without parsing decimals: its load level, running / max_jobs in
+-- 2^20ths (distinct loads get distinct levels while max_jobs <= 1024),
+-- times LEVEL, plus a random tie-break below LEVEL drawn each time the
+-- score is set. The lowest score is a least-loaded node chosen at random.
+-- Scores stay below 2^51: exact in a double, stored as integers.
+local LEVEL = 2 ^ 31
+
+local function free_score(n)
+  local level = math.floor(n.running * 1048576 / n.max_jobs)
+  return level * LEVEL + math.floor(random_unit() * LEVEL)
+end
+
 -- A node is in the free zset of each of its pools exactly when it is live and
--- has a free slot; its score is its load, running / max_jobs. `n` is the
--- node as read_node returns it, kept up to date by the caller.
+-- has a free slot, scored by free_score. `n` is the node as read_node
+-- returns it, kept up to date by the caller.
 local function set_free(prefix, n)
   local free = n.state == 'live' and n.running < n.max_jobs
   for _, pool in ipairs(n.pools) do
     if free then
-      rcall('ZADD', prefix .. 'free:' .. pool, n.running / n.max_jobs, n.id)
+      rcall('ZADD', prefix .. 'free:' .. pool, free_score(n), n.id)
     else
       rcall('ZREM', prefix .. 'free:' .. pool, n.id)
     end
@@ -38,23 +51,8 @@ local function refresh_free(prefix, nid)
   return n
 end
 
--- Least-loaded node of one pool, ties broken at random: O(log N).
--- `first` is the pool's ZRANGE 0 1 WITHSCORES when the caller read it already.
-local function pick_in_pool(prefix, pool, first)
-  local fkey = prefix .. 'free:' .. pool
-  first = first or rcall('ZRANGE', fkey, 0, 1, 'WITHSCORES')
-  if #first == 0 then return nil end
-  -- The second lowest is higher: no tie, no need to count.
-  if #first == 2 or first[4] ~= first[2] then return first[1] end
-  local ties = rcall('ZCOUNT', fkey, first[2], first[2])
-  local i = math.floor(random_unit() * ties)
-  if i >= ties then i = ties - 1 end
-  if i == 0 then return first[1] end
-  if i == 1 then return first[3] end
-  return rcall('ZRANGE', fkey, i, i)[1]
-end
-
--- Choose a node for a language pair served by `pools` (sorted list of pool ids).
+-- Choose a node for a language pair served by `pools` (sorted list of pool ids):
+-- a least-loaded one, at random among equals (the lowest score, O(log N)).
 -- The session's previous node first (warm context), then its preferred pool,
 -- then the pool whose least-loaded node is least loaded. Returns node, pool.
 local function pick_node(prefix, pools, pref_pool, pref_node)
@@ -62,35 +60,25 @@ local function pick_node(prefix, pools, pref_pool, pref_node)
     local serves = false
     for _, p in ipairs(pools) do if p == pref_pool then serves = true end end
     if serves then
-      if pref_node and rcall('ZSCORE', prefix .. 'free:' .. pref_pool, pref_node) then
-        return pref_node, pref_pool
-      end
-      local nid = pick_in_pool(prefix, pref_pool)
-      if nid then return nid, pref_pool end
+      local fkey = prefix .. 'free:' .. pref_pool
+      if pref_node and rcall('ZSCORE', fkey, pref_node) then return pref_node, pref_pool end
+      local first = rcall('ZRANGE', fkey, 0, 0)[1]
+      if first then return first, pref_pool end
     end
   end
   if #pools == 1 then
-    local nid = pick_in_pool(prefix, pools[1])
-    if nid then return nid, pools[1] end
+    local first = rcall('ZRANGE', prefix .. 'free:' .. pools[1], 0, 0)[1]
+    if first then return first, pools[1] end
     return nil
   end
-  local best_score, best, firsts = nil, {}, {}
+  local best, best_score, best_pool = nil, nil, nil
   for _, p in ipairs(pools) do
-    local first = rcall('ZRANGE', prefix .. 'free:' .. p, 0, 1, 'WITHSCORES')
-    if #first > 0 then
-      firsts[p] = first
-      local s = tonumber(first[2])
-      if best_score == nil or s < best_score then
-        best_score, best = s, { p }
-      elseif s == best_score then
-        best[#best + 1] = p
-      end
+    local first = rcall('ZRANGE', prefix .. 'free:' .. p, 0, 0, 'WITHSCORES')
+    if #first > 0 and (best_score == nil or tonumber(first[2]) < best_score) then
+      best, best_score, best_pool = first[1], tonumber(first[2]), p
     end
   end
-  if #best == 0 then return nil end
-  local i = math.floor(random_unit() * #best) + 1
-  if i > #best then i = #best end
-  return pick_in_pool(prefix, best[i], firsts[best[i]]), best[i]
+  return best, best_pool
 end
 
 -- Takes one slot of node `n` (as read_node returns it) and updates its free entries.

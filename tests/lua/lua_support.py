@@ -41,6 +41,7 @@ __all__ = [
     "free",
     "hash_of",
     "job_hash",
+    "load",
     "node_hash",
     "pool_of",
     "register",
@@ -111,8 +112,19 @@ async def job_hash(redis: Redis, keys: Keys, job_id: str) -> dict[str, bytes]:
 
 
 async def free(redis: Redis, keys: Keys, pool: str) -> dict[str, float]:
-    """The free zset of ``pool``: node -> load."""
-    return {_text(m): s for m, s in await redis.zrange(keys.free(pool), 0, -1, withscores=True)}
+    """The free zset of ``pool``: node -> load (what its score encodes, :func:`load`)."""
+    return {
+        _text(m): load(s) for m, s in await redis.zrange(keys.free(pool), 0, -1, withscores=True)
+    }
+
+
+def load(score: float) -> float:
+    """The load (running / max_jobs, in 2**20ths) a free zset score encodes.
+
+    A score is the load level times 2**31 plus a random tie-break below 2**31.
+    """
+    assert score == int(score) and 0 <= score < 2**51
+    return int(score) // 2**31 / 2**20
 
 
 async def smembers(redis: Redis, key: str) -> set[str]:

@@ -51,12 +51,8 @@ async def test_complete_task_finished_ends_the_job_and_releases_the_slot(schedul
         JobEnded("h1", "s1", "j1", "r1", "finished", b'{"text":"salut"}', None), False, ()
     )
     job = await job_hash(redis, keys, "j1")
-    assert (job["status"], job["result"], job["error"], job["ended"]) == (
-        b"finished",
-        b'{"text":"salut"}',
-        b"",
-        str(T0 + 40).encode(),
-    )
+    assert (job["status"], job["result"], job["error"]) == (b"finished", b'{"text":"salut"}', b"")
+    assert await redis.zscore(keys.session_done("s1"), "j1") == T0 + 40  # ended then
     assert "payload" not in job and "audio" not in job
     assert 0 < await redis.pttl(keys.job("j1")) <= scheduler.settings.job_ttl_ms
     assert await redis.zscore(keys.deadlines, "j1") is None
@@ -99,11 +95,11 @@ async def test_complete_task_hands_the_freed_slot_the_next_queued_job(scheduler,
         ),
     )  # fmt: skip
     job = await job_hash(redis, keys, "j2")
-    assert (job["status"], job["node"], job["attempt"], job["started"]) == (
+    assert (job["status"], job["node"], job["attempt"], job["hist"]) == (
         b"running",
         b"n1",
         b"1",
-        str(T0 + 20).encode(),
+        b",n1@1,",
     )
     assert "qpool" not in job
     assert (await node_hash(redis, keys, "n1"))["running"] == "1"
@@ -219,7 +215,8 @@ async def test_complete_task_twice_returns_stale_attempt(scheduler, redis, keys)
     assert error.error_code is ErrorCode.STALE_ATTEMPT
     assert str(error) == "STALE_ATTEMPT: the attempt is stale or the job has already ended"
     job = await job_hash(redis, keys, "j1")
-    assert (job["status"], job["result"], job["ended"]) == (b"finished", b"1", b"1000001")
+    assert (job["status"], job["result"]) == (b"finished", b"1")
+    assert await redis.zscore(keys.session_done("s1"), "j1") == 1_000_001
     # The slot was released once: j2 still holds one.
     assert (await node_hash(redis, keys, "n1"))["running"] == "1"
     assert await redis.hget(keys.stats, "finished") == b"1"
@@ -259,3 +256,40 @@ async def test_complete_task_of_a_cancelled_job_returns_stale_attempt(scheduler,
     assert error.error_code is ErrorCode.STALE_ATTEMPT
     assert (await job_hash(redis, keys, "j1"))["error"] == b"CANCELLED"
     assert (await node_hash(redis, keys, "n1"))["running"] == "1"
+
+
+# The session's ended jobs, kept for resume
+
+
+async def test_complete_task_keeps_the_ended_jobs_at_least_the_record_ttl(scheduler, redis, keys):
+    ttl = scheduler.settings.job_ttl_ms
+    await register(scheduler, "n1", max_jobs=4)
+    for job_id in ("j1", "j2", "j3"):
+        await dispatch(scheduler, "s1", job_id)
+    done_key = keys.session_done("s1")
+
+    # The first end gives the zset twice the record TTL, renewed once one TTL passed.
+    await scheduler.complete_task("j1", "n1", 1, "finished", now_ms=T0 + 1)
+    assert ttl < await redis.pttl(done_key) <= 2 * ttl
+    assert await redis.hget(keys.session("s1"), "done_renew") == str(T0 + 1 + ttl).encode()
+    await redis.pexpire(done_key, ttl + 5)  # shortened by hand, to see a renewal
+
+    # Before the renewal time: no renewal (at least one TTL is left anyway).
+    await scheduler.complete_task("j2", "n1", 1, "finished", now_ms=T0 + ttl)
+    assert await redis.pttl(done_key) <= ttl + 5
+    # From then on: renewed.
+    await scheduler.complete_task("j3", "n1", 1, "finished", now_ms=T0 + 1 + ttl)
+    assert await redis.pttl(done_key) > ttl + 5
+    assert await redis.zrange(done_key, 0, -1) == [b"j1", b"j2", b"j3"]
+
+
+async def test_complete_task_keeps_the_newest_1000_ended_jobs(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=4)
+    await redis.zadd(keys.session_done("s1"), {f"old{i}": T0 - 1_000 + i for i in range(1_000)})
+    await dispatch(scheduler, "s1", "j1")
+
+    await scheduler.complete_task("j1", "n1", 1, "finished", now_ms=T0 + 1)
+
+    assert await redis.zcard(keys.session_done("s1")) == 1_000
+    assert await redis.zrange(keys.session_done("s1"), 0, 0) == [b"old1"]
+    assert await redis.zscore(keys.session_done("s1"), "j1") == T0 + 1

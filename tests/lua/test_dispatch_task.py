@@ -55,12 +55,9 @@ async def test_dispatch_task_accepted_takes_a_slot(scheduler, redis, keys):
         "audio": b"1",
         "deadline": str(T0 + 7_010).encode(),
         "shub": b"hs",
-        "created": str(T0 + 10).encode(),
-        "started": str(T0 + 10).encode(),
         "status": b"running",
         "attempt": b"1",
         "node": b"n1",
-        "pool": POOL.encode(),
         "hist": b",n1@1,",
     }
     assert await redis.pttl(keys.job("j1")) == -1  # kept until the job ends
@@ -166,7 +163,7 @@ async def test_dispatch_task_prefers_the_sessions_pool_then_falls_back(scheduler
         b"b1",
         b"en:fr",
     )
-    assert (await job_hash(redis, keys, "j4"))["pool"] == BETA.encode()
+    assert (await job_hash(redis, keys, "j4"))["node"] == b"b1"
     # And the new preference sticks.
     assert (await dispatch(scheduler, "s", job_id="j5")).node_id == "b1"
 
@@ -250,16 +247,56 @@ async def test_dispatch_task_renews_the_session_ttls_when_half_has_passed(schedu
     assert await redis.hget(keys.session("s1"), "renew") == str(T0 + ttl).encode()
 
 
-async def test_dispatch_task_gives_a_recreated_jobs_set_its_ttl(scheduler, redis, keys):
+async def test_dispatch_task_leaves_a_recreated_jobs_set_to_the_next_renewal(
+    scheduler, redis, keys
+):
     await register(scheduler, "n1", max_jobs=4)
+    ttl = scheduler._session_ttl_ms()
     await dispatch(scheduler, "s1", job_id="j1", now_ms=T0)
     await scheduler.complete_task("j1", "n1", 1, "finished", now_ms=T0 + 1)
     assert await redis.exists(keys.session_jobs("s1")) == 0  # gone when empty
 
-    # Long before the renewal time, the set a new job creates gets a TTL.
+    # Between renewals, a job that creates the set leaves it without a TTL:
+    # the set empties itself, as each of its jobs ends by its deadline...
     await dispatch(scheduler, "s1", job_id="j2", now_ms=T0 + 2)
     assert await smembers(redis, keys.session_jobs("s1")) == {"j2"}
-    assert await redis.pttl(keys.session_jobs("s1")) > 0
+    assert await redis.pttl(keys.session_jobs("s1")) == -1
+    report = await scheduler.sweep(now_ms=T0 + 2 + 10_000, lease_ms=0)
+    assert report.timed_out == 1
+    assert await redis.exists(keys.session_jobs("s1")) == 0
+
+    # ...and the next renewal gives it one.
+    await dispatch(scheduler, "s1", job_id="j3", now_ms=T0 + 3)
+    await dispatch(scheduler, "s1", job_id="j4", now_ms=T0 + ttl // 2)
+    assert 0 < await redis.pttl(keys.session_jobs("s1")) <= ttl
+
+
+async def hsets(redis) -> int:
+    """HSET commands Redis ran so far (scripts' included)."""
+    return int((await redis.info("commandstats")).get("cmdstat_hset", {}).get("calls", 0))
+
+
+async def test_dispatch_task_writes_the_session_hash_only_when_it_changes(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=4)
+    await dispatch(scheduler, "s1", job_id="j1", session_hub="hs")
+    before = await redis.hgetall(keys.session("s1"))
+
+    # Nothing changed (same hub, pair and node): the job's HSET only.
+    count = await hsets(redis)
+    await dispatch(scheduler, "s1", job_id="j2", session_hub="hs")
+    assert await hsets(redis) == count + 1
+    assert (await job_hash(redis, keys, "j2"))["node"] == b"n1"
+
+    # What the session's hash says differs: written again.
+    await redis.hset(keys.session("s1"), "pool", "stale")
+    await dispatch(scheduler, "s1", job_id="j3", session_hub="hs")
+    assert await redis.hgetall(keys.session("s1")) == before
+
+    # Another hub holds the session now: written.
+    count = await hsets(redis)
+    await dispatch(scheduler, "s1", job_id="j4", session_hub="hs2")
+    assert await hsets(redis) == count + 2
+    assert await redis.hgetall(keys.session("s1")) == before | {b"hub": b"hs2"}
 
 
 async def test_dispatch_task_queued_tracks_the_session(scheduler, redis, keys):

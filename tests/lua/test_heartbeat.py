@@ -161,7 +161,7 @@ async def test_heartbeat_online_again_starts_the_jobs_waiting_for_it(scheduler, 
     assert isinstance(started, Dispatch)
     assert (started.job_id, started.node_id, started.attempt) == ("j1", "n1", 1)
     job = await job_hash(redis, keys, "j1")
-    assert (job["status"], job["node"], job["started"]) == (b"running", b"n1", str(T0 + 2).encode())
+    assert (job["status"], job["node"], job["hist"]) == (b"running", b"n1", b",n1@1,")
     assert (await node_hash(redis, keys, "n1"))["running"] == "1"
     assert await free(redis, keys, POOL) == {}
     assert await redis.hget(keys.queue_depth, POOL) == b"0"

@@ -172,7 +172,7 @@ async def test_node_lost_redispatches_within_the_sessions_pool(scheduler, redis,
     events = await scheduler.node_lost("a1", now_ms=T0 + 1)
 
     assert [(d.node_id, d.attempt) for d in dispatches(events)] == [("a2", 2)]
-    assert (await job_hash(redis, keys, "j1"))["pool"] == ALPHA.encode()
+    assert (await redis.hget(keys.session("s1"), "pool")) == ALPHA.encode()
 
 
 # Returns: -8, -9
