@@ -25,6 +25,7 @@ from .metrics import Metrics
 from .protocol import CloseCode, JobId
 from .registry import NodeLink, Registry, Route, SessionLink
 from .tasks import Tasks
+from .wsconn import HubConnection
 
 __all__ = ["Outbox"]
 
@@ -102,7 +103,10 @@ class Outbox:
             logger.warning("! closing a connection whose send buffer is full")
             self._tasks.spawn(self.close(ws, CloseCode.TOO_SLOW, "too slow: send buffer full"))
             return False
-        broadcast((ws,), frame)
+        if type(ws) is HubConnection:
+            ws.write_soon(frame)  # with the others due to it in this iteration
+        else:
+            broadcast((ws,), frame)
         return True
 
     def forget(self, ws: ServerConnection) -> None:

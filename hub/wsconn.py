@@ -10,7 +10,11 @@ message still goes through the assembler, and so does every message after
 it until the assembler is empty again, so messages are handled in order
 whichever way they come.
 
-The handshake, pings, closing and writing are websockets' own.
+Writing: :meth:`HubConnection.write_soon` queues a message; every message
+queued for one connection in one event-loop iteration goes out in one write
+(one system call), as websockets' ``broadcast`` would send them one write
+each. Closing writes what is queued first. The handshake, pings and
+closing are websockets' own.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Callable
 
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import CloseCode, Frame, Opcode
-from websockets.protocol import Event
+from websockets.protocol import OPEN, Event
 
 __all__ = ["HubConnection", "MessageHandler"]
 
@@ -38,6 +42,34 @@ class HubConnection(ServerConnection):
     messages wait in the assembler for ``recv()`` (the register phase)."""
 
     _fragmented = False
+    _out: list[str | bytes] | None = None
+
+    def write_soon(self, message: str | bytes) -> None:
+        """Send a message (text if ``str``) at the end of this loop iteration."""
+        out = self._out
+        if out is None:
+            self._out = [message]
+            self.loop.call_soon(self._write_out)
+        else:
+            out.append(message)
+
+    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Write what is queued, then close (websockets' closing handshake)."""
+        self._write_out()
+        await super().close(code, reason)
+
+    def _write_out(self) -> None:
+        out, self._out = self._out, None
+        protocol = self.protocol
+        if not out or protocol.state is not OPEN:
+            return
+        for message in out:
+            if isinstance(message, str):
+                protocol.send_text(message.encode())
+            else:
+                protocol.send_binary(message)
+        # Data frames only: no end of stream (b"") among them.
+        self.transport.writelines(protocol.data_to_send())
 
     def process_event(self, event: Event) -> None:
         handler = self.on_message
