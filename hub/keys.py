@@ -100,7 +100,7 @@ class Keys:
 
     @property
     def stats(self) -> str:
-        """Hash of cell-wide counters."""
+        """Hash of cell-wide counters, added to by each hub from its script replies."""
         return f"{self.prefix}stats"
 
     def channel(self, hub_id: str) -> str:

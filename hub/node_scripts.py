@@ -55,6 +55,12 @@ class NodeScripts(CellReads):
     def _seed(self) -> int:
         raise NotImplementedError
 
+    def _count(self, name: str, n: int = 1, *, flush: bool = True) -> None:
+        raise NotImplementedError
+
+    def _count_events(self, events: Iterable[Event]) -> None:
+        raise NotImplementedError
+
     async def register_node(
         self,
         node_id: str,
@@ -102,7 +108,7 @@ class NodeScripts(CellReads):
         )
         try:
             epoch, resumed, dropped, events = reply
-            return Registration(
+            registration = Registration(
                 int(epoch),
                 tuple(as_text(j) for j in resumed),
                 tuple(as_text(j) for j in dropped),
@@ -110,6 +116,9 @@ class NodeScripts(CellReads):
             )
         except (TypeError, ValueError) as exc:
             raise ScriptError("register_node", reply) from exc
+        self._count("registrations")
+        self._count_events(registration.events)
+        return registration
 
     async def heartbeat(self, beats: Sequence[Beat], *, now_ms: int = 0) -> Heartbeats:
         """Record heartbeats of many nodes in one call (heartbeat.lua).
@@ -133,7 +142,9 @@ class NodeScripts(CellReads):
                 "" if b.rtt_ms is None else f"{b.rtt_ms:.3f}",
             ]
         reply = await self._call("heartbeat", [self.keys.seen], args, urgent=True)
-        return Heartbeats((int(r) for r in reply[0]), parse_events(reply[1], "heartbeat"))
+        events = parse_events(reply[1], "heartbeat")
+        self._count_events(events)
+        return Heartbeats((int(r) for r in reply[0]), events)
 
     async def node_lost(
         self, node_id: str, *, epoch: int | None = None, now_ms: int = 0
@@ -162,7 +173,9 @@ class NodeScripts(CellReads):
             ],
         )
         raise_refusal(reply)
-        return parse_events(reply[1], "node_lost")
+        events = parse_events(reply[1], "node_lost")
+        self._count_events(events)
+        return events
 
     async def drain_node(self, node_id: str, *, epoch: int) -> int:
         """Stop giving a node new jobs (drain_node.lua).

@@ -6,25 +6,37 @@ order each script's header lists them and turn replies into the types of
 :mod:`hub.events`; expected refusals raise :class:`~hub.errors.SchedulingError`.
 Calls go through a :class:`~hub.batcher.Batcher`: the calls issued in one
 event-loop iteration share one pipeline.
+
+The cell's counters (the ``stats`` hash: jobs dispatched, finished, failed by
+error code, queued, refused, nodes lost...) are not written by the scripts on
+every job: each hub counts what its script replies report and adds its counts
+to the hash in batches (:meth:`Scheduler.flush_stats`), at once after a quiet
+spell and then at most every ``stats_interval_s``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import secrets
-from collections.abc import Coroutine, Mapping, Sequence
+import time
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from redis.asyncio import Redis
 
 from .batcher import Batcher
 from .config import Settings
+from .errors import ErrorCode, RedisUnavailable
 from .events import (
     Accepted,
     Cancellation,
     Completion,
+    Dispatch,
     Event,
     JobEnded,
+    NodeLost,
     PartialRoute,
     Queued,
     SweepReport,
@@ -35,9 +47,18 @@ from .events import (
 )
 from .keys import Keys
 from .node_scripts import NodeScripts
+from .reads import redis_unavailable_as
 from .scripts import load_script_sources
 
-__all__ = ["Scheduler", "new_job_id"]
+__all__ = ["MAX_COUNTERS", "Scheduler", "new_job_id"]
+
+MAX_COUNTERS = 1000
+"""Most distinct counters a hub holds between two flushes (error codes come from nodes)."""
+
+_REFUSALS_COUNTED = {
+    int(ErrorCode.NO_AVAILABLE_NODE): "refused:NO_AVAILABLE_NODE",
+    int(ErrorCode.QUEUE_FULL): "refused:QUEUE_FULL",
+}
 
 
 def new_job_id() -> str:
@@ -66,6 +87,8 @@ class Scheduler(NodeScripts):
         max_batch, max_pipelines, max_pending: limits of the
             :class:`~hub.batcher.Batcher` (calls per pipeline, pipelines in
             flight, calls waiting).
+        stats_interval_s: least time between two additions of this hub's
+            counts to the cell's counters.
     """
 
     def __init__(
@@ -79,6 +102,7 @@ class Scheduler(NodeScripts):
         max_batch: int = 256,
         max_pipelines: int = 4,
         max_pending: int = 20000,
+        stats_interval_s: float = 0.05,
     ) -> None:
         super().__init__(redis, keys if keys is not None else Keys(settings.cell))
         self.settings = settings
@@ -93,6 +117,11 @@ class Scheduler(NodeScripts):
         )
         """Sends the script calls."""
         self._random = random.Random()
+        self.stats_interval_s = stats_interval_s
+        self._counts: dict[str, int] = {}
+        self._counts_task: asyncio.Task[None] | None = None
+        self._counts_sent = -float("inf")
+        self._counts_lock = asyncio.Lock()
 
     @property
     def shas(self) -> dict[str, str]:
@@ -123,8 +152,97 @@ class Scheduler(NodeScripts):
         await self.batcher.load_scripts()
 
     async def close(self) -> None:
-        """Wait for pipelines in flight (bounded by the Redis timeout); give back connections."""
+        """Wait for pipelines in flight (bounded by the Redis timeout); add this hub's
+        last counts to the cell's counters if Redis answers; give back connections."""
         await self.batcher.close()
+        task, self._counts_task = self._counts_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(RedisUnavailable):
+            await self.flush_stats()
+
+    async def flush_stats(self) -> None:
+        """Add the counts of this hub's script replies so far to the cell's counters.
+
+        One pipeline of HINCRBY on the ``stats`` hash; flushes run one at a
+        time, so when this returns every count made before the call is in
+        Redis. They are also flushed in the background on their own.
+
+        Raises:
+            RedisUnavailable: Redis did not answer; the counts are kept for
+                the next flush.
+        """
+        async with self._counts_lock:
+            counts, self._counts = self._counts, {}
+            if not counts:
+                return
+            try:
+                with redis_unavailable_as("stats"):
+                    pipe = self.redis.pipeline(transaction=False)
+                    for name, n in counts.items():
+                        pipe.hincrby(self.keys.stats, name, n)
+                    await pipe.execute()
+            except BaseException:
+                for name, n in counts.items():
+                    self._count(name, n, flush=False)
+                raise
+
+    async def status(self, *, max_nodes: int = 10000) -> dict[str, Any]:
+        """:meth:`CellReads.status <hub.reads.CellReads.status>`, with this hub's counts
+        flushed first (:meth:`flush_stats`)."""
+        await self.flush_stats()
+        return await super().status(max_nodes=max_nodes)
+
+    def _count(self, name: str, n: int = 1, *, flush: bool = True) -> None:
+        """Count ``n`` of ``name`` for the cell's counters; flush in the background."""
+        counts = self._counts
+        if name in counts:
+            counts[name] += n
+        elif len(counts) < MAX_COUNTERS:
+            counts[name] = n
+        if flush and self._counts_task is None:
+            self._counts_task = asyncio.get_running_loop().create_task(
+                self._flush_stats_soon(), name="stats"
+            )
+
+    def _count_events(self, events: Iterable[Event]) -> None:
+        """Count what script events report: attempts started, jobs ended, nodes lost."""
+        for e in events:
+            kind = type(e)
+            if kind is Dispatch:
+                assert isinstance(e, Dispatch)
+                self._count("dispatched" if e.attempt == 1 else "redispatched")
+            elif kind is JobEnded:
+                assert isinstance(e, JobEnded)
+                self._count_ended(e)
+            elif kind is NodeLost:
+                self._count("nodes_lost")
+
+    def _count_ended(self, e: JobEnded) -> None:
+        self._count(e.status)
+        if e.error and e.status == "failed":
+            self._count("error:" + e.error)
+
+    async def _flush_stats_soon(self) -> None:
+        """Flush counts until none are left, at most every :attr:`stats_interval_s`.
+
+        Stops when Redis does not answer: the counts wait for the next reply.
+        """
+        try:
+            while self._counts:
+                wait = self._counts_sent + self.stats_interval_s - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                self._counts_sent = time.monotonic()
+                try:
+                    await self.flush_stats()
+                except RedisUnavailable:
+                    return
+        finally:
+            if self._counts_task is asyncio.current_task():
+                self._counts_task = None
 
     async def dispatch_task(
         self,
@@ -186,9 +304,13 @@ class Scheduler(NodeScripts):
                 self._session_ttl_ms(),
             ],
         )
+        if isinstance(reply, int) and reply in _REFUSALS_COUNTED:
+            self._count(_REFUSALS_COUNTED[reply])
         raise_refusal(reply, ref=ref or None)
         if int(reply[0]) == 1:
+            self._count("dispatched")
             return Accepted(jid, as_text(reply[1]), int(reply[2]), as_text(reply[3]), int(reply[4]))
+        self._count("queued")
         return Queued(jid, as_text(reply[1]), int(reply[2]))
 
     async def complete_task(
@@ -236,11 +358,14 @@ class Scheduler(NodeScripts):
             urgent=True,
         )
         raise_refusal(reply)
-        return Completion(
+        done = Completion(
             parse_ended(reply[1], "complete_task"),
             bool(int(reply[2])),
             parse_events(reply[3], "complete_task"),
         )
+        self._count_ended(done.ended)
+        self._count_events(done.events)
+        return done
 
     async def cancel_task(
         self, job_id: str, session_id: str, *, reason: str = "CANCELLED", now_ms: int = 0
@@ -260,9 +385,12 @@ class Scheduler(NodeScripts):
             [k.prefix, job_id, session_id, reason, now_ms, self.settings.job_ttl_ms, self._seed()],
         )
         raise_refusal(reply)
-        return Cancellation(
+        cancelled = Cancellation(
             parse_ended(reply[1], "cancel_task"), parse_events(reply[2], "cancel_task")
         )
+        self._count_ended(cancelled.ended)
+        self._count_events(cancelled.events)
+        return cancelled
 
     async def route_partial(self, job_id: str, node_id: str, attempt: int) -> PartialRoute:
         """Where a node's partial result of a job attempt goes (route_partial.lua).
@@ -324,13 +452,15 @@ class Scheduler(NodeScripts):
                 lease_ms,
             ],
         )
-        return SweepReport(
+        report = SweepReport(
             bool(int(reply[0])),
             int(reply[1]),
             int(reply[2]),
             int(reply[3]),
             parse_events(reply[4], "sweep"),
         )
+        self._count_events(report.events)
+        return report
 
     async def session_closed(
         self, session_id: str, *, reason: str = "CANCELLED", now_ms: int = 0, batch: int = 256
@@ -358,7 +488,9 @@ class Scheduler(NodeScripts):
                 self._seed(),
             ],
         )
-        return bool(int(reply[0])), parse_events(reply[1], "session_closed")
+        events = parse_events(reply[1], "session_closed")
+        self._count_events(events)
+        return bool(int(reply[0])), events
 
     async def resume_session(
         self, session_id: str, *, max_results: int = 1000
@@ -399,7 +531,8 @@ class Scheduler(NodeScripts):
         return 2 * max(s.job_ttl_ms, int(s.resume_window_s * 1000), s.max_job_timeout_ms)
 
     def _seed(self) -> int:
-        return self._random.randrange(1, 2147483646)
+        # 1 .. 2147483646, what the scripts' generator takes (getrandbits: no randrange's cost).
+        return self._random.getrandbits(31) % 2147483646 + 1
 
     def _call(
         self, name: str, keys: Sequence[str], args: Sequence[Any], *, urgent: bool = False

@@ -39,6 +39,8 @@ SCRIPT_NAMES = (
 _INCLUDE = re.compile(r'^--- @include "([\w/.-]+)"\s*$', re.MULTILINE)
 _FUNCTION = re.compile(r"^local function (\w+)\b.*?^end\n", re.MULTILINE | re.DOTALL)
 """A top-level helper: from ``local function <name>`` to the first ``end`` in column 0."""
+_CONSTANT = re.compile(r"^local ([A-Z][A-Z0-9_]*) = .*?\n(?=\S|\Z)", re.MULTILINE | re.DOTALL)
+"""A top-level constant: ``local NAME = ...`` up to the next line in column 0."""
 _COMMENT = re.compile(r"--\[\[.*?\]\]|--[^\n]*", re.DOTALL)
 _NAME = re.compile(r"\w+")
 
@@ -81,12 +83,14 @@ def _inline(source: str, seen: tuple[str, ...], done: set[str]) -> str:
 
 
 def drop_unused_functions(source: str) -> str:
-    """Leave out the top-level ``local function`` helpers that ``source`` never calls.
+    """Leave out the top-level ``local function`` helpers that ``source`` never calls,
+    and the upper-case constants (``local NAME = ...``) it never names.
 
-    A helper is kept when the rest of the script (outside helpers), or a kept
-    helper, names it outside comments. The includes keep to the layout this
-    relies on: a helper starts with ``local function`` in column 0 and ends
-    with the first ``end`` in column 0.
+    A helper or constant is kept when the rest of the script (outside
+    helpers and constants), or a kept helper or constant, names it outside
+    comments. The includes keep to the layout this relies on: a helper
+    starts with ``local function`` in column 0 and ends with the first
+    ``end`` in column 0; a constant ends before the next line in column 0.
 
     Args:
         source: a script with its includes inlined.
@@ -95,14 +99,19 @@ def drop_unused_functions(source: str) -> str:
         The script without the unused helpers.
     """
     helpers = {m.group(1): m.group(0) for m in _FUNCTION.finditer(source)}
+    helpers |= {m.group(1): m.group(0) for m in _CONSTANT.finditer(source)}
     used: set[str] = set()
-    todo = [_FUNCTION.sub("", source)]
+    todo = [_CONSTANT.sub("", _FUNCTION.sub("", source))]
     while todo:
         for name in _NAME.findall(_COMMENT.sub("", todo.pop())):
             if name in helpers and name not in used:
                 used.add(name)
                 todo.append(helpers[name])
-    return _FUNCTION.sub(lambda m: m.group(0) if m.group(1) in used else "", source)
+
+    def keep(match: re.Match[str]) -> str:
+        return match.group(0) if match.group(1) in used else ""
+
+    return _CONSTANT.sub(keep, _FUNCTION.sub(keep, source))
 
 
 def load_script_sources() -> dict[str, str]:

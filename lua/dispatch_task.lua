@@ -92,7 +92,6 @@ if nid then
   rcall('ZADD', deadlines_key, deadline, jid)
   rcall('SADD', n.key .. ':jobs', jid)
   track_session('pool', pool, 'node', nid, 'pair', pair)
-  stat(prefix, 'dispatched')
   return { 1, nid, 1, n.hub, deadline }
 end
 
@@ -104,14 +103,8 @@ for _, p in ipairs(pools) do
   if n > most then qpool, most = p, n end
 end
 if not qpool then return -2 end
-if queue_wait <= 0 then
-  stat(prefix, 'refused:NO_AVAILABLE_NODE')
-  return -3
-end
-if (tonumber(rcall('HGET', depth_key, qpool)) or 0) >= queue_max then
-  stat(prefix, 'refused:QUEUE_FULL')
-  return -4
-end
+if queue_wait <= 0 then return -3 end
+if (tonumber(rcall('HGET', depth_key, qpool)) or 0) >= queue_max then return -4 end
 local qkey = prefix .. 'queue:' .. qpool
 local sq = qkey .. ':s:' .. sid
 local waiting = rcall('LLEN', sq)
@@ -126,5 +119,4 @@ rcall('RPUSH', sq, jid)
 if waiting == 0 then rcall('RPUSH', qkey, sid) end
 rcall('HINCRBY', depth_key, qpool, 1)
 rcall('ZADD', queued_key, now + queue_wait, jid)
-stat(prefix, 'queued')
 return { 0, qpool, deadline }

@@ -89,5 +89,4 @@ end
 rcall('ZADD', seen_key, now, nid)
 fill_slots(prefix, { id = nid, key = node_key, running = #resumed, max_jobs = tonumber(ARGV[4]),
   state = 'live', pools = split(ARGV[7]), hub = hub_id }, now, events)
-stat(prefix, 'registrations')
 return { epoch, resumed, dropped, events }

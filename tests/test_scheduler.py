@@ -359,6 +359,73 @@ async def test_concurrent_hubs_keep_every_invariant(hubs, redis, keys):
             assert node[b"running"] == b"0", f"{node_id} leaked a slot"
     # Many concurrent calls travelled together.
     assert sum(h.batches for h in hubs) < sum(h.calls for h in hubs)
+    # Each hub counted what its replies reported: every job ended once in the cell's counters.
+    for hub in hubs:
+        await hub.flush_stats()
+    counters = {k.decode(): int(v) for k, v in (await redis.hgetall(keys.stats)).items()}
+    assert counters["finished"] + counters["failed"] == len(fleet.created)
+    assert counters["registrations"] >= len(fleet.nodes)
+
+
+# The cell's counters
+
+
+async def counters(redis: Redis, keys: Keys) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in (await redis.hgetall(keys.stats)).items()}
+
+
+async def test_counts_reach_the_stats_hash_in_the_background(redis, keys):
+    scheduler = Scheduler(redis, SETTINGS, hub_id="h1", keys=keys, stats_interval_s=0.2)
+    await scheduler.load_scripts()
+    await scheduler.register_node(
+        "n1", services=SERVICES, lang_pairs=[("en", "fr")], max_jobs=1, now_ms=T0
+    )
+    # After a quiet spell, at once.
+    await wait_for(lambda: _has(redis, keys, "registrations"), timeout=100 * MS)
+    accepted = await scheduler.dispatch_task("s1", "en", "fr", b"{}", now_ms=T0)
+    assert isinstance(accepted, Accepted)
+    await scheduler.dispatch_task("s2", "en", "fr", b"{}", now_ms=T0)  # queued
+    await scheduler.complete_task(
+        accepted.job_id, "n1", 1, "failed", error="MODEL_ERROR", now_ms=T0 + 1
+    )  # the queued job starts
+    # Then at most every stats_interval_s: not yet...
+    assert "dispatched" not in await counters(redis, keys)
+    # ...but soon, all in one go.
+    await wait_for(lambda: _has(redis, keys, "error:MODEL_ERROR"), timeout=2_000 * MS)
+    assert await counters(redis, keys) == {
+        "registrations": 1,
+        "dispatched": 2,
+        "queued": 1,
+        "failed": 1,
+        "error:MODEL_ERROR": 1,
+    }
+    await scheduler.close()
+
+
+async def _has(redis: Redis, keys: Keys, name: str) -> bool:
+    return bool(await redis.hexists(keys.stats, name))
+
+
+async def test_counts_wait_while_redis_is_away_and_close_flushes_them(spawn_redis):
+    server = spawn_redis()
+    client = client_for(server.url)
+    keys = Keys("away")
+    scheduler = Scheduler(client, SETTINGS, hub_id="h1", keys=keys, stats_interval_s=3600)
+    await scheduler.load_scripts()
+    await scheduler.register_node(
+        "n1", services=SERVICES, lang_pairs=[("en", "fr")], max_jobs=1, now_ms=T0
+    )
+    await scheduler.flush_stats()
+    await scheduler.dispatch_task("s1", "en", "fr", b"{}", now_ms=T0)
+    server.stop()
+
+    with pytest.raises(RedisUnavailable):
+        await scheduler.flush_stats()
+
+    server.start()  # empty: no persistence
+    await scheduler.close()  # flushes what it still holds
+    assert await counters(client, keys) == {"dispatched": 1}
+    await client.aclose()
 
 
 # Batching
@@ -381,6 +448,7 @@ async def test_concurrent_calls_share_pipelines(redis, keys):
     # At most max_batch calls per pipeline, and far fewer pipelines than calls.
     assert 100 / 16 <= scheduler.batches - batches < 100 / 4
     assert await redis.hget(keys.node("n1"), "running") == b"100"
+    await scheduler.close()
 
 
 async def test_calls_in_separate_loop_iterations_go_alone(redis, keys):
@@ -391,6 +459,7 @@ async def test_calls_in_separate_loop_iterations_go_alone(redis, keys):
         await scheduler.heartbeat([Beat("nobody", 1)], now_ms=T0)
 
     assert (scheduler.batches, scheduler.calls) == (3, 3)
+    await scheduler.close()
 
 
 # NOSCRIPT recovery
@@ -433,6 +502,7 @@ async def test_call_after_script_flush_reloads_the_scripts(own_redis, caplog):
         queued_or_accepted = await scheduler.dispatch_task("s", "en", "fr", b"{}", now_ms=T0)
     assert isinstance(queued_or_accepted, Accepted | Queued)
     assert caplog.text == ""
+    await scheduler.close()
 
 
 async def test_call_after_a_restart_without_persistence_reloads_the_scripts(spawn_redis):
@@ -450,6 +520,7 @@ async def test_call_after_a_restart_without_persistence_reloads_the_scripts(spaw
         )
 
         assert reg.epoch == 1
+        await scheduler.close()
     finally:
         await client.aclose()
 
@@ -481,6 +552,7 @@ async def test_error_reply_fails_only_its_call(redis, keys, caplog):
     assert isinstance(dispatched, Accepted)
     assert beat == [1]
     assert "drain_node.lua failed" in caplog.text
+    await scheduler.close()
 
 
 @pytest.mark.parametrize("make_client", [Redis.from_url, client_from_url])

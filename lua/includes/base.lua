@@ -1,6 +1,7 @@
 --[[
   What every script needs: the Redis call, repeatable randomness, the clock,
-  comma lists, hash reads and the cell's counters.
+  comma lists and hash reads. (The cell's counters are the hubs' to keep:
+  hub/scheduler.py counts what the scripts return.)
 
   Every key is built from `prefix` (ARGV[1] of each script), which carries the
   cell's hash tag, so keys derived in the includes live in the same cluster
@@ -42,12 +43,9 @@ local ATTEMPT_FIELDS = { 'status', 'node', 'attempt', 'hist', 'qpool', 'session'
   'deadline', 'payload', 'audio', 'shub', 'ref' }
 
 local function split(text)
+  if not text or text == '' then return {} end
+  if not string.find(text, ',', 1, true) then return { text } end
   local out = {}
-  if not text or text == '' then return out end
   for item in string.gmatch(text, '[^,]+') do out[#out + 1] = item end
   return out
-end
-
-local function stat(prefix, field, n)
-  rcall('HINCRBY', prefix .. 'stats', field, n or 1)
 end

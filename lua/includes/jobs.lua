@@ -68,8 +68,6 @@ local function end_job(prefix, jid, j, status, result, err, now, ttl)
     -- Only into a live hash: recreating an expired one would leave it without a TTL.
     if s[1] then rcall('HSET', skey, 'done_renew', now + ttl) end
   end
-  stat(prefix, status)
-  if err ~= '' and status == 'failed' then stat(prefix, 'error:' .. err) end
   return result_event(s[1] or j.shub or '', sid, jid, j.ref or '', status, result, err)
 end
 
@@ -91,7 +89,6 @@ local function fill_slots(prefix, n, now, events)
       if not jid then break end
       n.running = rcall('HINCRBY', n.key, 'running', 1)
       events[#events + 1] = start_attempt(prefix, jid, j, n, pool, now)
-      stat(prefix, 'dispatched')
     end
   end
   set_free(prefix, n)
@@ -123,7 +120,6 @@ local function lose_job(prefix, jid, nid, node_hub, now, max_attempts, ttl, reas
       local n = read_node(prefix, target)
       take_slot(prefix, n)
       events[#events + 1] = start_attempt(prefix, jid, j, n, pool, now)
-      stat(prefix, 'redispatched')
       return
     end
   end

@@ -40,5 +40,4 @@ local function lose_node(prefix, nid, now, max_attempts, ttl, events)
     rcall('PEXPIRE', nkey, 86400000)
   end
   events[#events + 1] = lost_event(f[2] or '', nid, tonumber(f[3]) or 0)
-  stat(prefix, 'nodes_lost')
 end

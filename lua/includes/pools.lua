@@ -21,7 +21,9 @@ end
 -- scores without parsing decimals: its load level, running / max_jobs in
 -- 2^20ths (distinct loads get distinct levels while max_jobs <= 1024),
 -- times LEVEL, plus a random tie-break below LEVEL drawn each time the
--- score is set. The lowest score is a least-loaded node chosen at random.
+-- score is set. The lowest score is a least-loaded node chosen at random
+-- (pick_lowest flips a coin between the two lowest when they tie, so a node
+-- that drew a high tie-break is not passed over until its load changes).
 -- Scores stay below 2^51: exact in a double, stored as integers.
 local LEVEL = 2 ^ 31
 
@@ -51,6 +53,17 @@ local function refresh_free(prefix, nid)
   return n
 end
 
+-- A least-loaded node of a pool's free zset `fkey`, and its score; nil when none.
+-- O(log N): the two lowest scores only.
+local function pick_lowest(fkey)
+  local first = rcall('ZRANGE', fkey, 0, 1, 'WITHSCORES')
+  if #first == 4 and math.floor(tonumber(first[2]) / LEVEL) == math.floor(tonumber(first[4]) / LEVEL)
+      and random_unit() < 0.5 then
+    return first[3], tonumber(first[4])
+  end
+  return first[1], tonumber(first[2])
+end
+
 -- Choose a node for a language pair served by `pools` (sorted list of pool ids):
 -- a least-loaded one, at random among equals (the lowest score, O(log N)).
 -- The session's previous node first (warm context), then its preferred pool,
@@ -62,20 +75,27 @@ local function pick_node(prefix, pools, pref_pool, pref_node)
     if serves then
       local fkey = prefix .. 'free:' .. pref_pool
       if pref_node and rcall('ZSCORE', fkey, pref_node) then return pref_node, pref_pool end
-      local first = rcall('ZRANGE', fkey, 0, 0)[1]
-      if first then return first, pref_pool end
+      local nid = pick_lowest(fkey)
+      if nid then return nid, pref_pool end
     end
   end
   if #pools == 1 then
-    local first = rcall('ZRANGE', prefix .. 'free:' .. pools[1], 0, 0)[1]
-    if first then return first, pools[1] end
+    local nid = pick_lowest(prefix .. 'free:' .. pools[1])
+    if nid then return nid, pools[1] end
     return nil
   end
-  local best, best_score, best_pool = nil, nil, nil
+  -- Pools whose lowest nodes are at the same level: one of them at random.
+  local best, best_level, best_pool, ties = nil, nil, nil, 0
   for _, p in ipairs(pools) do
-    local first = rcall('ZRANGE', prefix .. 'free:' .. p, 0, 0, 'WITHSCORES')
-    if #first > 0 and (best_score == nil or tonumber(first[2]) < best_score) then
-      best, best_score, best_pool = first[1], tonumber(first[2]), p
+    local nid, score = pick_lowest(prefix .. 'free:' .. p)
+    if nid then
+      local level = math.floor(score / LEVEL)
+      if best_level == nil or level < best_level then
+        best, best_level, best_pool, ties = nid, level, p, 1
+      elseif level == best_level then
+        ties = ties + 1
+        if random_unit() * ties < 1 then best, best_pool = nid, p end
+      end
     end
   end
   return best, best_pool

@@ -48,6 +48,7 @@ __all__ = [
     "replaced",
     "run_every_script",
     "smembers",
+    "stats",
 ]
 
 T0 = 1_000_000
@@ -125,6 +126,13 @@ def load(score: float) -> float:
     """
     assert score == int(score) and 0 <= score < 2**51
     return int(score) // 2**31 / 2**20
+
+
+async def stats(redis: Redis, keys: Keys, *schedulers: Scheduler) -> dict[str, int]:
+    """The cell's counters, once ``schedulers`` added all their counts (flush_stats)."""
+    for scheduler in schedulers:
+        await scheduler.flush_stats()
+    return {_text(f): int(v) for f, v in (await redis.hgetall(keys.stats)).items()}
 
 
 async def smembers(redis: Redis, key: str) -> set[str]:
@@ -236,3 +244,4 @@ async def run_every_script(scheduler: Scheduler) -> None:
             route = await scheduler.route_partial(reply.job_id, reply.node_id, reply.attempt)
             assert route.session_id == session_id
     await register(scheduler, "n4", pairs=(("de", "en"),), now_ms=t + 20_003)
+    await scheduler.flush_stats()  # the stats hash too

@@ -7,7 +7,7 @@ import pytest
 from hub.errors import ErrorCode, SchedulingError
 from hub.events import CancelAttempt, Cancellation, Dispatch, JobEnded, Queued
 
-from .lua_support import T0, free, job_hash, node_hash, pool_of, register, smembers
+from .lua_support import T0, free, job_hash, node_hash, pool_of, register, smembers, stats
 
 POOL = pool_of()
 
@@ -127,4 +127,4 @@ async def test_cancel_task_of_an_ended_job_returns_stale_attempt(scheduler, redi
 
     assert (await job_hash(redis, keys, "j1"))["result"] == b"7"
     assert (await node_hash(redis, keys, "n1"))["running"] == "0"
-    assert await redis.hget(keys.stats, "failed") == b"1"
+    assert (await stats(redis, keys, scheduler)).get("failed") == 1

@@ -17,6 +17,7 @@ from .lua_support import (
     pool_of,
     register,
     smembers,
+    stats,
 )
 
 POOL = pool_of()
@@ -61,7 +62,7 @@ async def test_complete_task_finished_ends_the_job_and_releases_the_slot(schedul
     assert (await node_hash(redis, keys, "n1"))["running"] == "0"
     assert await smembers(redis, keys.node_jobs("n1")) == set()
     assert await free(redis, keys, POOL) == {"n1": 0.0}
-    assert await redis.hget(keys.stats, "finished") == b"1"
+    assert (await stats(redis, keys, scheduler)).get("finished") == 1
 
 
 async def test_complete_task_failed_keeps_the_error(scheduler, redis, keys):
@@ -74,7 +75,7 @@ async def test_complete_task_failed_keeps_the_error(scheduler, redis, keys):
     job = await job_hash(redis, keys, "j1")
     assert (job["status"], job["error"], job["result"]) == (b"failed", b"MODEL_ERROR", b"null")
     assert await free(redis, keys, POOL) == {"n1": 0.0}
-    assert await redis.hget(keys.stats, "error:MODEL_ERROR") == b"1"
+    assert (await stats(redis, keys, scheduler)).get("error:MODEL_ERROR") == 1
 
 
 async def test_complete_task_hands_the_freed_slot_the_next_queued_job(scheduler, redis, keys):
@@ -219,8 +220,8 @@ async def test_complete_task_twice_returns_stale_attempt(scheduler, redis, keys)
     assert await redis.zscore(keys.session_done("s1"), "j1") == 1_000_001
     # The slot was released once: j2 still holds one.
     assert (await node_hash(redis, keys, "n1"))["running"] == "1"
-    assert await redis.hget(keys.stats, "finished") == b"1"
-    assert await redis.hget(keys.stats, "failed") is None
+    assert (await stats(redis, keys, scheduler)).get("finished") == 1
+    assert "failed" not in await stats(redis, keys, scheduler)
 
 
 async def test_complete_task_of_an_older_attempt_returns_stale_attempt(scheduler, redis, keys):

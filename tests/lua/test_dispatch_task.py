@@ -7,7 +7,7 @@ import pytest
 from hub.errors import ErrorCode, SchedulingError
 from hub.events import Accepted, Queued
 
-from .lua_support import T0, free, job_hash, node_hash, pool_of, register, smembers
+from .lua_support import T0, free, job_hash, node_hash, pool_of, register, smembers, stats
 
 POOL = pool_of()
 ALPHA = pool_of("alpha")
@@ -351,7 +351,7 @@ async def test_dispatch_task_refused_when_busy_and_queueing_is_off(make_schedule
     assert str(error) == "NO_AVAILABLE_NODE: every node for this language pair is busy"
     assert await redis.exists(keys.job("j2")) == 0
     assert await redis.hget(keys.queue_depth, POOL) is None
-    assert await redis.hget(keys.stats, "refused:NO_AVAILABLE_NODE") == b"1"
+    assert (await stats(redis, keys, scheduler)).get("refused:NO_AVAILABLE_NODE") == 1
 
 
 async def test_dispatch_task_refused_when_the_queue_is_full(make_scheduler, redis, keys):

@@ -82,6 +82,7 @@ async def test_every_key_shares_the_cells_hash_tag(fresh_redis):
     await scheduler.load_scripts()
 
     await run_every_script(scheduler)
+    await scheduler.close()
 
     found = [key async for key in fresh_redis.scan_iter(count=1000)]
     prefix = keys.prefix.encode()
@@ -135,6 +136,7 @@ async def test_every_script_runs_on_a_cluster_node(spawn_redis):
         await scheduler.load_scripts()
 
         await run_every_script(scheduler)
+        await scheduler.close()
 
         found = [key async for key in client.scan_iter(count=1000)]
         assert found

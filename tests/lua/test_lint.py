@@ -129,7 +129,9 @@ def test_loaded_sources_inline_each_used_helper_once_and_keep_no_directive():
 def test_the_loader_leaves_out_unused_helpers():
     source = (
         "local rcall = redis.call\n"
-        "local function a()\n  return 1\nend\n"
+        "local USED = { 'x',\n  'y' }\n"
+        "local UNUSED = { 'z',\n  'w' }\n"
+        "local function a()\n  return USED\nend\n"
         "local function b()\n  return a() -- c() only in a comment\nend\n"
         "local function c()\n  if true then\n    return 3\n  end\nend\n"
         "local function d()\n  return c()\nend\n"
@@ -139,7 +141,9 @@ def test_the_loader_leaves_out_unused_helpers():
     kept = scripts_module.drop_unused_functions(source)
 
     assert FUNCTION.findall(kept) == ["a", "b"]
-    assert kept.startswith("local rcall = redis.call\n")
+    assert kept.startswith(
+        "local rcall = redis.call\nlocal USED = { 'x',\n  'y' }\nlocal function a()"
+    )
     assert kept.endswith("return b()\n")
 
 

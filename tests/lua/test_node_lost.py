@@ -19,6 +19,7 @@ from .lua_support import (
     pool_of,
     register,
     smembers,
+    stats,
 )
 
 POOL = pool_of()
@@ -73,8 +74,8 @@ async def test_node_lost_redispatches_its_job_as_a_new_attempt(make_scheduler, r
     assert await redis.exists(keys.node_jobs("n1")) == 0
     assert await redis.zscore(keys.seen, "n1") is None
     assert await smembers(redis, keys.pool_nodes(POOL)) == {"n2"}
-    assert await redis.hget(keys.stats, "redispatched") == b"1"
-    assert await redis.hget(keys.stats, "nodes_lost") == b"1"
+    assert (await stats(redis, keys, h1, h2)).get("redispatched") == 1
+    assert (await stats(redis, keys, h1, h2)).get("nodes_lost") == 1
 
 
 async def test_node_lost_without_epoch_loses_whatever_is_registered(scheduler, redis, keys):
@@ -106,7 +107,7 @@ async def test_node_lost_fails_the_job_when_no_node_is_free(scheduler, redis, ke
     assert 0 < await redis.pttl(keys.job("j1")) <= scheduler.settings.job_ttl_ms
     assert await redis.zscore(keys.deadlines, "j1") is None
     assert (await node_hash(redis, keys, "n2"))["running"] == "1"
-    assert await redis.hget(keys.stats, "error:NODE_LOST") == b"1"
+    assert (await stats(redis, keys, scheduler)).get("error:NODE_LOST") == 1
 
 
 async def test_node_lost_fails_the_job_past_its_deadline(scheduler, redis, keys):
@@ -188,7 +189,7 @@ async def test_node_lost_of_an_unknown_or_lost_node_returns_unknown_node(schedul
         assert error.code == "NOT_REGISTERED"
         assert str(error) == "NOT_REGISTERED: the node is not registered"
     assert await redis.exists(keys.node("never")) == 0
-    assert await redis.hget(keys.stats, "nodes_lost") == b"1"
+    assert (await stats(redis, keys, scheduler)).get("nodes_lost") == 1
 
 
 async def test_node_lost_of_an_older_connection_returns_stale_epoch(scheduler, redis, keys):

@@ -13,8 +13,14 @@ from hub.scheduler import Scheduler
 from .lua_support import T0, register
 
 
-async def cell_dump(redis: Redis, keys: Keys) -> dict[bytes, tuple[bytes, int]]:
-    """Every key of the cell: its serialized value and expiry time (to see that nothing changed)."""
+async def cell_dump(
+    redis: Redis, keys: Keys, scheduler: Scheduler
+) -> dict[bytes, tuple[bytes, int]]:
+    """Every key of the cell: its serialized value and expiry time (to see that nothing changed).
+
+    The scheduler's counts are flushed first (they are added to the stats hash in the background).
+    """
+    await scheduler.flush_stats()
     dump = {}
     async for key in redis.scan_iter(match=keys.scan_pattern, count=1000):
         dump[key] = (await redis.dump(key), await redis.execute_command("PEXPIRETIME", key))
@@ -30,12 +36,12 @@ async def dispatch(scheduler: Scheduler, job_id: str, session_id: str, **kwargs)
 async def test_the_current_attempt_gets_the_session_and_ref(scheduler, redis, keys):
     await register(scheduler, "n1")
     assert isinstance(await dispatch(scheduler, "j1", "s1", session_hub="hs"), Accepted)
-    before = await cell_dump(redis, keys)
+    before = await cell_dump(redis, keys, scheduler)
 
     route = await scheduler.route_partial("j1", "n1", 1)
 
     assert route == PartialRoute(session_id="s1", session_hub="hs", ref="ref-j1")
-    assert await cell_dump(redis, keys) == before, "route_partial only reads"
+    assert await cell_dump(redis, keys, scheduler) == before, "route_partial only reads"
 
 
 async def test_the_route_follows_the_session_to_its_new_hub(scheduler, make_scheduler):
@@ -103,11 +109,11 @@ STALE = "STALE_ATTEMPT: the attempt is stale or the job has ended"
     ],
 )
 async def test_refusals(jobs, scheduler, redis, keys, job_id, node_id, attempt, code, text):
-    before = await cell_dump(redis, keys)
+    before = await cell_dump(redis, keys, scheduler)
 
     with pytest.raises(SchedulingError) as caught:
         await scheduler.route_partial(job_id, node_id, attempt)
 
     assert caught.value.error_code is code
     assert str(caught.value) == text
-    assert await cell_dump(redis, keys) == before, "route_partial only reads"
+    assert await cell_dump(redis, keys, scheduler) == before, "route_partial only reads"

@@ -15,6 +15,7 @@ from .lua_support import (
     pool_of,
     register,
     smembers,
+    stats,
 )
 
 POOL = pool_of()
@@ -64,7 +65,7 @@ async def test_sweep_times_out_a_running_job_and_hands_its_slot_on(scheduler, re
     assert await redis.zrange(keys.deadlines, 0, -1) == [b"j2"]
     assert (await node_hash(redis, keys, "n1"))["running"] == "1"
     assert await smembers(redis, keys.node_jobs("n1")) == {"j2"}
-    assert await redis.hget(keys.stats, "error:JOB_TIMEOUT") == b"1"
+    assert (await stats(redis, keys, scheduler)).get("error:JOB_TIMEOUT") == 1
 
 
 async def test_sweep_times_out_a_queued_job(scheduler, redis, keys):
