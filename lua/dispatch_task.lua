@@ -47,8 +47,6 @@ local prefix = ARGV[1]
 local jid = ARGV[2]
 local sid = ARGV[3]
 local src, tgt = ARGV[4], ARGV[5]
-local queue_wait = tonumber(ARGV[9])
-local queue_max = tonumber(ARGV[10])
 seed_random(ARGV[11])
 local now = now_ms(ARGV[14])
 
@@ -66,15 +64,15 @@ local deadline = now + tonumber(ARGV[8])
 
 -- Adds the job to the session's jobs and records the session's hub (and,
 -- for a job that started, where: the fields given): writes the session's
--- hash only when something changed. The hash and the jobs set live while the session is
--- active: their TTL is renewed once half of it has passed (the hash's
--- 'renew' time). The jobs set is gone whenever empty; a job that creates it
+-- hash only when something changed. The hash and the jobs set live while
+-- the session is active: their TTL is renewed once half of it has passed
+-- (the hash's 'renew' time). The jobs set is gone whenever empty; a job that creates it
 -- between renewals leaves it without a TTL until the next renewal, which
 -- is safe: each of its jobs ends by its deadline and leaves it.
 local function track_session(...)
-  local ttl = tonumber(ARGV[16])
   rcall('SADD', session_jobs_key, jid)
   if now >= (tonumber(s[4]) or 0) then
+    local ttl = tonumber(ARGV[16])
     rcall('HSET', session_key, 'hub', ARGV[12], 'renew', now + math.floor(ttl / 2), ...)
     rcall('PEXPIRE', session_key, ttl)
     rcall('PEXPIRE', session_jobs_key, ttl)
@@ -103,8 +101,9 @@ for _, p in ipairs(pools) do
   if n > most then qpool, most = p, n end
 end
 if not qpool then return -2 end
+local queue_wait = tonumber(ARGV[9])
 if queue_wait <= 0 then return -3 end
-if (tonumber(rcall('HGET', depth_key, qpool)) or 0) >= queue_max then return -4 end
+if (tonumber(rcall('HGET', depth_key, qpool)) or 0) >= tonumber(ARGV[10]) then return -4 end
 local qkey = prefix .. 'queue:' .. qpool
 local sq = qkey .. ':s:' .. sid
 local waiting = rcall('LLEN', sq)

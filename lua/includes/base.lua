@@ -24,8 +24,10 @@ end
 
 -- One clock for every hub: the caller's value when given (tests), else Redis TIME.
 local function now_ms(value)
-  local t = tonumber(value)
-  if t and t > 0 then return t end
+  if value ~= '0' then
+    local t = tonumber(value)
+    if t and t > 0 then return t end
+  end
   local tm = rcall('TIME')
   return tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
 end
