@@ -110,7 +110,6 @@ class SimNode(SimPeer):
                 and type(frame.get("deadline_ms")) is int
             ):
                 self._job(job_id, attempt, payload, audio_len, tag, received)
-                w.wheel.poll(received)  # the loop is awake: run the ticks and results nearly due
                 return
         self._decode(data, binary, received)
 

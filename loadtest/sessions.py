@@ -148,7 +148,6 @@ class SimSession(SimPeer):
         if self.leaving:
             return  # frames still in flight to a connection we are closing
         now = time.perf_counter()
-        w = self.w
         try:
             frame = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -172,7 +171,6 @@ class SimSession(SimPeer):
                 and (error is None or type(error) is str)
             ):
                 self._result(ref, job_id, status == "finished", result, error, now)
-                w.wheel.poll(now)  # the loop is awake: run the ticks and results nearly due
                 return
         elif kind == "accepted":
             ref = frame.get("ref")
@@ -185,10 +183,8 @@ class SimSession(SimPeer):
                 and type(attempt) is int
             ):
                 self._accepted(ref, job_id, attempt, now)
-                w.wheel.poll(now)
                 return
         self._decode(data, now)
-        w.wheel.poll(now)
 
     def _decode(self, data: bytes, now: float) -> None:
         st = self.w.stats

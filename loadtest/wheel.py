@@ -2,18 +2,32 @@
 
 Each session sends a job every interval and each node holds each job for a
 service time: thousands of deadlines a second. An event loop timer apiece
-costs a handle, a heap entry (uvloop: a libuv timer), often a wake-up of its
-own, and a cancellation; a :class:`TimerWheel` instead files each deadline
-in a slot of ``resolution_s`` and keeps one loop timer armed for the
-earliest slot, and runs what is nearly due whenever a message has woken the
-loop anyway (:meth:`TimerWheel.poll`).
+costs a handle, a heap entry (uvloop: a libuv timer) and a cancellation; a
+:class:`TimerWheel` instead files each deadline in a slot of
+``resolution_s`` and keeps one loop timer armed, at the start of the
+earliest slot; when it fires it runs every callback of every slot that has
+come.
 
-A callback runs at most ``early_s`` before its deadline and at most
-``resolution_s`` plus a millisecond or two after it. The harness measures
-latency from the moment a job is actually sent and the time a node actually
-held it, so this moves when things happen, not what is measured; a
-session's cadence does not drift (each tick is due one interval after the
-previous one was due, not after it ran).
+Slots are on the loop's own clock, which counts whole milliseconds under
+uvloop: a slot's timer fires exactly when the slot starts, and a callback
+runs at most ``resolution_s`` after its deadline (and, that clock being
+coarse, up to a millisecond before it), like a loop timer rounded to a
+coarser tick. When the loop is awake for a message
+at that moment, the slot's callbacks run in the same wake-up, as due loop
+timers do.
+
+What the hub sees must not depend on the harness: sends and results are
+not moved to ride on the loop's wake-ups for messages (that would send them
+in bursts right after the hub's own bursts, and change how the hub batches
+its work), only to the next slot. The workers' wheels are offset from each
+other (``offset_s``), so with two workers and 2 ms slots the hub still gets
+sends and results every millisecond, as from loop timers, while each worker
+wakes for its timer only every other millisecond.
+
+The harness measures latency from the moment a job is actually sent and the
+time a node actually held it, so slots move when things happen, not what is
+measured; a session's cadence does not drift (each tick is due one interval
+after the previous one was due, not after it ran).
 """
 
 from __future__ import annotations
@@ -25,13 +39,13 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["EARLY_S", "RESOLUTION_S", "Batch", "TimerWheel"]
+__all__ = ["RESOLUTION_S", "Batch", "TimerWheel"]
 
 RESOLUTION_S = 0.002
 """Default slot width: deadlines within 2 ms of each other run in one wake-up."""
 
-EARLY_S = 0.005
-"""Default lead: when the loop is awake anyway, what is due this soon runs now."""
+_TOLERANCE_S = 1e-4
+"""A slot counts as come this close to its start (float rounding of the loop's clock)."""
 
 
 class Batch(Protocol):
@@ -45,12 +59,12 @@ class Batch(Protocol):
 class TimerWheel:
     """Deadlines on ``time.perf_counter()``, run from one loop timer.
 
-    A callback runs when its slot comes, from the loop timer, or up to
-    ``early_s`` sooner from :meth:`poll`, which the peers call whenever a
-    message wakes the loop: most deadlines then ride on a wake-up that
-    happens anyway, and the process sleeps and wakes far less often. A
-    sleeping process is the costliest part of a message here: waking it on
-    a shared machine means a context switch and cold caches.
+    Args:
+        loop: the running loop.
+        resolution_s: slot width; a whole number of milliseconds.
+        offset_s: where slots start, modulo ``resolution_s`` (whole milliseconds).
+        batch: told when a run of callbacks begins and ends, to write what
+            they send at once.
 
     Callbacks cannot be cancelled: a callback that may have become moot
     checks its own state when it runs (the loop's timers would need a
@@ -60,12 +74,13 @@ class TimerWheel:
     __slots__ = (
         "_armed",
         "_batch",
-        "_early",
         "_handle",
         "_heap",
         "_loop",
+        "_offset",
         "_resolution",
         "_running",
+        "_skew",
         "_slots",
     )
 
@@ -73,15 +88,18 @@ class TimerWheel:
         self,
         loop: asyncio.AbstractEventLoop,
         resolution_s: float = RESOLUTION_S,
-        early_s: float = EARLY_S,
+        offset_s: float = 0.0,
         *,
         batch: Batch | None = None,
     ) -> None:
         self._loop = loop
-        self._batch = batch
-        """Told when a run of callbacks begins and ends (to write what they sent at once)."""
         self._resolution = resolution_s
-        self._early = early_s
+        self._offset = offset_s
+        self._batch = batch
+        self._skew = loop.time() - time.perf_counter()
+        """The loop's clock minus ``perf_counter()``: both are the monotonic clock
+        (the loop's in whole milliseconds under uvloop), so this is a constant
+        to within a millisecond, and deadlines all move by the same amount."""
         self._slots: dict[int, list[tuple[Callable[[Any], None], Any]]] = {}
         """Slot number -> callbacks and their argument, in the order they were added."""
         self._heap: list[int] = []
@@ -95,9 +113,10 @@ class TimerWheel:
         return sum(len(entries) for entries in self._slots.values())
 
     def call_at(self, when: float, callback: Callable[[Any], None], arg: Any = None) -> None:
-        """Run ``callback(arg)`` at ``when`` (a ``perf_counter()``) or up to ``early_s`` sooner."""
-        # Slot k holds the deadlines in ((k - 1) * resolution, k * resolution].
-        slot = -int(-when // self._resolution)
+        """Run ``callback(arg)`` once ``time.perf_counter()`` reaches ``when``."""
+        # Slot k starts at k * resolution + offset on the loop's clock and holds
+        # the deadlines since the start of slot k - 1.
+        slot = math.ceil((when + self._skew - self._offset) / self._resolution)
         entries = self._slots.get(slot)
         if entries is None:
             self._slots[slot] = [(callback, arg)]
@@ -106,12 +125,6 @@ class TimerWheel:
                 self._arm(slot)
         else:
             entries.append((callback, arg))
-
-    def poll(self, now: float) -> None:
-        """Run what is due by ``now + early_s``; ``now`` is ``time.perf_counter()``."""
-        heap = self._heap
-        if heap and heap[0] <= (now + self._early) // self._resolution and not self._running:
-            self._run(now)
 
     def clear(self) -> None:
         """Drop every pending callback."""
@@ -125,22 +138,15 @@ class TimerWheel:
         if self._handle is not None:
             self._handle.cancel()
         self._armed = slot
-        # Loops count time in whole milliseconds (uvloop, libuv) and may wake up
-        # to one early: round up and add one, or an early wake-up finds nothing
-        # due and the timer spins until the slot starts.
-        delay_ms = math.ceil((slot * self._resolution - time.perf_counter()) * 1000)
-        self._handle = self._loop.call_later(max(delay_ms, 0) / 1000 + 0.001, self._fire)
+        self._handle = self._loop.call_at(slot * self._resolution + self._offset, self._fire)
 
     def _fire(self) -> None:
         self._handle = None
-        self._run(time.perf_counter())
-
-    def _run(self, now: float) -> None:
         heap = self._heap
         slots = self._slots
-        last = (now + self._early) // self._resolution
-        # While callbacks run, call_at() arms nothing; a slot they add that is
-        # due already runs in this loop.
+        last = (self._loop.time() + _TOLERANCE_S - self._offset) // self._resolution
+        # While callbacks run, call_at() arms nothing; a slot they add that has
+        # come already runs in this loop.
         self._running = True
         batch = self._batch
         if batch is not None:
@@ -158,9 +164,5 @@ class TimerWheel:
             self._running = False
             if batch is not None:
                 batch.end()
-        if not heap:
-            if self._handle is not None:
-                self._handle.cancel()
-                self._handle = None
-        elif self._handle is None or self._armed != heap[0]:
+        if heap:
             self._arm(heap[0])

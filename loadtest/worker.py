@@ -37,7 +37,7 @@ from .peer import SimPeer
 from .scenarios import Plan, ServiceTime
 from .sessions import SimSession
 from .stats import Stats
-from .wheel import TimerWheel
+from .wheel import RESOLUTION_S, TimerWheel
 from .wsclient import Flusher, MaskedTail
 
 __all__ = ["Worker", "main"]
@@ -82,7 +82,9 @@ class Worker:
         """The same, masked once for every job (see :class:`loadtest.wsclient.MaskedTail`)."""
         self.flusher = Flusher(self.loop)
         """Where every connection's writes wait for the end of the loop iteration."""
-        self.wheel = TimerWheel(self.loop, batch=self.flusher)
+        # Offset from the other workers' wheels: see loadtest.wheel.
+        offset_ms = self.index % round(RESOLUTION_S * 1000)
+        self.wheel = TimerWheel(self.loop, offset_s=offset_ms / 1000, batch=self.flusher)
         """The one timer of the sessions' ticks and the nodes' service times."""
         self.stats = Stats()
         # Connection i of each kind goes to hub i % len(urls): round robin

@@ -246,24 +246,22 @@ async def test_wsclient_writes_a_batch_to_one_connection_at_once(echo_server: Se
 # Timer wheel
 
 
-async def test_timer_wheel_runs_each_callback_once_never_too_early() -> None:
+async def test_timer_wheel_runs_each_callback_once_never_early() -> None:
     loop = asyncio.get_running_loop()
-    wheel = TimerWheel(loop, resolution_s=0.002, early_s=0.005)
+    wheel = TimerWheel(loop, resolution_s=0.002, offset_s=0.001)
     ran: list[tuple[int, float]] = []
     start = time.perf_counter()
-    due = [start + i * 0.003 for i in range(40)]
+    due = [start + i * 0.0013 for i in range(40)]
     for i, when in reversed(list(enumerate(due))):
         wheel.call_at(when, lambda i: ran.append((i, time.perf_counter())), i)
     assert len(wheel) == 40
-    # The loop is awake: what is due within early_s runs now.
-    wheel.poll(time.perf_counter())
-    assert {i for i, _ in ran} >= {0, 1}
     await wait_for(lambda: len(ran) == 40, timeout=2000 * MS)
     await asyncio.sleep(0.02)
     assert sorted(i for i, _ in ran) == list(range(40))
     assert len(wheel) == 0
     for i, at in ran:
-        assert at >= due[i] - 0.005
+        # The loop's clock counts whole milliseconds (uvloop): one of slack.
+        assert due[i] - 0.001 <= at
     # A callback that fails does not stop the others.
     loop.set_exception_handler(lambda loop, context: None)
     wheel.call_at(time.perf_counter(), lambda _: 1 / 0)
