@@ -4,6 +4,7 @@ Usage::
 
     python -m loadtest.bench_scheduler [--redis-url URL] [--sizes 10,1000,10000]
         [--pairs N] [--seconds S] [--rounds R] [--concurrency C] [--max-jobs M]
+        [--no-appendonly] [--no-uvloop] [--commands]
 
 What it measures, for each fleet size N (a fresh cell per size):
 
@@ -37,6 +38,11 @@ No job ever queues: ``concurrency < nodes * max_jobs`` is checked (64 tasks
 vs 160 slots at 10 nodes), and ``queue_wait_ms`` is 0 so a missing slot would
 fail loudly (``NO_AVAILABLE_NODE``) instead of silently measuring the queue.
 Times come from Redis ``TIME`` (``now_ms=0``), as in production.
+
+With ``--commands``, it also prints how many Redis commands (and how many
+of them writes, which Redis also appends to its AOF) one accepted dispatch
+and one completion run, from ``INFO commandstats`` before and after a
+hundred of each at the smallest size (each job on a new pair, as above).
 
 Rounds: each round measures every size (pipelined, then one at a time), then
 the baselines (pipelined, one at a time, then the diagnostic one), each for
@@ -100,6 +106,7 @@ __all__ = [
     "Fleet",
     "Results",
     "cleanup_cell",
+    "commands_per_call",
     "main",
     "measure_baseline",
     "measure_pairs",
@@ -357,6 +364,91 @@ def report_lines(results: Results) -> list[str]:
     return lines
 
 
+async def _command_calls(redis: Redis) -> dict[str, int]:
+    stats = await redis.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): int(value["calls"])
+        for name, value in stats.items()
+        if name.startswith("cmdstat_")
+    }
+
+
+async def commands_per_call(
+    redis: Redis, fleet: Fleet, *, jobs: int = 96, sessions: int = 8
+) -> dict[str, dict[str, float]]:
+    """Redis commands per accepted ``dispatch_task`` and per ``complete_task`` call.
+
+    ``sessions`` sessions, each started with one job first (not counted),
+    then ``jobs`` dispatches one at a time, a session's next job on its next
+    language pair (as in the pipelined runs), then their completions;
+    ``INFO commandstats`` before and after each batch. Other clients of the
+    same server are counted too.
+
+    Returns:
+        Script name -> command name -> calls per script call (EVALSHA itself
+        and INFO left out).
+    """
+    if jobs > fleet.size * fleet.max_jobs:
+        raise ValueError(f"{jobs} jobs would queue on {fleet.size} nodes x {fleet.max_jobs} slots")
+    scheduler = fleet.scheduler
+    tag = uuid.uuid4().hex[:6]
+
+    async def dispatch(i: int) -> Accepted:
+        src, tgt = fleet.pairs[(i // sessions) % len(fleet.pairs)]
+        reply = await scheduler.dispatch_task(f"c-{tag}-{i % sessions}", src, tgt, PAYLOAD)
+        if not isinstance(reply, Accepted):
+            raise RuntimeError(f"job queued at {fleet.size} nodes: raise --max-jobs")
+        return reply
+
+    async def complete(accepted: list[Accepted]) -> None:
+        for a in accepted:
+            await scheduler.complete_task(a.job_id, a.node_id, a.attempt, "finished", result=RESULT)
+        await scheduler.flush_stats()
+
+    await complete([await dispatch(i) for i in range(sessions)])
+    before = await _command_calls(redis)
+    accepted = [await dispatch(i) for i in range(sessions, sessions + jobs)]
+    middle = await _command_calls(redis)
+    await complete(accepted)
+    after = await _command_calls(redis)
+    out: dict[str, dict[str, float]] = {}
+    for name, start, end in (("dispatch_task", before, middle), ("complete_task", middle, after)):
+        out[name] = {
+            command: (calls - start.get(command, 0)) / jobs
+            for command, calls in sorted(end.items())
+            if command not in ("evalsha", "info") and calls > start.get(command, 0)
+        }
+    return out
+
+
+async def _write_commands(redis: Redis, names: Sequence[str]) -> set[str]:
+    """Which of ``names`` are write commands (COMMAND INFO flags, as redis-py parses them)."""
+    writes = set()
+    for name in names:
+        reply = await redis.execute_command("COMMAND", "INFO", name)  # type: ignore[no-untyped-call]
+        info = reply.get(name) if isinstance(reply, dict) else None
+        flags = info.get("flags", []) if isinstance(info, dict) else []
+        if any((f.decode() if isinstance(f, bytes) else str(f)) == "write" for f in flags):
+            writes.add(name)
+    return writes
+
+
+async def command_lines(redis: Redis, fleet: Fleet) -> list[str]:
+    """``# commands per ...`` lines: :func:`commands_per_call`, writes counted apart."""
+    counts = await commands_per_call(redis, fleet)
+    writes = await _write_commands(redis, sorted({c for per in counts.values() for c in per}))
+    lines = []
+    for script, what in (("dispatch_task", "accepted dispatch"), ("complete_task", "completion")):
+        per = counts[script]
+        total = sum(per.values())
+        written = sum(n for c, n in per.items() if c in writes)
+        detail = ", ".join(f"{c} {n:g}" for c, n in per.items())
+        lines.append(
+            f"# commands per {what}: {total:g} ({written:g} writes) at {fleet.size} nodes: {detail}"
+        )
+    return lines
+
+
 async def cleanup_cell(redis: Redis, keys: Keys) -> int:
     """Delete every key of the cell (SCAN + UNLINK); returns how many."""
     deleted = 0
@@ -381,9 +473,13 @@ async def run(
     concurrency: int = 64,
     max_jobs: int = 16,
     warmup_s: float = 0.2,
+    commands: bool = False,
     out: Callable[[str], None] = print,
 ) -> Results:
-    """Run the benchmark against ``url``, print its lines with ``out``, return the rates."""
+    """Run the benchmark against ``url``, print its lines with ``out``, return the rates.
+
+    With ``commands``, the :func:`command_lines` of the smallest fleet follow.
+    """
     if not sizes:
         raise ValueError("no fleet size given")
     if rounds < 1 or seconds <= 0 or concurrency < 1:
@@ -446,6 +542,10 @@ async def run(
             )
         for line in report_lines(results):
             out(line)
+        if commands:
+            smallest = min(fleets, key=lambda f: f.size)
+            for line in await command_lines(redis, smallest):
+                out(line)
         return results
     finally:
         for fleet in fleets:
@@ -521,6 +621,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="embedded server without its append-only file (hub serve keeps one)",
     )
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+    parser.add_argument(
+        "--commands",
+        action="store_true",
+        help="also print the Redis commands (and writes) per accepted dispatch and per completion",
+    )
     args = parser.parse_args(argv)
 
     loop_factory = None
@@ -541,6 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     rounds=args.rounds,
                     concurrency=args.concurrency,
                     max_jobs=args.max_jobs,
+                    commands=args.commands,
                 )
             )
 
