@@ -160,7 +160,8 @@ class SimNode(SimPeer):
             self._answer(job)
         else:
             self.running[job_id] = job
-            w.wheel.call_at(received + w.service.draw_s(w.rng), self._finish, job)
+            service_s = w.service_min_s + w.service_span_s * w.rng.random()
+            w.wheel.call_at(received + service_s, self._finish, job)
 
     def _finish(self, job: _Running) -> None:
         """The service time is up: answer, unless the job was cancelled or lost meanwhile."""

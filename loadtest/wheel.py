@@ -65,6 +65,7 @@ class TimerWheel:
         offset_s: where slots start, modulo ``resolution_s`` (whole milliseconds).
         batch: told when a run of callbacks begins and ends, to write what
             they send at once.
+        on_late: told how late each firing of the timer was.
 
     Callbacks cannot be cancelled: a callback that may have become moot
     checks its own state when it runs (the loop's timers would need a
@@ -78,6 +79,7 @@ class TimerWheel:
         "_heap",
         "_loop",
         "_offset",
+        "_on_late",
         "_resolution",
         "_running",
         "_skew",
@@ -91,8 +93,12 @@ class TimerWheel:
         offset_s: float = 0.0,
         *,
         batch: Batch | None = None,
+        on_late: Callable[[float, float], None] | None = None,
     ) -> None:
         self._loop = loop
+        self._on_late = on_late
+        """Called at each firing with ``perf_counter()`` and how late (s) the slot's
+        timer fired: the loop's lag, measured every slot for free."""
         self._resolution = resolution_s
         self._offset = offset_s
         self._batch = batch
@@ -144,6 +150,10 @@ class TimerWheel:
         self._handle = None
         heap = self._heap
         slots = self._slots
+        if self._on_late is not None:
+            now = time.perf_counter()
+            start = self._armed * self._resolution + self._offset - self._skew
+            self._on_late(now, now - start)
         last = (self._loop.time() + _TOLERANCE_S - self._offset) // self._resolution
         # While callbacks run, call_at() arms nothing; a slot they add that has
         # come already runs in this loop.

@@ -71,6 +71,9 @@ class Worker:
         self.rng = random.Random(plan.seed * 1000 + self.index if plan.seed else None)
         self.service = ServiceTime.parse(plan.service_time)
         self.instant = self.service.instant
+        self.service_min_s = self.service.low_ms / 1000
+        self.service_span_s = (self.service.high_ms - self.service.low_ms) / 1000
+        """Service times are uniform in [min, min + span] (ServiceTime.draw_s, inline)."""
         self.interval_s = plan.job_interval_ms / 1000
         if plan.audio_bytes and plan.audio_bytes < 8:
             raise ValueError("--audio-bytes must be 0 or at least 8")
@@ -83,8 +86,10 @@ class Worker:
         self.flusher = Flusher(self.loop)
         """Where every connection's writes wait for the end of the loop iteration."""
         # Offset from the other workers' wheels: see loadtest.wheel.
-        offset_ms = self.index % round(RESOLUTION_S * 1000)
-        self.wheel = TimerWheel(self.loop, offset_s=offset_ms / 1000, batch=self.flusher)
+        offset_ms = self.index * round(RESOLUTION_S * 1000) // self.count
+        self.wheel = TimerWheel(
+            self.loop, offset_s=offset_ms / 1000, batch=self.flusher, on_late=self._late
+        )
         """The one timer of the sessions' ticks and the nodes' service times."""
         self.stats = Stats()
         # Connection i of each kind goes to hub i % len(urls): round robin
@@ -104,6 +109,8 @@ class Worker:
         self.connect_failures = 0
         self._reported_seconds = 0
         """Seconds of the load whose latencies went to the parent in a progress report."""
+        self._lag_window = False
+        """Whether the loop's lag is recorded: from the start of the load to the drain's end."""
         self.profile_path: str | None = config.get("cprofile")
         """Where to write a cProfile of the load window (CPU clock), if asked."""
         self._go: asyncio.Future[float | None] = self.loop.create_future()
@@ -201,7 +208,10 @@ class Worker:
             phase = 0.0 if plan.burst else self.rng.uniform(0, self.interval_s)
             s.start(go + phase)
         progress = self._spawn(self._progress())
-        lag = self._spawn(self._watch_lag())
+        self._lag_window = True
+        # The wheel measures the loop's lag at every slot; only a closed loop of
+        # instant nodes leaves it idle.
+        lag = self._spawn(self._watch_lag()) if self.instant and not plan.open_loop else None
         churn = self._spawn(self._churn()) if plan.churn else None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, self.end_at - time.perf_counter())):
@@ -218,7 +228,9 @@ class Worker:
                 break
             await asyncio.sleep(0.05)
         progress.cancel()
-        lag.cancel()
+        self._lag_window = False
+        if lag is not None:
+            lag.cancel()
         left = self._outstanding()
         if left:
             st.checks["session: no result before the drain time ran out"] += left
@@ -267,17 +279,21 @@ class Worker:
             }
         )
 
+    def _late(self, now: float, late_s: float) -> None:
+        """Record how late the loop woke up: a stalled harness shows here, not in the hub."""
+        if self._lag_window:
+            late_us = int(late_s * 1e6)
+            second = self.stats.second(now)
+            if late_us > second.lag_us:
+                second.lag_us = late_us
+
     async def _watch_lag(self) -> None:
-        """Record how late the loop wakes up: a stalled harness shows here, not in the hub."""
-        st = self.stats
+        """Measure the loop's lag with a timer of its own, when the wheel has nothing to do."""
         while True:
             before = time.perf_counter()
             await asyncio.sleep(0.05)
             now = time.perf_counter()
-            late_us = int((now - before - 0.05) * 1e6)
-            second = st.second(now)
-            if late_us > second.lag_us:
-                second.lag_us = late_us
+            self._late(now, now - before - 0.05)
 
     async def _churn(self) -> None:
         """Each 100 ms, disconnect a few random open nodes and sessions on purpose."""
