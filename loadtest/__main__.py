@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import platform
 import shlex
@@ -46,6 +47,10 @@ from .stats import Stats
 __all__ = ["main"]
 
 STATUS_INTERVAL_S = 1.0
+
+JOBS_PER_PROCESS = 2500
+"""Offered jobs/s one load generator process carries by default (about a quarter of a
+core): fewer processes wake up less often, and take less of the machine from the hub."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--audio-bytes", type=int, default=16000, help="audio per job; 0: text jobs")
     p.add_argument("--max-jobs", type=int, default=8, help="slots per node (default 8)")
-    p.add_argument("--processes", type=int, default=2, help="load generator processes")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="load generator processes (default: one per "
+        f"{JOBS_PER_PROCESS:,} offered jobs/s, at most one per core; 2 in closed loop)",
+    )
     p.add_argument("--drain-s", type=float, default=10.0, help="wait for last results (s)")
     p.add_argument("--churn-per-s", type=float, default=0.05, help="churn: fraction per second")
     p.add_argument(
@@ -180,6 +191,15 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, dict[str, str]]:
             raise SystemExit(f"--hub-set expects NAME=VALUE, got {item!r}")
         settings[name.strip()] = value
     return plan, settings
+
+
+def default_processes(plan: Plan) -> int:
+    """Load generator processes for ``plan`` when ``--processes`` is not given."""
+    cores = os.cpu_count() or 1
+    offered = plan.offered_per_s()
+    if offered is None:  # closed loop: as fast as the hub answers
+        return min(2, cores)
+    return max(1, min(cores, math.ceil(offered / JOBS_PER_PROCESS)))
 
 
 def connections_per_hub(plan: Plan, hubs: int) -> list[int]:
@@ -436,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out = REPO_ROOT / "loadtest" / "reports" / time.strftime("%Y%m%d-%H%M%S")
     args.out = args.out.absolute()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.processes is None:
+        args.processes = default_processes(make_plan(args)[0])
     for name in ("sessions", "nodes", "processes", "max_jobs", "inflight", "hubs"):
         if getattr(args, name) < (0 if name == "sessions" else 1):
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")

@@ -322,7 +322,7 @@ class SimSession(SimPeer):
             counters["failed"] += 1
             second.failed += 1
             st.failed[str(error)] += 1
-        if not w.plan.open_loop:
+        if not w.open_loop:
             self._next_after_answer(refused=False)
 
     def dropped(self) -> None:

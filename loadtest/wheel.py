@@ -20,9 +20,9 @@ What the hub sees must not depend on the harness: sends and results are
 not moved to ride on the loop's wake-ups for messages (that would send them
 in bursts right after the hub's own bursts, and change how the hub batches
 its work), only to the next slot. The workers' wheels are offset from each
-other (``offset_s``), so with two workers and 2 ms slots the hub still gets
-sends and results every millisecond, as from loop timers, while each worker
-wakes for its timer only every other millisecond.
+other (``offset_s``): with K workers and K-millisecond slots, the hub still
+gets sends and results every millisecond, as from loop timers, while each
+worker wakes for its timer only every K milliseconds.
 
 The harness measures latency from the moment a job is actually sent and the
 time a node actually held it, so slots move when things happen, not what is
@@ -41,8 +41,8 @@ from typing import Any, Protocol
 
 __all__ = ["RESOLUTION_S", "Batch", "TimerWheel"]
 
-RESOLUTION_S = 0.002
-"""Default slot width: deadlines within 2 ms of each other run in one wake-up."""
+RESOLUTION_S = 0.001
+"""Default slot width: one millisecond, the tick of uvloop's clock."""
 
 _TOLERANCE_S = 1e-4
 """A slot counts as come this close to its start (float rounding of the loop's clock)."""

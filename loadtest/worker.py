@@ -37,7 +37,7 @@ from .peer import SimPeer
 from .scenarios import Plan, ServiceTime
 from .sessions import SimSession
 from .stats import Stats
-from .wheel import RESOLUTION_S, TimerWheel
+from .wheel import TimerWheel
 from .wsclient import Flusher, MaskedTail
 
 __all__ = ["Worker", "main"]
@@ -75,6 +75,7 @@ class Worker:
         self.service_span_s = (self.service.high_ms - self.service.low_ms) / 1000
         """Service times are uniform in [min, min + span] (ServiceTime.draw_s, inline)."""
         self.interval_s = plan.job_interval_ms / 1000
+        self.open_loop = plan.open_loop
         if plan.audio_bytes and plan.audio_bytes < 8:
             raise ValueError("--audio-bytes must be 0 or at least 8")
         self.audio_rest: bytes | None = (
@@ -85,10 +86,16 @@ class Worker:
         """The same, masked once for every job (see :class:`loadtest.wsclient.MaskedTail`)."""
         self.flusher = Flusher(self.loop)
         """Where every connection's writes wait for the end of the loop iteration."""
-        # Offset from the other workers' wheels: see loadtest.wheel.
-        offset_ms = self.index * round(RESOLUTION_S * 1000) // self.count
+        # Slots of one millisecond per worker, offset from the other workers'
+        # slots: the hub gets sends and results every millisecond, as from
+        # loop timers, and each worker wakes for its timer only every `count`
+        # milliseconds (see loadtest.wheel).
         self.wheel = TimerWheel(
-            self.loop, offset_s=offset_ms / 1000, batch=self.flusher, on_late=self._late
+            self.loop,
+            resolution_s=self.count / 1000,
+            offset_s=self.index / 1000,
+            batch=self.flusher,
+            on_late=self._late,
         )
         """The one timer of the sessions' ticks and the nodes' service times."""
         self.stats = Stats()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -31,6 +32,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from loadtest import wsclient
+from loadtest.__main__ import default_processes
 from loadtest.hdr import Histogram, bucket_bounds, bucket_index
 from loadtest.procs import process_gone, run_command
 from loadtest.report import table
@@ -281,6 +283,14 @@ def test_service_time_syntax() -> None:
     assert ServiceTime.parse("100").mean_ms == 100
     with pytest.raises(ValueError):
         ServiceTime.parse("300..50")
+
+
+def test_default_processes_follow_the_offered_load() -> None:
+    cores = os.cpu_count() or 1
+    assert default_processes(Plan(sessions=1500, job_interval_ms=1000)) == 1
+    assert default_processes(Plan(sessions=5000, job_interval_ms=1000)) == min(2, cores)
+    assert default_processes(Plan(sessions=10**6, job_interval_ms=1000)) == cores
+    assert default_processes(Plan(sessions=50, job_interval_ms=0)) == min(2, cores)
 
 
 def test_overload_offers_a_multiple_of_capacity() -> None:
