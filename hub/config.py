@@ -194,12 +194,13 @@ class Settings:
     job that does not fit is refused ``OVERLOADED``."""
 
     # Load shedding: past any of these a hub refuses new jobs OVERLOADED, with no Redis call
-    shed_loop_lag_ms: int = 100
-    """Event-loop lag (how late a 50 ms timer fires)."""
+    shed_loop_lag_ms: int = 25
+    """Event-loop lag (how late a 50 ms timer fires), on two ticks in a row."""
     shed_script_calls: int = 2000
     """Script calls waiting for a pipeline or in flight."""
-    shed_dispatch_ms: int = 50
-    """Moving average of the time from a submit to its dispatch reply."""
+    shed_dispatch_ms: int = 15
+    """Moving average of the time from a submit to its dispatch reply, above
+    the fastest dispatch of the last 30 s (the round trip to Redis)."""
     shed_send_bytes: int = 64 * 1024 * 1024
     """Bytes waiting in all connections' write buffers."""
     shed_retry_after_ms: int = 1000

@@ -13,7 +13,9 @@ The signs:
   on the core), two are a backlog;
 - script calls waiting for a pipeline or in flight (``shed_script_calls``);
 - how long ``dispatch_task`` takes from the submit to its reply, a moving
-  average (``shed_dispatch_ms``): the queue in this hub and in Redis together;
+  average, above the fastest dispatch of the last 30 seconds
+  (``shed_dispatch_ms``): the queue in this hub and in Redis together, not
+  the round trip to Redis, which a remote Redis makes longer for every job;
 - bytes waiting in all connections' write buffers (``shed_send_bytes``);
 - the audio budget (:class:`~hub.audio.AudioStore`) cannot take the job.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 
 from .audio import AudioStore
 from .batcher import Batcher
@@ -42,6 +45,9 @@ _EWMA = 0.05
 
 _HOLD_S = 0.25
 """How long a sign of being behind keeps the hub shedding after it was last seen."""
+
+_FLOOR_TICKS = 600
+"""Ticks over which the fastest dispatch is the floor of the dispatch times (30 s)."""
 
 
 class Shedder:
@@ -73,7 +79,11 @@ class Shedder:
         self._max_dispatch_s = settings.shed_dispatch_ms / 1000
         self.dispatch_s = 0.0
         """Moving average of the time from a submit to its dispatch reply."""
+        self.floor_s = 0.0
+        """The fastest dispatch of the last 30 seconds: the round trip without a queue."""
         self._dispatches = 0
+        self._tick_min = float("inf")
+        self._minima: deque[float] = deque(maxlen=_FLOOR_TICKS)
         self.retry_after_ms = settings.shed_retry_after_ms
         """Sent with each ``OVERLOADED`` refusal."""
         self.lag_s = 0.0
@@ -89,7 +99,7 @@ class Shedder:
             return self._behind
         if self._batcher.in_flight >= self._max_calls:
             return "too many script calls in flight"
-        if self.dispatch_s > self._max_dispatch_s:
+        if self.dispatch_s - self.floor_s > self._max_dispatch_s:
             return "jobs wait too long for their dispatch"
         if audio_bytes and self._audio.full(audio_bytes):
             return "the audio budget is full"
@@ -99,6 +109,8 @@ class Shedder:
         """Record how long one submit waited for its dispatch reply."""
         self.dispatch_s += (seconds - self.dispatch_s) * _EWMA
         self._dispatches += 1
+        if seconds < self._tick_min:
+            self._tick_min = seconds
 
     async def watch(self) -> None:
         """Measure the loop lag and the write buffers until the hub stops."""
@@ -113,10 +125,14 @@ class Shedder:
             tick += 1
             if tick % _SEND_EVERY == 0:
                 self.send_bytes = self._sum_send_buffers()
-            if not self._dispatches:
+            if self._dispatches:
+                self._minima.append(self._tick_min)
+                self.floor_s = min(self._minima)
+            else:
                 # No submit got through (all shed, or none came): the average fades.
                 self.dispatch_s *= 0.5
             self._dispatches = 0
+            self._tick_min = float("inf")
             if min(late, previous) > self._max_lag_s:
                 self._shed("the event loop is behind")
             elif self.send_bytes > self._max_send:

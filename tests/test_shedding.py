@@ -156,6 +156,7 @@ async def test_hub_whose_dispatches_are_slow_sheds_until_the_average_fades(
     hub = await make_hub(shed_dispatch_ms=50)
     await open_node(connect, hub, "gpu-1")
     session = await open_session(connect, hub)
+    hub.shedder.dispatched(0.001)  # the round trip without a queue
     for _ in range(100):
         hub.shedder.dispatched(0.5)  # as if submits waited 500 ms for their reply
     await submit(session, "c-1")
@@ -163,5 +164,21 @@ async def test_hub_whose_dispatches_are_slow_sheds_until_the_average_fades(
     assert "dispatch" in refused["message"]
     # With no dispatch getting through, the average fades and jobs are taken again.
     await wait_for(lambda: not hub.shedder.reason(0), timeout=3000 * MS, what="the fade")
+    await submit(session, "c-1")
+    await expect(session, "accepted", ref="c-1")
+
+
+async def test_hub_whose_dispatches_all_take_long_does_not_shed(
+    make_hub: MakeHub, connect: Connect
+) -> None:
+    # A remote Redis makes every dispatch slow, not a queue: the fastest
+    # dispatch of the last 30 s is the floor, and only time above it counts.
+    hub = await make_hub(shed_dispatch_ms=50)
+    await open_node(connect, hub, "gpu-1")
+    session = await open_session(connect, hub)
+    for _ in range(100):
+        hub.shedder.dispatched(0.5)
+    await wait_for(lambda: hub.shedder.floor_s == 0.5, what="the floor to be measured")
+    assert hub.shedder.reason(0) == ""
     await submit(session, "c-1")
     await expect(session, "accepted", ref="c-1")
