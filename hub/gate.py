@@ -15,6 +15,9 @@ import http
 import ipaddress
 import logging
 import re
+import sys
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -261,15 +264,83 @@ def respond(
 
 
 class RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """websockets' logger minus credentials: at DEBUG it logs request lines and headers."""
+    """websockets' logger minus credentials and minus a traceback any client can cause.
+
+    At DEBUG websockets logs request lines and headers: tokens are redacted.
+
+    websockets 17 logs "unexpected internal error" at ERROR with a traceback
+    (an ``AssertionError`` in ``send_eof``) whenever a client sends bytes
+    after its request line and headers before the server's HTTP response
+    other than 101 (a pipelined second request, or anything sent while
+    ``/v1/status`` waits for Redis). The library then closes the connection,
+    and the hub is fine, but any client could fill the logs with tracebacks.
+    Those records become one WARNING line on ``hub.gate`` per
+    ``noise_window_s``, with the number of such clients since the last line.
+
+    Args:
+        logger: websockets' server logger.
+        noise_window_s: at most one warning about those clients per this many seconds.
+        clock: the clock of the window (``time.monotonic``; tests pass another).
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        noise_window_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(logger)
+        self.noise_window_s = noise_window_s
+        self._clock = clock
+        self._noise_logged_at: float | None = None
+        self.noise_suppressed = 0
+        """Such records since the last warning, not logged."""
+        self.noise_total = 0
+        """Such records since the hub started."""
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.ERROR and kwargs.get("exc_info") and _bytes_before_response():
+            self._early_bytes()
+            return
         if level == logging.DEBUG and msg == "< %s: %s" and len(args) == 2:
             if str(args[0]).lower() in ("authorization", "cookie"):
                 args = (args[0], "***")
         elif level == logging.DEBUG and msg == "< %s %s %s" and len(args) == 3:
             args = (args[0], _TOKEN_IN_QUERY.sub(r"\1***", str(args[1])), args[2])
         super().log(level, msg, *args, **kwargs)
+
+    def _early_bytes(self) -> None:
+        self.noise_total += 1
+        now = self._clock()
+        last = self._noise_logged_at
+        if last is not None and now - last < self.noise_window_s:
+            self.noise_suppressed += 1
+            return
+        self._noise_logged_at = now
+        suppressed, self.noise_suppressed = self.noise_suppressed, 0
+        logger.warning(
+            "! a client sent bytes before the hub's HTTP response; websockets closed "
+            "its connection (%d more since the last such warning; at most one per %g s)",
+            suppressed,
+            self.noise_window_s,
+        )
+
+
+def _bytes_before_response() -> bool:
+    """Whether the exception being handled is websockets' second ``send_eof``.
+
+    It is an ``AssertionError`` raised in ``websockets/protocol.py``'s
+    ``send_eof`` when a response follows a parse error on the same connection.
+    """
+    exc = sys.exc_info()[1]
+    if type(exc) is not AssertionError or exc.__traceback__ is None:
+        return False
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return code.co_name == "send_eof" and "websockets" in code.co_filename
 
 
 _TOKEN_IN_QUERY = re.compile(r"([?&](?:token|resume_token)=)[^&]*")

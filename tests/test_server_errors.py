@@ -8,15 +8,19 @@ working, and that the Redis invariants still hold afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection
+from websockets.server import ServerProtocol
 
 from hub.app import Hub
+from hub.gate import RedactingLogger
 from hub.keys import Keys
 from tests.helpers import MS, wait_for
 from tests.hubtools import (
@@ -27,6 +31,7 @@ from tests.hubtools import (
     expect,
     expect_closed,
     expect_silence,
+    http_get,
     node_hash,
     open_node,
     open_session,
@@ -691,3 +696,96 @@ async def test_garbage_from_many_connections_does_not_disturb_a_running_job(
 
 async def _state(fleet: Fleet, node_id: str, state: str) -> bool:
     return (await node_hash(fleet.redis, fleet.keys, node_id)).get("state") == state
+
+
+# Bytes sent with a request that the hub answers over HTTP (issue 12, gap 5)
+
+_ANSWERED_OVER_HTTP = [
+    "/nowhere",  # 404
+    "/v1/node",  # 426: no Upgrade header
+    "/v1/session",  # 426
+    "/readyz",  # 200
+    "/healthz",  # 200
+]
+
+
+async def _request_with_trailing_bytes(port: int, path: str) -> bytes:
+    """Send a request and, in the same packet, bytes after it; read until closed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        writer.write(request + b"GET /again HTTP/1.1\r\n\r\n")
+        async with asyncio.timeout(2000 * MS):
+            return await reader.read()
+    finally:
+        writer.transport.abort()
+
+
+async def test_bytes_after_an_http_request_log_one_rate_limited_warning(
+    hub: Hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="websockets")
+    caplog.set_level(logging.DEBUG, logger="hub")
+    clients = 10 * len(_ANSWERED_OVER_HTTP)
+    await asyncio.gather(
+        *(
+            _request_with_trailing_bytes(hub.port, _ANSWERED_OVER_HTTP[i % 5])
+            for i in range(clients)
+        )
+    )
+    loud = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert loud == [], [r.getMessage() for r in loud]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert warnings[0].name == "hub.gate"
+    assert "sent bytes before the hub's HTTP response" in warnings[0].getMessage()
+    # The hub goes on serving, plain HTTP and WebSockets alike.
+    assert (await http_get(hub.port, "/healthz"))[0] == 200
+
+
+def _websockets_send_eof_twice(logger: RedactingLogger) -> None:
+    """Make websockets raise its second-EOF assertion and log it as its server does."""
+    protocol = ServerProtocol()
+    protocol.send_eof()
+    try:
+        protocol.send_eof()
+    except AssertionError:
+        logger.error("unexpected internal error", exc_info=True)
+
+
+def test_early_bytes_warning_repeats_once_per_window_with_the_count_suppressed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    now = [100.0]
+    noise = RedactingLogger(
+        logging.getLogger("websockets.server"), noise_window_s=10.0, clock=lambda: now[0]
+    )
+    for step in (0.0, 1.0, 5.0, 3.9, 10.0, 0.5, 25.0):
+        now[0] += step
+        _websockets_send_eof_twice(noise)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert all(r.levelno == logging.WARNING and not r.exc_info for r in caplog.records)
+    # t=100 logs; t=101, 106, 109.9 are within its window; t=119.9 logs 3;
+    # t=120.4 is within the new window; t=145.4 logs 1.
+    assert [line.split("(")[1].split(" ")[0] for line in lines] == ["0", "3", "1"]
+    assert (noise.noise_total, noise.noise_suppressed) == (7, 0)
+
+
+def test_other_errors_of_websockets_are_logged_unchanged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    logger = RedactingLogger(logging.getLogger("websockets.server"))
+    try:
+        raise AssertionError("a real bug")
+    except AssertionError:
+        logger.error("unexpected internal error", exc_info=True)
+    [record] = caplog.records
+    assert (record.levelno, record.name, record.getMessage()) == (
+        logging.ERROR,
+        "websockets.server",
+        "unexpected internal error",
+    )
+    assert record.exc_info is not None
