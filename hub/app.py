@@ -11,6 +11,7 @@ The parts, each in its own module, each given its collaborators here::
     Outbox      sending, slow-consumer closing, local or bus delivery
     Registry    node, session and registering connections, by id
     Liveness    Redis watch, heartbeats, sweep
+    Reconciler  after a Redis failure: job frames re-sent, a restart settled
     Health      ready and closing flags, shared read-only by the others
 
 Start order: the Redis watch and the bus subscription (in the background,
@@ -45,6 +46,7 @@ from .metrics import Metrics
 from .nodes import Nodes
 from .outbox import Outbox
 from .protocol import CloseCode
+from .reconcile import Reconciler
 from .redisconn import redis_client
 from .registry import Registry
 from .router import Router
@@ -119,14 +121,25 @@ class Hub:
         self.sessions = Sessions(
             self.hub_id, settings, limits, *parts, *common, self.audio, self.shedder
         )
-        self.bus.on_subscribed = self.sessions.resend_lost_results
+        self.reconciler = Reconciler(self.hub_id, settings, *parts, *common)
+
+        def subscribed() -> None:
+            self.reconciler.schedule()
+            self.sessions.resend_lost_results()
+
+        self.bus.on_subscribed = subscribed
         self.liveness = Liveness(
             settings,
             self.redis,
             RedisDSN.parse(url).redacted(),
             *parts,
             *common,
-            prepare=(self.sessions.load_secret, self.scheduler.load_scripts),
+            prepare=(
+                self.sessions.load_secret,
+                self.scheduler.load_scripts,
+                self.reconciler.reconcile,
+            ),
+            restarted=self.reconciler.restarted,
         )
         self.gate = Gate(
             self.hub_id,

@@ -164,9 +164,16 @@ class Bus:
     async def _listen(self) -> None:
         delay = 0.05
         while not self._closed:
-            pubsub = self.subscriber.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.subscriber.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
+                # Live once Redis confirms it (a refusal, e.g. NOPERM, raises here).
+                for _ in range(10):
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is not None and msg.get("type") == "subscribe":
+                        break
+                else:
+                    raise redis_errors.TimeoutError("no subscription confirmed in 10 s")
                 self.subscribed.set()
                 if self.on_subscribed is not None:
                     self.on_subscribed()

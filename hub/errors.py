@@ -76,6 +76,7 @@ class Code(enum.StrEnum):
     TOO_MANY_JOBS = "TOO_MANY_JOBS"
     OVERLOADED = "OVERLOADED"
     AUDIO_LOST = "AUDIO_LOST"
+    JOB_LOST = "JOB_LOST"
 
 
 class ErrorCode(enum.IntEnum):

@@ -54,6 +54,9 @@ class Liveness:
         health: the ``ready`` flag this part keeps.
         tasks: owner of the ping tasks.
         prepare: called in order each time Redis comes back, before ``ready``.
+        restarted: asked before closing nodes whose heartbeat Redis refused:
+            True when Redis restarted (it may have lost their registration,
+            and they are registered again instead, :mod:`hub.reconcile`).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class Liveness:
         health: Health,
         tasks: Tasks,
         prepare: Sequence[Callable[[], Awaitable[None]]],
+        restarted: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._settings = settings
         self._redis = redis
@@ -81,6 +85,7 @@ class Liveness:
         self._health = health
         self._tasks = tasks
         self._prepare = prepare
+        self._restarted = restarted
         self._beats: dict[str, Beat] = {}
 
     async def watch_redis(self) -> None:
@@ -179,7 +184,9 @@ class Liveness:
         self._tasks.spawn(ping())
 
     async def _flush_beats(self) -> None:
-        if not self._beats:
+        if not self._beats or not self._health.ready:
+            # Kept until Redis is ready again: a restart is reconciled first, and
+            # until then a heartbeat could be refused for an epoch Redis lost.
             return
         # Only nodes still connected here: a gone node's pong must not renew its lease.
         beats = [b for b in self._beats.values() if self._registry.node_link(b.node_id, b.epoch)]
@@ -191,6 +198,12 @@ class Liveness:
         except RedisUnavailable:
             return
         self._router.route(codes.events)
+        if any(code < 0 for code in codes) and self._restarted is not None:
+            try:
+                if await self._restarted():
+                    return  # the reconcile registers these nodes again
+            except RedisUnavailable:
+                return
         for beat, code in zip(beats, codes, strict=True):
             if code < 0:
                 link = self._registry.node_link(beat.node_id, beat.epoch)

@@ -63,6 +63,12 @@ class Metrics:
             "Times a node's result waited for Redis to record it",
             registry=r,
         )
+        self.reconciled = Counter(
+            "hub_redis_reconciled",
+            "What the hub did after Redis came back (hub/reconcile.py)",
+            ["what"],
+            registry=r,
+        )
         self.rtt = Histogram(
             "hub_node_ping_rtt_seconds",
             "Ping round trip to nodes",

@@ -160,6 +160,7 @@ class Nodes:
         link.node_id = frame.node_id
         link.epoch = reg.epoch
         link.max_jobs = frame.max_jobs
+        link.registration = frame
         link.conn.registered(frame.node_id)
         old = self._registry.add_node(link)
         if old is not None:

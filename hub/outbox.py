@@ -208,13 +208,17 @@ class Outbox:
                 if ended is not None:
                     link.abandoned.discard(jid)
                 return
-            if (
-                ended is not None
-                and link.conn.job_ended(JobId(ended)) is None
-                and len(link.ended_early) < 1024
-            ):
-                # Ended before this hub handled the dispatch reply (another hub was faster).
-                link.ended_early.add(ended)
+            if jid is not None and link.conn.ref_for(JobId(jid)) is None:
+                if jid not in link.submitting:
+                    # protocol.md §9.2: nothing about a job follows its result. A job
+                    # Redis ended twice (it came back without the first end, §8) or
+                    # one this connection never had gets nothing.
+                    return
+                if ended is not None and len(link.ended_early) < 1024:
+                    # Ended before this hub handled the dispatch reply (another hub was faster).
+                    link.ended_early.add(ended)
+            elif ended is not None:
+                link.conn.job_ended(JobId(ended))
             self.push(link.ws, frame)
         elif hub:
             meta: dict[str, Any] = {"s": session_id}

@@ -9,8 +9,9 @@ ordinary commands (one pipeline each) rather than scripts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import secrets
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -18,10 +19,10 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from .errors import RedisUnavailable
-from .events import JobEnded, as_text
+from .events import Dispatch, JobEnded, as_text
 from .keys import Keys
 
-__all__ = ["CellReads", "redis_unavailable_as"]
+__all__ = ["CellReads", "NodeJobs", "RunningJob", "redis_unavailable_as"]
 
 _NODE_FIELDS = (
     "hub",
@@ -52,6 +53,73 @@ def redis_unavailable_as(operation: str) -> Iterator[None]:
         yield
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
         raise RedisUnavailable(operation) from exc
+
+
+_JOB_FIELDS = (
+    "status",
+    "node",
+    "attempt",
+    "session",
+    "src",
+    "tgt",
+    "deadline",
+    "payload",
+    "audio",
+    "shub",
+    "ref",
+    "error",
+)
+"""The job hash fields :meth:`CellReads.node_jobs` reads, in :class:`RunningJob`'s order."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunningJob:
+    """A job asked about in :meth:`CellReads.node_jobs`, as its hash reads."""
+
+    status: str
+    """Empty when Redis has no record of the job."""
+    error: str
+    attempt: Dispatch
+    """Its current attempt, as the dispatch event that started it (``node_hub`` empty)."""
+
+    @property
+    def node_id(self) -> str:
+        return self.attempt.node_id
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeJobs:
+    """A node's registration and the jobs Redis says it runs."""
+
+    node_id: str
+    epoch: int
+    """0 when Redis has no registration of the node (or only a lost one)."""
+    hub: str
+    jobs: dict[str, RunningJob]
+    """Jobs of the node's set whose hash says they run on the node, by id."""
+    others: dict[str, RunningJob]
+    """Jobs asked about (``also``) that Redis has elsewhere or not at all, by id."""
+
+
+def _running_job(job_id: str, f: list[Any], hubs: dict[str, Any]) -> RunningJob:
+    """One job of :meth:`CellReads.node_jobs`, from its :data:`_JOB_FIELDS`."""
+    session = as_text(f[3] or b"")
+    shub = as_text(f[9] or b"")
+    attempt = Dispatch(
+        "",
+        as_text(f[1] or b""),
+        job_id,
+        int(f[2] or 0),
+        session,
+        as_text(f[4] or b""),
+        as_text(f[5] or b""),
+        int(f[6] or 0),
+        bytes(f[7] or b"{}"),
+        shub if f[8] == b"1" else "",
+        as_text(hubs.get(session) or b"") or shub,
+        as_text(f[10] or b""),
+    )
+    return RunningJob(as_text(f[0] or b""), as_text(f[11] or b""), attempt)
 
 
 def _node_status(node_id: Any, f: list[Any]) -> dict[str, Any]:
@@ -152,6 +220,74 @@ class CellReads:
             for jid, (status, ref, result, error) in zip(job_ids, rows, strict=True)
             if status in (b"finished", b"failed")
         )
+
+    async def server_id(self) -> str:
+        """The Redis server's ``run_id``: it changes when the server restarts or fails over.
+
+        Either may lose the last writes (an append-only file fsynced every
+        second, a replica behind its primary), so a hub that sees it change
+        reconciles (:mod:`hub.reconcile`).
+
+        Raises:
+            RedisUnavailable: if Redis cannot be reached.
+        """
+        with redis_unavailable_as("server id"):
+            info = await self.redis.info("server")
+        return str(info.get("run_id", ""))
+
+    async def node_jobs(
+        self, nodes: Sequence[tuple[str, Collection[str]]], *, max_jobs: int = 256
+    ) -> list[NodeJobs]:
+        """What Redis says each node runs: its registration and the jobs of its set.
+
+        Two pipelines, whatever the number of nodes: the nodes' hashes and
+        sets, then the jobs' hashes (with their sessions' hubs). A read: it
+        changes nothing.
+
+        Args:
+            nodes: (node id, job ids the caller also wants read) pairs.
+            max_jobs: most jobs read per node (its set beyond is ignored).
+
+        Raises:
+            RedisUnavailable: if Redis cannot be reached.
+        """
+        k = self.keys
+        with redis_unavailable_as("node jobs"):
+            pipe = self.redis.pipeline(transaction=False)
+            for nid, _ in nodes:
+                pipe.hmget(k.node(nid), "epoch", "hub", "state")
+                pipe.srandmember(k.node_jobs(nid), max_jobs)
+            replies = await pipe.execute()
+            wanted: list[list[str]] = []
+            pipe = self.redis.pipeline(transaction=False)
+            for i, (_, also) in enumerate(nodes):
+                ids = list(dict.fromkeys([*(as_text(j) for j in replies[2 * i + 1]), *also]))
+                ids = ids[: 2 * max_jobs]
+                wanted.append(ids)
+                for jid in ids:
+                    pipe.hmget(k.job(jid), *_JOB_FIELDS)
+            rows = await pipe.execute()
+            sessions = sorted({as_text(r[3]) for r in rows if r[3] is not None})
+            pipe = self.redis.pipeline(transaction=False)
+            for sid in sessions:
+                pipe.hget(k.session(sid), "hub")
+            hubs = dict(zip(sessions, await pipe.execute(), strict=True))
+        out = []
+        at = 0
+        for i, (nid, _) in enumerate(nodes):
+            epoch, hub, state = replies[2 * i]
+            registered = epoch is not None and state != b"lost"
+            mine: dict[str, RunningJob] = {}
+            others: dict[str, RunningJob] = {}
+            for jid in wanted[i]:
+                job = _running_job(jid, rows[at], hubs)
+                at += 1
+                running = job.status == "running" and job.node_id == nid
+                (mine if running else others)[jid] = job
+            out.append(
+                NodeJobs(nid, int(epoch) if registered else 0, as_text(hub or b""), mine, others)
+            )
+        return out
 
     async def resume_secret(self) -> bytes:
         """The key every hub of the cell signs resume tokens with; made by the first asker.

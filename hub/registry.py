@@ -46,7 +46,9 @@ class NodeLink:
         self.epoch = 0
         self.max_jobs = 0
         self.jobs: dict[str, Route] = {}
-        """Jobs running on the node that this hub delivered or resumed."""
+        """Jobs running on the node whose ``job`` frame this hub wrote to this socket (or
+        that the node resumed, attempt 0), until their attempt ends here; what a hub
+        re-sends after a Redis failure is decided against it (:mod:`hub.reconcile`)."""
         self.load: bytes | None = None
         self.ping_at: float | None = None
         self.closing = False
@@ -56,6 +58,8 @@ class NodeLink:
         """Which tenth of the heartbeat interval this node is pinged in."""
         self.backlog: list[Backlog] = []
         """Frames that arrived for the node before its registration finished here."""
+        self.registration: proto.Register | None = None
+        """The node's ``register`` frame, to register it again after Redis lost it."""
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -91,6 +95,8 @@ class SessionLink:
         """Jobs whose result came before their dispatch reply was handled."""
         self.abandoned: set[str] = set()
         """Jobs refused with UNAVAILABLE whose script may have run after all."""
+        self.submitting: set[str] = set()
+        """Jobs whose dispatch call is in flight (their result may come before its reply)."""
 
     @property
     def transport(self) -> asyncio.Transport | None:

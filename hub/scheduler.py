@@ -513,6 +513,45 @@ class Scheduler(NodeScripts):
         ended = tuple(parse_ended(e, "resume_session") for e in reply[2])
         return bool(int(reply[0])), open_jobs, ended
 
+    async def end_lost_job(
+        self,
+        job_id: str,
+        session_id: str,
+        ref: str,
+        *,
+        session_hub: str | None = None,
+        now_ms: int = 0,
+    ) -> JobEnded | None:
+        """End a job Redis no longer knows with ``JOB_LOST`` (end_lost_job.lua).
+
+        KEYS: job. ARGV: prefix, job id, session id, ref, session hub, now, job TTL.
+
+        For a job a session or a node still holds after Redis came back
+        without its last writes (:mod:`hub.reconcile`): the first caller
+        records the one outcome, every later one changes nothing.
+
+        Returns:
+            The result event, or ``None`` when Redis knows the job.
+        """
+        reply = await self._call(
+            "end_lost_job",
+            [self.keys.job(job_id)],
+            [
+                self.keys.prefix,
+                job_id,
+                session_id,
+                ref,
+                session_hub or self.hub_id,
+                now_ms,
+                self.settings.job_ttl_ms,
+            ],
+        )
+        if reply == 0:
+            return None
+        ended = parse_ended(reply[1], "end_lost_job")
+        self._count_ended(ended)
+        return ended
+
     async def ack_results(self, session_id: str, job_ids: Sequence[str]) -> int:
         """Forget acknowledged results of a session (ack_results.lua).
 

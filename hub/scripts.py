@@ -33,6 +33,7 @@ SCRIPT_NAMES = (
     "resume_session",
     "ack_results",
     "route_partial",
+    "end_lost_job",
 )
 """Every script, by file name without ``.lua`` (also its Scheduler method's name)."""
 

@@ -268,6 +268,7 @@ class Sessions:
             )
             return
         started = time.monotonic()
+        link.submitting.add(jid)
         try:
             reply = await self._scheduler.dispatch_task(
                 link.session_id,
@@ -280,10 +281,12 @@ class Sessions:
                 job_id=jid,
             )
         except SchedulingError as exc:
+            link.submitting.discard(jid)
             self._audio.drop(jid)
             self._refuse(link, ref, exc.code, exc.message)
             return
         except RedisUnavailable:
+            link.submitting.discard(jid)
             # The audio stays until the job is taken back or expires: it may have started.
             self._refuse(link, ref, Code.UNAVAILABLE, _UNAVAILABLE)
             # The script may have run before the connection failed: take the job back.
@@ -294,6 +297,7 @@ class Sessions:
                 self._abandoning += 1
                 self._tasks.spawn(self._abandon(link.session_id, jid))
             return
+        link.submitting.discard(jid)
         self._shedder.dispatched(time.monotonic() - started)
         if jid in link.ended_early:
             # Its result is already sent; protocol.md §9.2 wants nothing after it.

@@ -7,7 +7,11 @@ what the session sent, so the session can check that it got *its* job back:
      "audio_tag": <hex of the audio's first 8 bytes>, "hold_us": <time held>}
 
 It also checks the hub's promise that a node never gets more than
-``max_jobs`` jobs at once (protocol.md §3.3).
+``max_jobs`` jobs at once (protocol.md §3.3). A repeated ``job`` frame (the
+same attempt again, which a hub sends after a Redis failure when it is not
+sure the first reached the node) is counted as ``node_repeats``, not as a
+job: a repeat of a running attempt is ignored, one of an attempt it answered
+lately gets the same result again.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ class SimNode(SimPeer):
         self.node_id = f"lt-n{index}"
         self.running: dict[str, _Running] = {}
         """Jobs held, by id; a job cancelled or lost with the connection leaves it."""
+        self.recent: dict[tuple[str, int], _Running | None] = {}
+        """Attempts received lately, oldest first: the job once answered, else None."""
 
     def hello(self) -> bytes:
         plan = self.w.plan
@@ -128,7 +134,9 @@ class SimNode(SimPeer):
             )
         elif type(frame) is NodeCancel:
             st.counters["node_cancels"] += 1
-            self.running.pop(frame.job_id, None)
+            held = self.running.get(frame.job_id)
+            if held is not None and held.attempt == frame.attempt:
+                del self.running[frame.job_id]
         elif type(frame) is Registered:
             self.greet()
         elif type(frame) is ErrorReply:
@@ -150,6 +158,18 @@ class SimNode(SimPeer):
         received: float,
     ) -> None:
         w = self.w
+        key = (job_id, attempt)
+        recent = self.recent
+        if key in recent:
+            # protocol.md §3.3: the hub re-sent an attempt it was not sure of.
+            w.stats.counters["node_repeats"] += 1
+            answered = recent[key]
+            if answered is not None:
+                self._answer(answered)
+            return
+        recent[key] = None
+        if len(recent) > 4 * w.plan.max_jobs + 64:
+            del recent[next(iter(recent))]
         w.stats.counters["node_jobs"] += 1
         if len(self.running) >= w.plan.max_jobs:
             w.stats.checks["node: more jobs than max_jobs at once"] += 1
@@ -172,6 +192,9 @@ class SimNode(SimPeer):
             self._answer(job)
 
     def _answer(self, job: _Running) -> None:
+        key = (job.job_id, job.attempt)
+        if key in self.recent:
+            self.recent[key] = job
         conn = self.conn
         if conn is None or not conn.is_open:
             return

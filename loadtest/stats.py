@@ -32,6 +32,7 @@ COUNTERS = (
     "node_jobs",  # job frames received by nodes
     "node_results",  # result frames sent by nodes
     "node_cancels",  # cancel frames received by nodes
+    "node_repeats",  # job frames that repeated an attempt (re-sent after a Redis failure)
     "connects",  # connections opened
     "reconnects",  # connections opened again after churn or a drop
 )

@@ -1135,12 +1135,15 @@ def test_session_sends_jobs_when_under_the_limits() -> None:
     assert isinstance(frame, SubmitJob)
     assert session.open_refs == 1
     assert session.job_for("c-1") is None
+    assert session.open_jobs() == []  # pending: no id yet
     assert session.job_started("c-1", JobId("j-1")) is True
     assert session.job_for("c-1") == "j-1"
     assert session.ref_for(JobId("j-1")) == "c-1"
+    assert session.open_jobs() == [("j-1", "c-1")]
     assert session.job_ended(JobId("j-1")) == "c-1"
     assert session.open_refs == 0
     assert session.ref_for(JobId("j-1")) is None
+    assert session.open_jobs() == []
 
 
 def test_session_sends_job_when_ref_is_open() -> None:

@@ -82,6 +82,11 @@ class Results:
             return None
         return sent
 
+    def frame(self, job_id: str) -> bytes | None:
+        """The result frame sent lately for ``job_id``, if it is still kept."""
+        sent = self._recent.get(job_id)
+        return None if sent is None else sent.frame
+
     def forget(self, job_id: str) -> None:
         """Drop a result the hub no longer wants."""
         self._recent.pop(job_id, None)

@@ -29,11 +29,13 @@ locally (protocol.md §3.1, §3.2).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
 from websockets.asyncio.client import ClientConnection
 
 from ..errors import Code
@@ -65,6 +67,8 @@ logger = logging.getLogger("hub.client.node")
 
 _MAX_RESUME = 256
 """protocol.md §5: ``resume`` has at most ``max_jobs_per_node`` entries."""
+_RECENT_ATTEMPTS = 1024
+"""Attempts run lately, remembered so that a repeated ``job`` frame is ignored."""
 _STOP_JOBS_TIMEOUT_S = 5.0
 
 
@@ -140,6 +144,10 @@ class NodeClient(Link[ToNodeFrame]):
         self.register_timeout_s = register_timeout_s
         self._handler = handler
         self._jobs: dict[str, _Running] = {}
+        self._recent: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        # (job id, attempt) of the attempts started lately, oldest first.
+        self.repeats = 0
+        """``job`` frames ignored because they repeated an attempt run lately (protocol.md §3.3)."""
         self._unsent: dict[str, bytes] = {}  # job id -> result frame not yet sent
         self._results = Results()  # sent, in case the hub answers UNAVAILABLE
         self._slots = asyncio.Semaphore(max_jobs)
@@ -336,6 +344,20 @@ class NodeClient(Link[ToNodeFrame]):
     # Private methods: jobs
 
     def _start_job(self, frame: NodeJob) -> None:
+        key = (frame.job_id, frame.attempt)
+        running = self._jobs.get(frame.job_id)
+        if key in self._recent or (running is not None and running.job.attempt > frame.attempt):
+            # protocol.md §3.3: a hub re-sends the job frames it is not sure
+            # were delivered (after a Redis failure); a repeat of an attempt
+            # this node runs or ran lately is ignored, as is an older attempt.
+            self.repeats += 1
+            logger.debug("= node %s ignored a repeat of job %s", self.node_id, frame.job_id)
+            if running is None:
+                self._result_again(frame.job_id, frame.attempt)
+            return
+        self._recent[key] = None
+        if len(self._recent) > _RECENT_ATTEMPTS:
+            self._recent.popitem(last=False)
         job = Job(
             frame.job_id,
             frame.attempt,
@@ -353,6 +375,18 @@ class NodeClient(Link[ToNodeFrame]):
             self._run_job(job), name=f"job-{job.job_id}-{job.attempt}"
         )
         self._jobs[job.job_id] = _Running(job, task)
+
+    def _result_again(self, job_id: str, attempt: int) -> None:
+        """Send again the result of an attempt that ended here, if it is still kept.
+
+        The hub re-sends a job frame when Redis says the attempt still runs
+        here: Redis may have come back without the result (protocol.md §8).
+        Only the first result of an attempt counts, so a second is harmless.
+        """
+        result = self._unsent.get(job_id) or self._results.frame(job_id)
+        if result is None or orjson.loads(result).get("attempt") != attempt:
+            return
+        self._spawn(self._send_result_frame(job_id, result))
 
     def _cancel_job(self, job_id: str, attempt: int | None) -> None:
         running = self._jobs.get(job_id)

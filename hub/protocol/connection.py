@@ -257,6 +257,10 @@ class SessionConnection:
         """The ref of an open job, or ``None``."""
         return self._ref_by_job.get(job_id)
 
+    def open_jobs(self) -> list[tuple[JobId, str]]:
+        """The unfinished jobs the hub has an id for, as (job id, ref) pairs."""
+        return list(self._ref_by_job.items())
+
     def job_for(self, ref: str) -> JobId | None:
         """The job id of an open ref, or ``None`` when unknown or still pending."""
         return self._job_by_ref.get(ref)

@@ -200,6 +200,7 @@ WORKLOAD_STEPS = (
     "resume_session",
     "ack_results",
     "route_partial",
+    "end_lost_job",
 )
 """The scripts :func:`run_every_script` calls, in order."""
 
@@ -244,4 +245,5 @@ async def run_every_script(scheduler: Scheduler) -> None:
             route = await scheduler.route_partial(reply.job_id, reply.node_id, reply.attempt)
             assert route.session_id == session_id
     await register(scheduler, "n4", pairs=(("de", "en"),), now_ms=t + 20_003)
+    assert await scheduler.end_lost_job("lost-1", "s5", "r-lost", now_ms=t + 20_004)
     await scheduler.flush_stats()  # the stats hash too
