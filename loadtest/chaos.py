@@ -14,8 +14,13 @@ connection drops) and ``--sessions`` :class:`RotatingSessionClient`\\ s in
 this process, spread over the hubs, each submitting jobs at a steady pace.
 
 On a schedule drawn from ``--seed`` it SIGKILLs random nodes and hubs and
-starts them again, and stops and restarts Redis once (SIGTERM, then the same
-data directory). Then it stops the load, waits (bounded) for every job to end
+starts them again, stops and restarts Redis once (SIGTERM, then the same
+data directory), and SIGKILLs Redis ``--redis-kills`` times (default 1)
+under load, cutting its append-only file back by the last
+``redis_lost_s`` (1 s) of writes, as an operating system crash with
+``appendfsync everysec`` would (:func:`loadtest.procs.cut_aof`), then starts
+it again on the same directory: the hubs must notice and reconcile
+(:mod:`hub.reconcile`). Then it stops the load, waits (bounded) for every job to end
 and the fleet to be idle, and checks the ledger:
 
 - every job submitted got exactly one outcome in its session: a result
@@ -49,6 +54,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -92,7 +98,7 @@ from hub.protocol import (
     ToSessionFrame,
 )
 
-from .procs import HubProcess, NodeProcess
+from .procs import HubProcess, NodeProcess, aof_mark, cut_aof, http_get
 
 __all__ = [
     "PERSISTENT_KEYS",
@@ -106,7 +112,7 @@ __all__ = [
 ]
 
 DOCUMENTED_FAILURES = frozenset(
-    {"JOB_TIMEOUT", "NODE_LOST", "CANCELLED", "NO_AVAILABLE_NODE", "INTERNAL"}
+    {"JOB_TIMEOUT", "NODE_LOST", "CANCELLED", "NO_AVAILABLE_NODE", "INTERNAL", "JOB_LOST"}
 )
 """protocol.md §4.8: the codes a failed ``result`` may carry."""
 
@@ -491,6 +497,10 @@ class ChaosConfig:
     hub_down_s: float = 5.0
     redis_restart: bool = True
     redis_down_s: float = 2.0
+    redis_kills: int = 1
+    """SIGKILLs of Redis that lose its last writes (:meth:`ChaosRun._kill_redis`)."""
+    redis_lost_s: float = 1.0
+    """Writes of this last stretch before each SIGKILL are cut from the append-only file."""
     settle_s: float = 60.0
     out_dir: Path | None = None
     quiet: bool = False
@@ -567,6 +577,10 @@ class ChaosRun:
         self.resumes: list[tuple[float, int, str | None]] = []
         """(time, session, hub) of every session (re)connection."""
         self.redis_gap: tuple[float, float] | None = None
+        self.redis_kill_samples: list[float] = []
+        self.aof_cut: list[int] = []
+        """Bytes cut from the append-only file at each SIGKILL of Redis (the writes lost)."""
+        """Seconds from each SIGKILL of Redis until every hub was ready and reconciled."""
         self._load_on = False
         self.load_started = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -712,13 +726,17 @@ class ChaosRun:
         d = c.duration_s
         events: list[tuple[float, str]] = []
         hub_kills = c.hub_kills if c.hub_kills is not None else max(1, int(d // 40))
-        last_fault = d - max(c.hub_down_s, c.node_down_s, c.redis_down_s) - 3
+        last_fault = d - max(c.hub_down_s, c.node_down_s, c.redis_down_s + c.redis_lost_s) - 3
         if hub_kills == 1:
             events.append((d * 0.25, "hub"))  # back before Redis stops at d / 2
         for k in range(hub_kills if hub_kills > 1 else 0):
             events.append((d * (k + 1) / (hub_kills + 1) * 0.9, "hub"))
         if c.redis_restart:
             events.append((d * 0.5, "redis"))
+        for k in range(c.redis_kills):
+            # Away from the hub kills and the restart, with load on both sides.
+            at = d * (0.65 + 0.25 * k / max(c.redis_kills, 1))
+            events.append((min(at, last_fault - k), "redis-kill"))
         t = min(3.0, d / 6)
         while c.node_kill_every_s > 0 and t < last_fault:
             events.append((t, "node"))
@@ -775,9 +793,46 @@ class ChaosRun:
         self.redis_gap = (down, up)
         self.log(f"every hub ready again {fault.back_at - up:.2f} s after redis came back")
 
+    async def _kill_redis(self, at: float) -> None:
+        """SIGKILL Redis under load, cut its last writes, start it again; wait for the hubs.
+
+        The failover time is from the kill until every live hub is ready and
+        has reconciled the restart (its ``hub_redis_reconciled_total`` of
+        restarts went up).
+        """
+        server = self.redis_server
+        assert server is not None and server.pid is not None
+        hubs = [h for h in self.hubs if h.alive]
+        before = {h.hub_id: await _restarts_reconciled(h) for h in hubs}
+        mark = aof_mark(server.data_dir)
+        await asyncio.sleep(self.config.redis_lost_s)
+        fault = Fault(_now(), "redis-kill", "redis")
+        self.faults.append(fault)
+        os.kill(server.pid, signal.SIGKILL)
+        server.stop()  # reaps it
+        cut = cut_aof(mark)
+        self.aof_cut.append(cut)
+        self.log(f"killed redis; cut the last {cut} bytes of its append-only file")
+        await asyncio.sleep(min(self.config.redis_down_s, 0.5))
+        server.start()
+        deadline = time.monotonic() + 30
+        for h in hubs:
+            while h.alive and time.monotonic() < deadline:
+                if await _restarts_reconciled(h) > before[h.hub_id]:
+                    break
+                await asyncio.sleep(0.02)
+        fault.back_at = _now()
+        self.redis_kill_samples.append(fault.back_at - fault.at)
+        self.log(f"every hub reconciled {fault.back_at - fault.at:.2f} s after the kill")
+
     async def _chaos(self) -> None:
         begin = time.monotonic()
-        actions = {"node": self._kill_node, "hub": self._kill_hub, "redis": self._restart_redis}
+        actions = {
+            "node": self._kill_node,
+            "hub": self._kill_hub,
+            "redis": self._restart_redis,
+            "redis-kill": self._kill_redis,
+        }
         running: list[asyncio.Task[None]] = []
         for at, kind in self.schedule():
             delay = begin + at - time.monotonic()
@@ -945,6 +1000,7 @@ class ChaosRun:
             "mismatches": len(audit.mismatches),
             "problems": len(problems),
             "faults": collections.Counter(f.kind for f in self.faults),
+            "redis_aof_bytes_cut": self.aof_cut,
             "failover": failovers,
             "redis_keys": {
                 "total": audit.keys,
@@ -972,7 +1028,9 @@ class ChaosRun:
         node_samples: list[float] = []
         during_outage: list[float] = []
         node_kills_with_jobs = 0
-        outages = [(f.at, f.back_at or f.at) for f in self.faults if f.kind == "redis"]
+        outages = [
+            (f.at, f.back_at or f.at) for f in self.faults if f.kind in ("redis", "redis-kill")
+        ]
         for fault in (f for f in self.faults if f.kind == "node"):
             # First job of the killed node that another node took (attempt >= 2).
             first: float | None = None
@@ -1020,6 +1078,7 @@ class ChaosRun:
             "node_kills_with_running_jobs": node_kills_with_jobs,
             "hub_kill_to_node_reregistered_s": _summary(hub_nodes),
             "hub_kill_to_session_resumed_s": _summary(hub_sessions),
+            "redis_kill_to_hubs_reconciled_s": _summary(self.redis_kill_samples),
             "redis_restart_to_hubs_ready_s": (
                 round(
                     max(f.back_at for f in self.faults if f.kind == "redis") - self.redis_gap[1], 3
@@ -1028,6 +1087,15 @@ class ChaosRun:
                 else None
             ),
         }
+
+
+async def _restarts_reconciled(hub: HubProcess) -> int:
+    """How many Redis restarts the hub reconciled (``/v1/status``); -1 when it does not answer."""
+    status, body = await http_get(hub.port, "/v1/status")
+    if status != 200:
+        return -1
+    counters = orjson.loads(body).get("hub_counters", {})
+    return int(counters.get("hub_redis_reconciled_total{what=restarts}", 0))
 
 
 def _summary(samples: list[float]) -> dict[str, Any] | None:
@@ -1088,6 +1156,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{timing(f['hub_kill_to_node_reregistered_s'])}",
         f"    hub kill -> its sessions resumed on another hub: "
         f"{timing(f['hub_kill_to_session_resumed_s'])}",
+        f"    redis SIGKILL (last writes lost) -> every hub ready and reconciled: "
+        f"{timing(f['redis_kill_to_hubs_reconciled_s'])}",
         "    redis back -> every hub ready: "
         + (
             "n/a"
@@ -1124,7 +1194,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--node-kill-every-s", type=float, default=7.0, help="default 7")
     p.add_argument("--hub-kills", type=int, default=None, help="default: one per 40 s")
-    p.add_argument("--no-redis-restart", action="store_true", help="leave Redis alone")
+    p.add_argument("--no-redis-restart", action="store_true", help="no SIGTERM restart of Redis")
+    p.add_argument(
+        "--redis-kills",
+        type=int,
+        default=1,
+        help="SIGKILLs of Redis losing its last second of writes (default 1)",
+    )
     p.add_argument("--out", type=Path, default=None, help="logs and chaos.json (default: temp)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
@@ -1149,6 +1225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         node_kill_every_s=ns.node_kill_every_s,
         hub_kills=ns.hub_kills,
         redis_restart=not ns.no_redis_restart,
+        redis_kills=ns.redis_kills,
         out_dir=ns.out,
     )
     try:

@@ -52,9 +52,12 @@ __all__ = [
     "Processes",
     "ReadyLine",
     "RedisProcess",
+    "aof_mark",
     "child_env",
     "cpu_seconds",
+    "cut_aof",
     "free_port",
+    "http_get",
     "http_status",
     "hub_command",
     "log_tail",
@@ -313,6 +316,17 @@ async def http_status(
     Returns:
         The status code, or ``None`` if the server is unreachable or mute.
     """
+    return (await http_get(port, path, timeout_s, host=host, body=False))[0]
+
+
+async def http_get(
+    port: int, path: str, timeout_s: float = 2.0, *, host: str = "127.0.0.1", body: bool = True
+) -> tuple[int | None, bytes]:
+    """Status and body of ``GET http://<host>:<port><path>`` (as :func:`http_status`).
+
+    Args:
+        body: read the body (to the end of the connection); else only the status line.
+    """
     try:
         async with asyncio.timeout(timeout_s):
             reader, writer = await asyncio.open_connection(host, port)
@@ -322,14 +336,52 @@ async def http_status(
                 )
                 await writer.drain()
                 line = await reader.readline()
+                rest = await reader.read() if body else b""
             finally:
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
     except (OSError, TimeoutError):
-        return None
+        return None, b""
     parts = line.split()
-    return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+    status = int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+    return status, rest.partition(b"\r\n\r\n")[2]
+
+
+def aof_mark(data_dir: Path) -> tuple[Path, int]:
+    """Where a server's append-only file ends now: its newest incremental file and size.
+
+    Args:
+        data_dir: the server's ``--dir`` (the files are in ``appendonlydir``).
+
+    Raises:
+        FileNotFoundError: if the server keeps no append-only file there.
+    """
+    aof_dir = Path(data_dir) / "appendonlydir"
+    (manifest,) = aof_dir.glob("*.manifest")
+    incremental = [
+        line.split()[1] for line in manifest.read_text().splitlines() if line.endswith(" type i")
+    ]
+    path = aof_dir / incremental[-1]
+    return path, path.stat().st_size
+
+
+def cut_aof(mark: tuple[Path, int]) -> int:
+    """Cut a killed server's append-only file back to ``mark`` (:func:`aof_mark`).
+
+    This is what an operating system crash does to writes Redis had not yet
+    fsynced (``appendfsync everysec``: up to a second of them): a SIGKILL of
+    the process alone loses nothing the kernel holds. Cutting the file takes
+    the writes made since the mark out, as that crash would; the server
+    loads what is left (``aof-load-truncated``).
+
+    Returns:
+        How many bytes were cut.
+    """
+    path, size = mark
+    cut = path.stat().st_size - size
+    os.truncate(path, size)
+    return cut
 
 
 def upgrade_request(

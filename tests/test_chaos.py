@@ -2,7 +2,8 @@
 
 Three hub processes, six node processes and ten sessions on one cell of an
 embedded Redis (append-only file on); over 20 s of steady load two nodes and
-one hub are SIGKILLed and started again and Redis is stopped and restarted.
+one hub are SIGKILLed and started again, Redis is stopped and restarted, and
+Redis is SIGKILLed and restarted without its last second of writes.
 The ledger must be clean: every job exactly one outcome in its session, no
 duplicate, no attempt run twice, no slot or key leaked. ``python -m
 loadtest.chaos`` runs the full-length version (120 s, 20 nodes, 50 sessions).
@@ -36,7 +37,12 @@ async def test_short_chaos_run_leaves_a_clean_ledger(tmp_path: Path) -> None:
     text = format_report(report)
     print(text)  # shown by pytest -rA or on failure
     assert report["clean"], text
-    assert report["faults"] == {"node": report["faults"]["node"], "hub": 1, "redis": 1}
+    assert report["faults"] == {
+        "node": report["faults"]["node"],
+        "hub": 1,
+        "redis": 1,
+        "redis-kill": 1,
+    }
     assert report["faults"]["node"] >= 2
     assert report["submitted"] > 100 and report["finished"] > 0.6 * report["submitted"]
     assert report["duplicates"] == report["leaks"] == report["mismatches"] == 0
@@ -44,3 +50,4 @@ async def test_short_chaos_run_leaves_a_clean_ledger(tmp_path: Path) -> None:
     failover = report["failover"]
     assert failover["hub_kill_to_node_reregistered_s"] is not None
     assert failover["hub_kill_to_session_resumed_s"] is not None
+    assert failover["redis_kill_to_hubs_reconciled_s"] is not None
