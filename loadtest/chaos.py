@@ -125,6 +125,7 @@ DOCUMENTED_REFUSALS = frozenset(
         "UNAVAILABLE",
         "TOO_MANY_JOBS",
         "RATE_LIMITED",
+        "OVERLOADED",
     }
 )
 """protocol.md §6: error codes a session's ``job`` may be refused with."""

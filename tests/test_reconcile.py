@@ -205,3 +205,55 @@ async def test_redis_killed_under_load_without_its_last_second_leaves_a_clean_le
     # whose record went with the lost second.
     assert set(report["failed"]) <= {"JOB_LOST"}, report["failed"]
     assert set(report["refused"]) <= {"UNAVAILABLE"}, report["refused"]
+
+
+async def test_job_redis_lost_in_a_restart_ends_job_lost_once_and_stops_on_its_node(
+    make_hub: MakeHub, spawn_redis: Callable[..., RedisProcess], keys: Keys
+) -> None:
+    # Redis comes back without the dispatch of a running job (its record, its
+    # place in the node's and the session's sets): as a restart that lost its
+    # last writes leaves it, made exact here by deleting them before a restart.
+    server = spawn_redis(appendonly=True)
+    hub = await make_hub(redis_url=server.url, node_lease_ms=60_000)
+    url = f"ws://127.0.0.1:{hub.port}"
+    cancelled = asyncio.Event()
+
+    async def handler(job: Job) -> dict[str, Any]:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return {}
+
+    redis = client_for(server.url)
+    try:
+        async with (
+            NodeClient(url, node_id="n1", languages=["en", "fr"], handler=handler, backoff=FAST)
+            as node,
+            SessionClient(url, backoff=FAST) as session,
+        ):  # fmt: skip
+            node.start()
+            await node.wait_registered()
+            submitted = asyncio.create_task(session.submit("en", "fr", {"text": "x"}))
+            await wait_for(lambda: node.running == 1, timeout=2000 * MS, what="the job running")
+            (job_id,) = hub.registry.nodes["n1"].jobs
+            sid = (await redis.hget(keys.job(job_id), "session") or b"").decode()
+            await redis.delete(keys.job(job_id))
+            await redis.srem(keys.node_jobs("n1"), job_id)
+            await redis.srem(keys.session_jobs(sid), job_id)
+            await redis.hincrby(keys.node("n1"), "running", -1)
+            await redis.zrem(keys.deadlines, job_id)
+
+            await asyncio.to_thread(server.restart)
+            result = await asyncio.wait_for(submitted, 5000 * MS)
+            await asyncio.wait_for(cancelled.wait(), 2000 * MS)
+            assert hub.reconciler.restarts == 1 and hub.reconciler.lost == 1
+            assert node.connections == 1  # its registration survived: no reconnection
+        assert (result.status, result.error) == ("failed", "JOB_LOST")
+        await redis.aclose()
+        redis = client_for(server.url)
+        status, error = await redis.hmget(keys.job(job_id), "status", "error")
+        assert (status, error) == (b"failed", b"JOB_LOST")
+    finally:
+        await redis.aclose()

@@ -62,7 +62,10 @@ class JobResult:
     """The node's result object, or ``None``."""
     error: str | None
     """``None`` when finished; an error code (``JOB_TIMEOUT``, ``NODE_LOST``,
-    ``CANCELLED``…) or the node's own message when failed."""
+    ``CANCELLED``, ``JOB_LOST``…) or the node's own message when failed.
+    ``JOB_LOST`` and ``AUDIO_LOST``: the hub lost the job (Redis came back
+    without it, or the audio is gone); it may have run or not, and may be
+    submitted again (protocol.md §8)."""
     node_id: str | None
     """The node of the last attempt, or ``None`` if the job never ran."""
 

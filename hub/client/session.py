@@ -186,7 +186,7 @@ class SessionClient(Link[ToSessionFrame]):
 
         Returns:
             The :class:`JobResult`, finished or failed (by the node, or with
-            ``JOB_TIMEOUT``, ``NODE_LOST``, ``NO_AVAILABLE_NODE``…).
+            ``JOB_TIMEOUT``, ``NODE_LOST``, ``NO_AVAILABLE_NODE``, ``JOB_LOST``…).
 
         Raises:
             JobRefused: when the hub refused the job (it did not run).
