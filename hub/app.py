@@ -98,6 +98,7 @@ class Hub:
             self.subscriber,
             self.keys.channel(self.hub_id),
             lambda message: self.outbox.receive_bus(message),
+            ping_timeout_s=settings.redis_reply_timeout_s,
         )
         self.outbox = Outbox(
             self.hub_id,

@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
 __all__ = ["Bus", "decode_envelope", "encode_envelope"]
 
@@ -73,6 +74,12 @@ class Bus:
         on_message: called with each raw message received.
         max_outbox: most messages waiting to be published; more are dropped
             with a warning (the receivers find results in Redis on resume).
+        ping_interval_s: a subscription that received nothing for this long
+            sends a PING on its connection…
+        ping_timeout_s: …and one that then hears nothing more for this long
+            is replaced. A subscription only reads: without its pings, a
+            connection that a partition left half-open (Redis closed it, the
+            FIN was lost) would stay silent for ever.
     """
 
     def __init__(
@@ -83,16 +90,22 @@ class Bus:
         on_message: Callable[[bytes], None],
         *,
         max_outbox: int = 10000,
+        ping_interval_s: float = 1.0,
+        ping_timeout_s: float = 2.0,
     ) -> None:
         self.redis = redis
         self.subscriber = subscriber
         self.channel = channel
         self.on_message = on_message
         self.max_outbox = max_outbox
+        self.ping_interval_s = ping_interval_s
+        self.ping_timeout_s = ping_timeout_s
         self.dropped = 0
         """Messages dropped because the outbox was full or Redis was down."""
         self.subscribed = asyncio.Event()
         """Set while the subscription is live."""
+        self.subscriptions = 0
+        """Subscriptions made so far (the first, then one after each loss)."""
         self.on_subscribed: Callable[[], None] | None = None
         """Called after each (re)subscription: messages published meanwhile were lost."""
         self._outbox: list[tuple[str, bytes]] = []
@@ -161,6 +174,35 @@ class Bus:
         self.dropped += len(batch)
         logger.warning("! could not publish %d bus messages: %s", len(batch), error)
 
+    async def _receive(self, pubsub: PubSub) -> None:
+        """Hand each message to ``on_message``; ping when idle, fail when silent.
+
+        Raises:
+            redis.exceptions.ConnectionError: when Redis answered nothing for
+                ``ping_interval_s + ping_timeout_s`` (the caller subscribes again).
+        """
+        loop = asyncio.get_running_loop()
+        heard_at = pinged_at = loop.time()
+        silence_s = self.ping_interval_s + self.ping_timeout_s
+        while not self._closed:
+            msg = await pubsub.get_message(timeout=min(1.0, self.ping_interval_s))
+            now = loop.time()
+            if msg is not None:
+                heard_at = now
+                if msg.get("type") == "message":
+                    try:
+                        self.on_message(msg["data"])
+                    except Exception:
+                        logger.error("! bus message handler failed", exc_info=True)
+                continue
+            if now - heard_at > silence_s:
+                raise redis_errors.ConnectionError(
+                    f"no answer on the subscription for {silence_s:g} s"
+                )
+            if now - max(heard_at, pinged_at) >= self.ping_interval_s:
+                pinged_at = now
+                await pubsub.ping()
+
     async def _listen(self) -> None:
         delay = 0.05
         while not self._closed:
@@ -174,17 +216,12 @@ class Bus:
                         break
                 else:
                     raise redis_errors.TimeoutError("no subscription confirmed in 10 s")
+                self.subscriptions += 1
                 self.subscribed.set()
                 if self.on_subscribed is not None:
                     self.on_subscribed()
                 delay = 0.05
-                while not self._closed:
-                    msg = await pubsub.get_message(timeout=1.0)
-                    if msg is not None and msg.get("type") == "message":
-                        try:
-                            self.on_message(msg["data"])
-                        except Exception:
-                            logger.error("! bus message handler failed", exc_info=True)
+                await self._receive(pubsub)
             except asyncio.CancelledError:
                 raise
             except (redis_errors.RedisError, OSError) as exc:

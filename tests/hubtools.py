@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import struct
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -31,12 +32,15 @@ __all__ = [
     "Connect",
     "Frame",
     "RawNode",
+    "attempts",
     "binary_job",
     "check_invariants",
+    "collect_results",
     "expect",
     "expect_closed",
     "expect_silence",
     "http_get",
+    "job_record",
     "node_hash",
     "open_node",
     "open_session",
@@ -279,6 +283,47 @@ async def round_trip(
 
 
 # Redis state
+
+
+async def collect_results(
+    ws: Any, refs: set[str], within: float = 5000 * MS
+) -> dict[str, list[Frame]]:
+    """Read a session's frames until each of ``refs`` has its ``result``.
+
+    Returns:
+        The frames of each ref, in order (``accepted``, ``partial``, ``result``).
+
+    Raises:
+        AssertionError: on a second ``result`` for a ref, a frame after a
+            ref's result, or a timeout.
+    """
+    frames: dict[str, list[Frame]] = {ref: [] for ref in refs}
+    done: set[str] = set()
+    deadline = time.monotonic() + within
+    while done != refs:
+        frame = await receive(ws, max(deadline - time.monotonic(), 1 * MS))
+        ref = frame.get("ref")
+        assert ref in refs, f"unexpected frame {frame!r}"
+        assert ref not in done, f"frame after the result of {ref}: {frame!r}"
+        frames[ref].append(frame)
+        if frame["type"] == "result":
+            done.add(ref)
+    return frames
+
+
+def attempts(frames: list[Frame]) -> list[tuple[str, int]]:
+    """(node, attempt) of each ``accepted`` frame."""
+    return [(f["node_id"], f["attempt"]) for f in frames if f["type"] == "accepted"]
+
+
+async def job_record(redis: Redis, keys: Keys, job_id: str) -> dict[str, str]:
+    """A job's hash in Redis, decoded, without its payload and audio flag."""
+    raw = await redis.hgetall(keys.job(job_id))
+    return {
+        f.decode(): v.decode(errors="replace")
+        for f, v in raw.items()
+        if f not in (b"payload", b"audio")
+    }
 
 
 async def node_hash(redis: Redis, keys: Keys, node_id: str) -> dict[str, str]:

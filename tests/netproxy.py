@@ -21,6 +21,10 @@ Each connection has two flows, :attr:`Flow.TO_TARGET` (client to target) and
   and it blocks, as with a real peer that does not acknowledge;
 - **blackhole, dropped**: what is read is thrown away, ends of stream too.
 
+Bytes that pass towards an end whose socket is gone (it was reset, or it
+closed and a dropping blackhole swallowed its FIN) reset the connection
+instead, as the far end's kernel would answer them with an RST.
+
 A method of the proxy applies to every open connection and to those opened
 later; the same method of one :class:`Connection` (``proxy.connections``)
 applies to that connection only, which makes a half-open connection while new
@@ -41,6 +45,7 @@ import enum
 import socket
 import struct
 from collections import deque
+from collections.abc import Callable
 from typing import Self
 
 __all__ = ["MAX_HELD_CHUNKS", "Connection", "Flow", "Mode", "NetProxy"]
@@ -89,6 +94,7 @@ class _Pipe:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         on_end: asyncio.Event,
+        on_dead: Callable[[], None],
     ) -> None:
         self.settings = dataclasses.replace(settings)
         self._reader = reader
@@ -96,6 +102,11 @@ class _Pipe:
         self._queue: deque[tuple[float, bytes | _End]] = deque()
         self._changed = asyncio.Event()
         self._on_end = on_end
+        self._on_dead = on_dead
+        self.back: _Pipe | None = None
+        """The other flow of the connection."""
+        self.swallowed_end = False
+        """Whether a dropping blackhole threw away the end (FIN, RST) of this flow's source."""
         self.forwarded = 0
         """Bytes written to the far end."""
         self.dropped = 0
@@ -118,7 +129,8 @@ class _Pipe:
             if self.settings.mode is Mode.DROP:
                 self.dropped += len(data) if isinstance(data, bytes) else 0
                 if isinstance(data, _End):
-                    return  # swallowed: the far end never learns
+                    self.swallowed_end = True  # the far end never learns
+                    return
                 continue
             while len(self._queue) >= MAX_HELD_CHUNKS:
                 await self._wait_change()
@@ -157,6 +169,12 @@ class _Pipe:
                 self._on_end.set()
                 return
             assert isinstance(data, bytes)
+            if self._writer.transport.is_closing() or (
+                self.back is not None and self.back.swallowed_end
+            ):
+                # The far end is gone: as its kernel would, answer with an RST.
+                self._on_dead()
+                return
             self._writer.write(data)
             self.forwarded += len(data)
             try:
@@ -183,9 +201,15 @@ class Connection:
         self._target = target[1]
         self._ended = asyncio.Event()
         self.pipes = {
-            Flow.TO_TARGET: _Pipe(settings[Flow.TO_TARGET], client[0], target[1], self._ended),
-            Flow.TO_CLIENT: _Pipe(settings[Flow.TO_CLIENT], target[0], client[1], self._ended),
+            Flow.TO_TARGET: _Pipe(
+                settings[Flow.TO_TARGET], client[0], target[1], self._ended, self.cut
+            ),
+            Flow.TO_CLIENT: _Pipe(
+                settings[Flow.TO_CLIENT], target[0], client[1], self._ended, self.cut
+            ),
         }
+        self.pipes[Flow.TO_TARGET].back = self.pipes[Flow.TO_CLIENT]
+        self.pipes[Flow.TO_CLIENT].back = self.pipes[Flow.TO_TARGET]
         self._tasks = [
             asyncio.get_running_loop().create_task(coro)
             for pipe in self.pipes.values()
@@ -208,6 +232,15 @@ class Connection:
     def heal(self, flow: Flow = Flow.BOTH) -> None:
         """Forward ``flow`` again, without delay; held bytes go first, in order."""
         self._set(flow, mode=Mode.PASS, delay_ms=0)
+
+    def lose_target(self) -> None:
+        """The target's end goes away (as when Redis closes a client it thinks dead).
+
+        Its socket is closed; the client hears of it only through the flow
+        towards it: at once if it passes, when healed if it is held, and
+        only when the client sends again if it is dropped (then with an RST).
+        """
+        self._target.transport.abort()
 
     def cut(self) -> None:
         """Reset both sockets now (RST to the client and to the target)."""

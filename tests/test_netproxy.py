@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.helpers import MS, wait_for
-from tests.netproxy import MAX_HELD_CHUNKS, Flow, NetProxy
+from tests.netproxy import MAX_HELD_CHUNKS, Flow, NetProxy, reset
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -21,6 +21,7 @@ class Echo:
     def __init__(self) -> None:
         self.received = bytearray()
         self.ends: list[str] = []
+        self.writers: list[asyncio.StreamWriter] = []
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -29,6 +30,7 @@ class Echo:
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
         try:
             while data := await reader.read(65536):
                 self.received += data
@@ -83,6 +85,13 @@ async def nothing_within(reader: asyncio.StreamReader, duration: float) -> None:
         async with asyncio.timeout(duration):
             data = await reader.read(1)
             raise AssertionError(f"expected silence, got {data!r}")
+
+
+async def reset_within(reader: asyncio.StreamReader, within: float = 1000 * MS) -> None:
+    """The connection is reset (RST) within ``within`` seconds."""
+    with pytest.raises(ConnectionResetError):
+        async with asyncio.timeout(within):
+            await reader.read(1)
 
 
 async def test_proxy_passes_bytes_both_ways(proxy: NetProxy, echo: Echo) -> None:
@@ -189,9 +198,7 @@ async def test_cut_resets_both_ends(proxy: NetProxy, echo: Echo) -> None:
     async with client(proxy) as (reader, writer):
         await echoed((reader, writer), b"x")
         proxy.cut()
-        with pytest.raises(ConnectionResetError):
-            async with asyncio.timeout(1000 * MS):
-                await reader.read(1)
+        await reset_within(reader)
         await wait_for(lambda: echo.ends == ["reset"], what="the target reset")
         await wait_for(lambda: not proxy.connections, what="the connection forgotten")
 
@@ -200,9 +207,7 @@ async def test_cut_while_held_resets_at_once(proxy: NetProxy) -> None:
     async with client(proxy) as (reader, _):
         proxy.blackhole()
         proxy.cut()
-        with pytest.raises(ConnectionResetError):
-            async with asyncio.timeout(1000 * MS):
-                await reader.read(1)
+        await reset_within(reader)
 
 
 async def test_new_target_takes_later_connections(proxy: NetProxy, echo: Echo) -> None:
@@ -223,3 +228,40 @@ async def test_new_target_takes_later_connections(proxy: NetProxy, echo: Echo) -
 def test_proxy_refuses_a_target_off_loopback() -> None:
     with pytest.raises(ValueError, match="only forwards to loopback"):
         NetProxy(80, "example.com")
+
+
+@pytest.mark.parametrize("end", ["fin", "rst"])
+async def test_bytes_towards_a_gone_end_reset_the_connection(
+    proxy: NetProxy, echo: Echo, end: str
+) -> None:
+    async with client(proxy) as (reader, writer):
+        await echoed((reader, writer), b"x")
+        proxy.blackhole(drop=True)
+        # The target closes; the client never hears of it.
+        if end == "fin":
+            echo.writers[0].close()
+        else:
+            reset(echo.writers[0])
+        await nothing_within(reader, 200 * MS)
+        proxy.heal()
+        writer.write(b"after")
+        await reset_within(reader)
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["held", "dropped"])
+async def test_lost_target_is_heard_of_when_healed_or_on_the_next_send(
+    proxy: NetProxy, echo: Echo, drop: bool
+) -> None:
+    async with client(proxy) as (reader, writer):
+        await echoed((reader, writer), b"x")
+        proxy.blackhole(drop=drop)
+        proxy.connections[0].lose_target()
+        await nothing_within(reader, 200 * MS)
+        proxy.heal()
+        if drop:
+            await nothing_within(reader, 200 * MS)  # a client that only reads is deaf
+            writer.write(b"hello?")
+            await reset_within(reader)
+        else:
+            async with asyncio.timeout(1000 * MS):
+                assert await reader.read() == b""  # the held FIN

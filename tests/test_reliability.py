@@ -47,10 +47,13 @@ from tests.hubtools import (
     Connect,
     Frame,
     RawNode,
+    attempts,
     check_invariants,
+    collect_results,
     expect,
     expect_silence,
     http_get,
+    job_record,
     node_hash,
     open_session,
     receive,
@@ -121,46 +124,6 @@ def node_client(hub: Hub | HubProcess, node_id: str, handler: Any, **kwargs: Any
     kwargs.setdefault("languages", ["en", "fr"])
     kwargs.setdefault("backoff", FAST)
     return NodeClient(url_of(hub), node_id=node_id, handler=handler, **kwargs)
-
-
-async def collect_results(
-    ws: Any, refs: set[str], within: float = 5000 * MS
-) -> dict[str, list[Frame]]:
-    """Read a session's frames until each of ``refs`` has its ``result``.
-
-    Returns:
-        The frames of each ref, in order (``accepted``, ``partial``, ``result``).
-
-    Raises:
-        AssertionError: on a second ``result`` for a ref, a frame after a
-            ref's result, or a timeout.
-    """
-    frames: dict[str, list[Frame]] = {ref: [] for ref in refs}
-    done: set[str] = set()
-    deadline = time.monotonic() + within
-    while done != refs:
-        frame = await receive(ws, max(deadline - time.monotonic(), 1 * MS))
-        ref = frame.get("ref")
-        assert ref in refs, f"unexpected frame {frame!r}"
-        assert ref not in done, f"frame after the result of {ref}: {frame!r}"
-        frames[ref].append(frame)
-        if frame["type"] == "result":
-            done.add(ref)
-    return frames
-
-
-def attempts(frames: list[Frame]) -> list[tuple[str, int]]:
-    """(node, attempt) of each ``accepted`` frame."""
-    return [(f["node_id"], f["attempt"]) for f in frames if f["type"] == "accepted"]
-
-
-async def job_record(redis: Redis, keys: Keys, job_id: str) -> dict[str, str]:
-    raw = await redis.hgetall(keys.job(job_id))
-    return {
-        f.decode(): v.decode(errors="replace")
-        for f, v in raw.items()
-        if f not in (b"payload", b"audio")
-    }
 
 
 # 1. A node process killed with SIGKILL mid-job

@@ -31,6 +31,8 @@ FATAL_CLOSE_CODES = frozenset(
 )
 """protocol.md §7: do not reconnect unchanged after these."""
 _FATAL_HTTP_STATUSES = frozenset({401, 403})
+_CLOSE_TIMEOUT_S = 2.0
+"""How long a closing connection waits for the hub's close before dropping the socket."""
 
 FrameT = TypeVar("FrameT")
 
@@ -49,6 +51,11 @@ class Link(Generic[FrameT]):
         open_timeout_s: timeout of the WebSocket handshake.
         max_frame_bytes: largest message accepted from the hub.
         logger: where the client logs its connections.
+        ping_interval_s: the client pings the hub this often (``None``: never).
+        ping_timeout_s: a ping unanswered this long ends the connection, which
+            is then opened again (``None``: wait for ever). A dead link (no
+            FIN, no RST) is noticed within ``ping_interval_s + ping_timeout_s``
+            plus the 2 s close timeout.
     """
 
     def __init__(
@@ -60,12 +67,16 @@ class Link(Generic[FrameT]):
         open_timeout_s: float,
         max_frame_bytes: int,
         logger: logging.Logger,
+        ping_interval_s: float | None = 20.0,
+        ping_timeout_s: float | None = 20.0,
     ) -> None:
         self.url = url
         """The hub's endpoint."""
         self.backoff = backoff or Backoff()
         self.open_timeout_s = open_timeout_s
         self.max_frame_bytes = max_frame_bytes
+        self.ping_interval_s = ping_interval_s
+        self.ping_timeout_s = ping_timeout_s
         self.hub_id: str | None = None
         """Id of the hub of the current (or last) connection."""
         self.connections = 0
@@ -140,7 +151,9 @@ class Link(Generic[FrameT]):
                 open_timeout=self.open_timeout_s,
                 max_size=self.max_frame_bytes,
                 compression=None,
-                close_timeout=2,
+                close_timeout=_CLOSE_TIMEOUT_S,
+                ping_interval=self.ping_interval_s,
+                ping_timeout=self.ping_timeout_s,
             )
         except InvalidURI as exc:
             raise ConnectionRejected("URL", str(exc)) from exc

@@ -102,6 +102,10 @@ class SessionClient(Link[ToSessionFrame]):
         ack_batch: …or as soon as this many are waiting.
         open_timeout_s: timeout of the handshake and of ``welcome``.
         max_frame_bytes: largest message accepted from the hub.
+        ping_interval_s: the session's liveness: it pings the hub this often…
+        ping_timeout_s: …and a ping unanswered this long (a dead link: no FIN,
+            no RST) ends the connection; the session then reconnects and
+            resumes (protocol.md §8). ``None`` disables either.
     """
 
     def __init__(
@@ -116,6 +120,8 @@ class SessionClient(Link[ToSessionFrame]):
         ack_batch: int = 32,
         open_timeout_s: float = 10.0,
         max_frame_bytes: int = 16 * 1024 * 1024,
+        ping_interval_s: float | None = 20.0,
+        ping_timeout_s: float | None = 20.0,
     ) -> None:
         super().__init__(
             endpoint(url, SESSION_PATH),
@@ -124,6 +130,8 @@ class SessionClient(Link[ToSessionFrame]):
             open_timeout_s=open_timeout_s,
             max_frame_bytes=max_frame_bytes,
             logger=logger,
+            ping_interval_s=ping_interval_s,
+            ping_timeout_s=ping_timeout_s,
         )
         self.default_timeout_s = default_timeout_s
         self.result_grace_s = result_grace_s
