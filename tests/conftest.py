@@ -59,7 +59,14 @@ from hub.config import Settings
 from hub.embedded import find_redis_server
 from hub.keys import Keys
 from loadtest.procs import Processes, RedisProcess, start_redis
-from tests.helpers import CONNECT_TIMEOUT_S, MS, SOCKET_TIMEOUT_S, client_for, glob_escape
+from tests.helpers import (
+    CONNECT_TIMEOUT_S,
+    MS,
+    NO_SHEDDING,
+    SOCKET_TIMEOUT_S,
+    client_for,
+    glob_escape,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -157,7 +164,7 @@ def spawn_redis(
 async def processes(
     request: pytest.FixtureRequest, redis_server: RedisProcess, keys: Keys, tmp_path: Path
 ) -> AsyncIterator[Processes]:
-    settings = getattr(request.module, "PROCESS_HUB_SETTINGS", {})
+    settings = NO_SHEDDING | getattr(request.module, "PROCESS_HUB_SETTINGS", {})
     group = Processes(tmp_path, redis_server.url, keys.cell, hub_settings=settings)
     try:
         yield group
@@ -180,10 +187,7 @@ HUB_TEST_SETTINGS: dict[str, Any] = {
     "shutdown_grace_s": 2.0,
     "redis_timeout_s": 1.0,
     "session_rate_per_s": None,
-    # A test machine runs Redis, the hub and the test on two shared cores:
-    # only the tests of load shedding shed load.
-    "shed_loop_lag_ms": 60_000,
-    "shed_dispatch_ms": 60_000,
+    **NO_SHEDDING,
 }
 """Settings of test hubs: fast heartbeats and sweeps, no resume window."""
 

@@ -21,6 +21,7 @@ from redis.backoff import NoBackoff
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "MS",
+    "NO_SHEDDING",
     "SOCKET_TIMEOUT_S",
     "client_for",
     "glob_escape",
@@ -163,3 +164,9 @@ def _describe(predicate: Callable[..., Any]) -> str:
 def glob_escape(text: str) -> str:
     """Escape ``text`` for a Redis glob pattern (``SCAN MATCH``, ``KEYS``)."""
     return "".join("\\" + c if c in "\\*?[]" else c for c in text)
+
+
+NO_SHEDDING: dict[str, int] = {"shed_loop_lag_ms": 60_000, "shed_dispatch_ms": 60_000}
+"""Hub settings for tests: a test machine runs Redis, hubs and the test on two
+shared cores (and PYTHONASYNCIODEBUG slows every hub), so only the tests of
+load shedding shed load."""

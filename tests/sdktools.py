@@ -12,7 +12,7 @@ from typing import Any
 from hub.app import Hub
 from hub.client import Backoff
 from hub.config import Settings
-from tests.helpers import MS
+from tests.helpers import MS, NO_SHEDDING
 
 __all__ = ["FAST_BACKOFF", "running_hub"]
 
@@ -23,7 +23,7 @@ FAST_BACKOFF = Backoff(min_s=20 * MS, max_s=200 * MS)
 @contextlib.asynccontextmanager
 async def running_hub(redis_url: str, cell: str, **settings: Any) -> AsyncIterator[Hub]:
     """A started, ready hub on 127.0.0.1 (port 0 unless given), closed afterwards."""
-    values: dict[str, Any] = {"port": 0, "cell": cell, "shutdown_grace_s": 0.0}
+    values: dict[str, Any] = {"port": 0, "cell": cell, "shutdown_grace_s": 0.0, **NO_SHEDDING}
     values.update(settings)
     hub = Hub(Settings(**values), redis_url)
     try:
