@@ -3,7 +3,7 @@
 Usage::
 
     python -m loadtest [--sessions 1000] [--nodes 40] [--duration 30]
-        [--scenario steady|burst|overload|churn|chaos] [--url ws://HOST:PORT ...]
+        [--scenario steady|burst|overload|churn|chaos|soak] [--url ws://HOST:PORT ...]
         [--hubs N] [--service-time-ms 50..300] [--job-interval-ms 1000]
         [--max-jobs 8] [--audio-bytes 16000] [--processes K] [--out DIR]
         [--uvloop | --no-uvloop] ...
@@ -48,6 +48,9 @@ __all__ = ["main"]
 
 STATUS_INTERVAL_S = 1.0
 
+DELEGATED = ("chaos", "soak")
+"""Scenarios with a harness of their own (real node processes, faults): their modules' main."""
+
 JOBS_PER_PROCESS = 2500
 """Offered jobs/s one load generator process carries by default (about a quarter of a
 core): fewer processes wake up less often, and take less of the machine from the hub."""
@@ -60,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scenario",
-        choices=(*SCENARIOS, "chaos"),
+        choices=(*SCENARIOS, *DELEGATED),
         default="steady",
-        help="chaos runs loadtest.chaos (see python -m loadtest.chaos --help)",
+        help="chaos runs loadtest.chaos, soak loadtest.soak "
+        "(see python -m loadtest --scenario chaos|soak --help)",
     )
     p.add_argument("--sessions", type=int, default=1000, help="simulated sessions (default 1000)")
     p.add_argument("--nodes", type=int, default=40, help="simulated nodes (default 40)")
@@ -433,24 +437,30 @@ def _has_uvloop() -> bool:
     return True
 
 
-def _chaos_args(argv: list[str]) -> list[str] | None:
-    """The arguments for loadtest.chaos when ``--scenario chaos`` is asked for, else None."""
+def _delegated_args(argv: list[str]) -> tuple[str, list[str]] | None:
+    """(scenario, its arguments) when ``--scenario chaos`` or ``soak`` is asked for, else None."""
     for i, arg in enumerate(argv):
-        if arg == "--scenario=chaos":
-            return argv[:i] + argv[i + 1 :]
-        if arg == "--scenario" and argv[i + 1 : i + 2] == ["chaos"]:
-            return argv[:i] + argv[i + 2 :]
+        for name in DELEGATED:
+            if arg == f"--scenario={name}":
+                return name, argv[:i] + argv[i + 1 :]
+            if arg == "--scenario" and argv[i + 1 : i + 2] == [name]:
+                return name, argv[:i] + argv[i + 2 :]
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
-    chaos = _chaos_args(raw)
-    if chaos is not None:
-        # Its own harness: hubs, nodes and Redis killed and restarted on a schedule.
+    delegated = _delegated_args(raw)
+    if delegated is not None:
+        # Their own harness: hubs, nodes and Redis killed and restarted on a schedule.
+        name, rest = delegated
+        if name == "soak":
+            from .soak import main as soak_main
+
+            return soak_main(rest)
         from .chaos import main as chaos_main
 
-        return chaos_main(chaos)
+        return chaos_main(rest)
     args = build_parser().parse_args(raw)
     if args.out is None:
         args.out = REPO_ROOT / "loadtest" / "reports" / time.strftime("%Y%m%d-%H%M%S")

@@ -281,7 +281,12 @@ async def _node_worker(config: dict[str, Any]) -> int:
             _emit({"e": "cancel", "job": job.job_id, "a": job.attempt, "t": _now()})
             raise
         _emit({"e": "end", "job": job.job_id, "a": job.attempt, "t": _now()})
-        return {"text": text.upper(), "node": node_id, "attempt": job.attempt}
+        return {
+            "text": text.upper(),
+            "node": node_id,
+            "attempt": job.attempt,
+            "audio_bytes": len(job.audio or b""),
+        }
 
     def registered(node: RotatingNodeClient) -> None:
         _emit(
@@ -503,6 +508,10 @@ class ChaosConfig:
     redis_lost_s: float = 1.0
     """Writes of this last stretch before each SIGKILL are cut from the append-only file."""
     settle_s: float = 60.0
+    audio_bytes: int = 0
+    """Audio sent with each job (binary frames); 0 sends text-only jobs."""
+    hub_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """More ``--set`` settings for the hubs (they override the run's own)."""
     out_dir: Path | None = None
     quiet: bool = False
 
@@ -536,6 +545,24 @@ class Ledger:
         self.app_results: collections.Counter[str] = collections.Counter()
         """job id -> results handed to the application."""
 
+    def forget(self, jobs: Sequence[JobRecord], job_ids: set[str]) -> None:
+        """Drop checked jobs (``jobs``, whose ids are ``job_ids``) from every record.
+
+        Re-dispatched jobs keep their ``accepted`` events: the failover
+        times are computed from them at the end.
+        """
+        gone = {id(j) for j in jobs}
+        self.jobs = [j for j in self.jobs if id(j) not in gone]
+        for key in [k for k, v in self.refs.items() if v in job_ids]:
+            del self.refs[key]
+        for job_id in job_ids:
+            events = self.accepted.get(job_id)
+            if events is not None and len(events) < 2:
+                del self.accepted[job_id]
+            self.app_results.pop(job_id, None)
+        for wire in [k for k in self.wire_results if k[2] in job_ids]:
+            del self.wire_results[wire]
+
     def on_frame(self, index: int, client: SessionClient, frame: ToSessionFrame) -> None:
         if isinstance(frame, Accepted | Queued):
             self.refs[(index, frame.ref)] = frame.job_id
@@ -546,11 +573,36 @@ class Ledger:
 
 
 @dataclasses.dataclass
+class JobChecks:
+    """What the ledger's checks found over some ended jobs; a long run adds them up."""
+
+    outcomes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    problems: list[str] = dataclasses.field(default_factory=list)
+    app_duplicates: int = 0
+    wire_duplicates: int = 0
+    double_runs: list[str] = dataclasses.field(default_factory=list)
+    reruns: int = 0
+    """Jobs run on several attempts (re-dispatched after a node was lost)."""
+    failed_jobs: list[str] = dataclasses.field(default_factory=list)
+
+    def merge(self, other: JobChecks) -> None:
+        self.outcomes.update(other.outcomes)
+        self.problems += other.problems
+        self.app_duplicates += other.app_duplicates
+        self.wire_duplicates += other.wire_duplicates
+        self.double_runs += other.double_runs
+        self.reruns += other.reruns
+        self.failed_jobs += other.failed_jobs
+
+
+@dataclasses.dataclass
 class Fault:
     at: float
     kind: str
     target: str
     back_at: float | None = None
+    up_at: float | None = None
+    """Redis faults: when the server answered again (``back_at``: every hub ready)."""
 
 
 class ChaosRun:
@@ -570,6 +622,8 @@ class ChaosRun:
         self.nodes: list[NodeProcess] = []
         self.sessions: list[RotatingSessionClient] = []
         self.ledger = Ledger()
+        self.checked = JobChecks()
+        """Jobs already checked and dropped from the ledger (:meth:`check_ended_jobs`)."""
         self.faults: list[Fault] = []
         self.reg_events: list[tuple[float, str, str]] = []
         """(time, node, hub) of every node registration."""
@@ -577,11 +631,10 @@ class ChaosRun:
         """The same, for reconnections only (not a restarted process's first one)."""
         self.resumes: list[tuple[float, int, str | None]] = []
         """(time, session, hub) of every session (re)connection."""
-        self.redis_gap: tuple[float, float] | None = None
         self.redis_kill_samples: list[float] = []
+        """Seconds from each SIGKILL of Redis until every hub was ready and reconciled."""
         self.aof_cut: list[int] = []
         """Bytes cut from the append-only file at each SIGKILL of Redis (the writes lost)."""
-        """Seconds from each SIGKILL of Redis until every hub was ready and reconciled."""
         self._load_on = False
         self.load_started = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -614,6 +667,7 @@ class ChaosRun:
             "max_connections_per_ip": None,
             "shutdown_grace_s": 2,
             "redis_timeout_s": 1,
+            **c.hub_settings,
         }
         self.hubs = [
             HubProcess(f"h{i + 1}", redis_url=url, cell=self.cell, log_dir=self.out_dir,
@@ -686,6 +740,7 @@ class ChaosRun:
     async def _session_loop(self, index: int, session: RotatingSessionClient) -> None:
         c = self.config
         rng = random.Random(self.rng.random())
+        audio = rng.randbytes(c.audio_bytes) if c.audio_bytes else None
         n = 0
         await asyncio.sleep(rng.uniform(0, c.job_interval_s))
         while self._load_on:
@@ -695,7 +750,7 @@ class ChaosRun:
             self.ledger.jobs.append(record)
             try:
                 result = await session.submit(
-                    "en", "fr", {"text": text}, timeout_ms=c.job_timeout_ms
+                    "en", "fr", {"text": text}, audio=audio, timeout_ms=c.job_timeout_ms
                 )
             except JobRefused as exc:
                 record.ref, record.outcome = exc.ref, f"refused:{exc.code}"
@@ -763,7 +818,7 @@ class ChaosRun:
         live = [h for h in self.hubs if h.alive]
         if len(live) < 2:
             return  # keep one hub up: the sessions need somewhere to go
-        hub = self.rng.choice(live)
+        hub = self._hub_to_kill(live)
         fault = Fault(_now(), "hub", hub.hub_id)
         self.faults.append(fault)
         hub.kill()
@@ -775,6 +830,10 @@ class ChaosRun:
         fault.back_at = _now()
         self.log(f"hub {hub.hub_id} is back")
 
+    def _hub_to_kill(self, live: list[HubProcess]) -> HubProcess:
+        """Which of the live hubs a hub fault kills."""
+        return self.rng.choice(live)
+
     async def _restart_redis(self, at: float) -> None:
         server = self.redis_server
         assert server is not None
@@ -783,15 +842,13 @@ class ChaosRun:
         # Blocking, on purpose in this thread: the server must be our child
         # from the main thread (PR_SET_PDEATHSIG). Stopping takes a few ms.
         server.stop()
-        down = _now()
         self.log("stopped redis")
         await asyncio.sleep(self.config.redis_down_s)
         server.start()
         up = _now()
         self.log("redis is back")
         await asyncio.gather(*(h.wait_ready(30) for h in self.hubs if h.alive))
-        fault.back_at = _now()
-        self.redis_gap = (down, up)
+        fault.back_at, fault.up_at = _now(), up
         self.log(f"every hub ready again {fault.back_at - up:.2f} s after redis came back")
 
     async def _kill_redis(self, at: float) -> None:
@@ -892,15 +949,22 @@ class ChaosRun:
         stats = {k.decode(): int(v) for k, v in (await self.redis.hgetall(self.keys.stats)).items()}
         return await self._report(audit, real, stats)
 
-    async def _report(
-        self, audit: Audit, real: dict[str, int], stats: dict[str, int]
-    ) -> dict[str, Any]:
+    async def _check_jobs(self, jobs: Sequence[JobRecord], *, final: bool) -> JobChecks:
+        """Check ended jobs against the ledger, Redis and the nodes' own records.
+
+        Args:
+            jobs: the records to check.
+            final: whether these are the last records of the run; then every
+                ``accepted`` without a result and every run on a node counts,
+                not only those of ``jobs``.
+        """
         assert self.redis is not None
         ledger = self.ledger
-        outcomes: collections.Counter[str] = collections.Counter()
-        problems: list[str] = []
-        for job in ledger.jobs:
-            outcomes[job.outcome or "none"] += 1
+        checks = JobChecks()
+        problems = checks.problems
+        ids = {j.job_id for j in jobs if j.job_id}
+        for job in jobs:
+            checks.outcomes[job.outcome or "none"] += 1
             if job.outcome is None:
                 problems.append(f"session {job.session} {job.text}: no outcome")
             elif job.outcome.startswith("lost:"):
@@ -916,20 +980,26 @@ class ChaosRun:
                 if code not in DOCUMENTED_REFUSALS:
                     problems.append(f"{job.text}: refused with unexpected {code!r}")
             elif job.outcome == "finished":
-                expected = job.text.upper()
-                if job.result is None or job.result.get("text") != expected:
+                expected = {"text": job.text.upper(), "audio_bytes": self.config.audio_bytes}
+                got = {k: (job.result or {}).get(k) for k in expected}
+                if got != expected:
                     problems.append(f"job {job.job_id}: result {job.result!r} is not {expected!r}")
         # Exactly once to the application; once per connection on the wire.
-        app_duplicates = sum(n - 1 for n in ledger.app_results.values() if n > 1)
-        wire_duplicates = sum(n - 1 for n in ledger.wire_results.values() if n > 1)
-        # Jobs the hub accepted but whose submit saw no result.
-        answered = {j.job_id for j in ledger.jobs if j.outcome and j.outcome[:8] != "refused:"}
-        for (index, ref), job_id in ledger.refs.items():
-            if job_id not in answered:
-                problems.append(f"session {index} {ref}: job {job_id} accepted, no result")
+        checks.app_duplicates = sum(
+            n - 1 for j, n in ledger.app_results.items() if n > 1 and (final or j in ids)
+        )
+        checks.wire_duplicates = sum(
+            n - 1 for k, n in ledger.wire_results.items() if n > 1 and (final or k[2] in ids)
+        )
+        if final:
+            # Jobs the hub accepted but whose submit saw no result.
+            answered = {j.job_id for j in jobs if j.outcome and j.outcome[:8] != "refused:"}
+            for (index, ref), job_id in ledger.refs.items():
+                if job_id not in answered:
+                    problems.append(f"session {index} {ref}: job {job_id} accepted, no result")
         # Outcomes agree with Redis (job records live for job_ttl_ms).
         pipe = self.redis.pipeline(transaction=False)
-        checked = [j for j in ledger.jobs if j.job_id and j.outcome and j.outcome[:8] != "refused:"]
+        checked = [j for j in jobs if j.job_id and j.outcome and j.outcome[:8] != "refused:"]
         for job in checked:
             pipe.hmget(self.keys.job(job.job_id or ""), "status", "error")
         for job, (status, error) in zip(checked, await pipe.execute(), strict=True):
@@ -948,31 +1018,67 @@ class ChaosRun:
         ran_on: dict[str, list[str]] = collections.defaultdict(list)
         for node in self.nodes:
             for job_id, attempt in node.starts:
-                ran_on[job_id].append(f"{node.node_id}@{attempt}")
-        failed_jobs = []
-        for job in ledger.jobs:
+                if final or job_id in ids:
+                    ran_on[job_id].append(f"{node.node_id}@{attempt}")
+        for job in jobs:
             if job.outcome and job.outcome.startswith("failed:") and job.job_id:
                 hist = await self.redis.hget(self.keys.job(job.job_id), "hist")
                 begin = job.submitted - self.load_started
                 end = (job.ended or 0) - self.load_started
-                failed_jobs.append(
+                checks.failed_jobs.append(
                     f"{job.job_id} {job.outcome}: dispatched {(hist or b'').decode().strip(',')}"
                     f", ran {','.join(sorted(ran_on[job.job_id])) or 'nowhere'}"
                     f", from {begin:.1f} s to {end:.1f} s of the load"
                 )
         # A node never runs the same attempt twice.
-        double_runs = []
-        runs: collections.Counter[str] = collections.Counter()
-        for node in self.nodes:
-            for (job_id, attempt), n in node.starts.items():
-                runs[job_id] += n
-                if n > 1:
-                    double_runs.append(f"{node.node_id} ran {job_id} attempt {attempt} {n} times")
         attempts_by_job: dict[str, set[tuple[str, int]]] = collections.defaultdict(set)
         for node in self.nodes:
-            for job_id, attempt in node.starts:
+            for (job_id, attempt), n in node.starts.items():
+                if not (final or job_id in ids):
+                    continue
                 attempts_by_job[job_id].add((node.node_id, attempt))
-        reruns = sum(1 for v in attempts_by_job.values() if len(v) > 1)
+                if n > 1:
+                    checks.double_runs.append(
+                        f"{node.node_id} ran {job_id} attempt {attempt} {n} times"
+                    )
+        checks.reruns = sum(1 for v in attempts_by_job.values() if len(v) > 1)
+        return checks
+
+    async def check_ended_jobs(self, before: float) -> int:
+        """Check the jobs that ended before ``before`` now, and drop them from the ledger.
+
+        A long run calls this every so often, so that the ledger, and the
+        nodes' records of what they ran, stay bounded. The checks add up in
+        :attr:`checked`; the final report includes them. A duplicate result
+        for a dropped job would no longer be seen, so ``before`` should leave
+        results time to arrive (tens of seconds).
+
+        Args:
+            before: Unix time; jobs that ended earlier are checked.
+
+        Returns:
+            How many jobs were checked.
+        """
+        ledger = self.ledger
+        done = [j for j in ledger.jobs if j.ended is not None and j.ended < before]
+        if not done:
+            return 0
+        self.checked.merge(await self._check_jobs(done, final=False))
+        ids = {j.job_id for j in done if j.job_id}
+        ledger.forget(done, ids)
+        for node in self.nodes:
+            for key in [k for k in node.starts if k[0] in ids]:
+                del node.starts[key]
+        return len(done)
+
+    async def _report(
+        self, audit: Audit, real: dict[str, int], stats: dict[str, int]
+    ) -> dict[str, Any]:
+        checks = await self._check_jobs(self.ledger.jobs, final=True)
+        checks.merge(self.checked)
+        outcomes, problems = checks.outcomes, checks.problems
+        app_duplicates, wire_duplicates = checks.app_duplicates, checks.wire_duplicates
+        double_runs, reruns, failed_jobs = checks.double_runs, checks.reruns, checks.failed_jobs
         failovers = self._failovers()
         leaks = len(audit.leaks)
         clean = not (
@@ -986,7 +1092,7 @@ class ChaosRun:
         report = {
             "seed": self.seed,
             "cell": self.cell,
-            "submitted": len(ledger.jobs),
+            "submitted": sum(outcomes.values()),
             "outcomes": dict(sorted(outcomes.items())),
             "finished": outcomes.get("finished", 0),
             "failed": {k[7:]: v for k, v in outcomes.items() if k.startswith("failed:")},
@@ -1080,12 +1186,12 @@ class ChaosRun:
             "hub_kill_to_node_reregistered_s": _summary(hub_nodes),
             "hub_kill_to_session_resumed_s": _summary(hub_sessions),
             "redis_kill_to_hubs_reconciled_s": _summary(self.redis_kill_samples),
-            "redis_restart_to_hubs_ready_s": (
-                round(
-                    max(f.back_at for f in self.faults if f.kind == "redis") - self.redis_gap[1], 3
-                )
-                if self.redis_gap and any(f.kind == "redis" and f.back_at for f in self.faults)
-                else None
+            "redis_restart_to_hubs_ready_s": _summary(
+                [
+                    f.back_at - f.up_at
+                    for f in self.faults
+                    if f.kind == "redis" and f.back_at is not None and f.up_at is not None
+                ]
             ),
         }
 
@@ -1159,12 +1265,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{timing(f['hub_kill_to_session_resumed_s'])}",
         f"    redis SIGKILL (last writes lost) -> every hub ready and reconciled: "
         f"{timing(f['redis_kill_to_hubs_reconciled_s'])}",
-        "    redis back -> every hub ready: "
-        + (
-            "n/a"
-            if f["redis_restart_to_hubs_ready_s"] is None
-            else f"{f['redis_restart_to_hubs_ready_s'] * 1000:.0f} ms"
-        ),
+        f"    redis back -> every hub ready: {timing(f['redis_restart_to_hubs_ready_s'])}",
     ]
     details = report["details"]
     for name in ("problems", "leaks", "mismatches", "double_runs", "failed_jobs"):

@@ -1124,8 +1124,9 @@ class NodeProcess(ChildProcess):
         self.start_index = start_index
         self.languages = list(languages)
         self.on_event = on_event
-        self.events: list[dict[str, Any]] = []
-        """Every event received, from every incarnation of the process."""
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=10000)
+        """The latest events received, over every incarnation of the process
+        (bounded: a soak runs for hours)."""
         self.starts: collections.Counter[tuple[str, int]] = collections.Counter()
         """Handler invocations per (job id, attempt), over every incarnation."""
         self.inflight: set[tuple[str, int]] = set()

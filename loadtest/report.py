@@ -371,6 +371,16 @@ def write(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     return json_path, html_path
 
 
+PAGE_STYLE = """<style>
+body { font-family: sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { text-align: left; background: #f4f4f4; }
+pre { background: #f8f8f8; padding: 1em; white-space: pre-wrap; }
+.ok { color: #186a18; font-weight: bold; } .bad { color: #a01010; font-weight: bold; }
+</style>"""
+"""The style sheet of every HTML report."""
+
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd")
 
 
@@ -553,14 +563,7 @@ def render_html(report: dict[str, Any]) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>lockless-hub load test: {html.escape(report["plan"]["scenario"])}</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
-th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
-th {{ text-align: left; background: #f4f4f4; }}
-pre {{ background: #f8f8f8; padding: 1em; white-space: pre-wrap; }}
-.ok {{ color: #186a18; font-weight: bold; }} .bad {{ color: #a01010; font-weight: bold; }}
-</style></head><body>
+{PAGE_STYLE}</head><body>
 <h1>Load test: {html.escape(report["plan"]["scenario"])}</h1>
 <pre>{html.escape(table(report))}</pre>
 {verdict}

@@ -37,6 +37,7 @@ from loadtest.hdr import Histogram, bucket_bounds, bucket_index
 from loadtest.procs import process_gone, run_command
 from loadtest.report import table
 from loadtest.scenarios import Plan, ServiceTime, overload_interval_ms
+from loadtest.soak import cycle_faults, fit_slope, judge
 from loadtest.stats import Stats
 from loadtest.wheel import TimerWheel
 from tests.helpers import MS, NO_SHEDDING, wait_for, wait_for_sync
@@ -275,6 +276,69 @@ async def test_timer_wheel_runs_each_callback_once_never_early() -> None:
 
 
 # Plans
+
+
+def _soak_samples(
+    value: Any, *, duration_s: float = 300.0, step_s: float = 5.0, cycle_s: float = 60.0
+) -> list[dict[str, Any]]:
+    steps = round(cycle_s / step_s)
+    return [
+        {"t": k * step_s, "phase": k % steps, "values": {"redis_keys": value(k * step_s)}}
+        for k in range(round(duration_s / step_s))
+    ]
+
+
+def test_soak_fit_ignores_bumps_repeated_every_cycle() -> None:
+    # A flat series with a bump at one point of every 60 s cycle (a restart
+    # emptying a cache, say), judged over 2.5 cycles: an ordinary line
+    # through the second half tilts by where it starts and ends in the
+    # cycle; the fit with one offset per phase does not.
+    def bumpy(t: float) -> float:
+        return 5000.0 + (1500.0 if (t % 60) >= 45 else 0.0)
+
+    samples = _soak_samples(bumpy)
+    verdict = judge(samples, duration_s=300.0)
+    assert verdict["ok"], verdict
+    assert verdict["series"]["redis_keys"]["growth_second_half"] == 0.0
+    second = [(s["t"], 0, s["values"]["redis_keys"]) for s in samples if s["t"] >= 150]
+    naive = fit_slope(second)
+    assert naive is not None and naive * 150 > 250  # an ordinary line would call this growth
+
+
+def test_soak_fit_finds_steady_growth_and_skips_missing_samples() -> None:
+    # 1 key a second (300 over the run): over the second half that is 150,
+    # above the floor of 100 and 5 % of the mean (111); samples while Redis is down
+    # (None) are left out, not read as zero.
+    def growing(t: float) -> float | None:
+        return None if (t % 60) == 35 else 2000.0 + t
+
+    verdict = judge(_soak_samples(growing), duration_s=300.0)
+    series = verdict["series"]["redis_keys"]
+    assert not verdict["ok"]
+    assert series["slope_per_hour"] == pytest.approx(3600.0)
+    assert series["growth_second_half"] == pytest.approx(150.0)
+    assert series["limit"] == pytest.approx(0.05 * series["second_half_mean"], abs=0.1)
+    assert (series["first"], series["last"]) == (2000.0, 2295.0)
+    # Growth below the floor passes: 0.5 key a second is 75 over the second half.
+    assert judge(_soak_samples(lambda t: 2000.0 + t / 2), duration_s=300.0)["ok"]
+
+
+def test_soak_judges_a_series_it_cannot_fit_as_failed() -> None:
+    # One sample per phase in the second half: nothing to compare, not a pass.
+    verdict = judge(_soak_samples(lambda t: 10.0, duration_s=60.0), duration_s=60.0)
+    assert not verdict["ok"]
+    assert verdict["series"]["redis_keys"]["growth_second_half"] is None
+    assert not judge([], duration_s=60.0)["ok"]
+
+
+def test_soak_cycle_repeats_each_fault_at_the_same_offset() -> None:
+    events = cycle_faults(300.0, 60.0, last_fault_s=292.0)
+    assert [kind for _, kind in events[:5]] == ["node", "hub", "redis", "redis-kill", "node"]
+    assert len(events) == 25
+    for k in range(5):
+        offsets = {round(t % 60, 6) for t, _ in events[k::5]}
+        assert len(offsets) == 1
+    assert cycle_faults(300.0, 60.0, last_fault_s=250.0)[-1] == (246.0, "node")
 
 
 def test_service_time_syntax() -> None:
