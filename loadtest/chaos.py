@@ -1138,12 +1138,16 @@ class ChaosRun:
         outages = [
             (f.at, f.back_at or f.at) for f in self.faults if f.kind in ("redis", "redis-kill")
         ]
-        for fault in (f for f in self.faults if f.kind == "node"):
-            # First job of the killed node that another node took (attempt >= 2).
+        node_faults = [f for f in self.faults if f.kind == "node"]
+        for fault in node_faults:
+            # First job of the killed node that another node took (attempt >= 2),
+            # before the same node's next kill (a long run kills each node often).
+            until = min((f.at for f in node_faults if f.target == fault.target and f.at > fault.at),
+                        default=float("inf"))  # fmt: skip
             first: float | None = None
             for events in ledger.accepted.values():
                 for (_, prev_node, _), (t, _, attempt) in itertools.pairwise(events):
-                    if prev_node == fault.target and attempt >= 2 and t >= fault.at:
+                    if prev_node == fault.target and attempt >= 2 and fault.at <= t < until:
                         first = t if first is None else min(first, t)
             if first is not None:
                 node_kills_with_jobs += 1
