@@ -362,7 +362,7 @@ def _render_status(status: dict[str, Any], rate: str) -> str:
     lines.append("")
     lines.append(
         "queues: "
-        + (", ".join(f"{pool} {depth}" for pool, depth in sorted(queues.items())) or "empty")
+        + (", ".join(f"{pair} {depth}" for pair, depth in sorted(queues.items())) or "empty")
     )
     counters = status.get("counters") or {}
     lines.append(

@@ -122,10 +122,11 @@ class Accepted:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Queued:
-    """dispatch_task queued the job in ``pool`` until a slot frees."""
+    """dispatch_task queued the job in the queue of its language pair until a slot frees."""
 
     job_id: str
-    pool: str
+    queue: str
+    """The language pair whose queue the job waits in, ``src:tgt``."""
     deadline_ms: int
 
 

@@ -35,7 +35,12 @@ class Keys:
         return f"{self.prefix}pool:{pool}:nodes"
 
     def lang(self, src: str, tgt: str) -> str:
+        """Set of the pools that serve a language pair."""
         return f"{self.prefix}lang:{src}:{tgt}"
+
+    def live(self, src: str, tgt: str) -> str:
+        """Set of the nodes serving a language pair that take jobs (state live)."""
+        return f"{self.prefix}live:{src}:{tgt}"
 
     @property
     def seen(self) -> str:
@@ -61,15 +66,21 @@ class Keys:
 
     @property
     def queue_depth(self) -> str:
-        """Hash of pool -> number of queued jobs."""
+        """Hash of language pair (``src:tgt``) -> number of queued jobs (none when 0)."""
         return f"{self.prefix}qdepth"
 
-    def queue(self, pool: str) -> str:
-        """Round-robin list of sessions with jobs waiting in ``pool``."""
-        return f"{self.prefix}queue:{pool}"
+    @property
+    def queue_heads(self) -> str:
+        """Zset of language pair -> end of the queue wait of the job it hands out next."""
+        return f"{self.prefix}qheads"
 
-    def session_queue(self, pool: str, session_id: str) -> str:
-        return f"{self.prefix}queue:{pool}:s:{session_id}"
+    def queue(self, src: str, tgt: str) -> str:
+        """Round-robin list of sessions with jobs waiting for a language pair."""
+        return f"{self.prefix}queue:{src}:{tgt}"
+
+    def session_queue(self, src: str, tgt: str, session_id: str) -> str:
+        """The session's jobs waiting for a language pair, in arrival order."""
+        return f"{self.prefix}queue:{src}:{tgt}:s:{session_id}"
 
     # Sessions
     def session(self, session_id: str) -> str:

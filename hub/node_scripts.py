@@ -123,12 +123,14 @@ class NodeScripts(CellReads):
     async def heartbeat(self, beats: Sequence[Beat], *, now_ms: int = 0) -> Heartbeats:
         """Record heartbeats of many nodes in one call (heartbeat.lua).
 
-        KEYS: seen. ARGV: prefix, now, seed, then per node: id, epoch, online, load, rtt.
+        KEYS: seen. ARGV: prefix, now, seed, then per node: id, epoch, online,
+        load, rtt; last the job TTL.
 
         Returns:
             One code per beat: 1 recorded, 0 recorded as offline, -8 unknown
             node, -9 stale epoch (the node re-registered elsewhere); its
-            ``events`` start queued jobs on nodes that came back online.
+            ``events`` start queued jobs on nodes that came back online (and
+            end those found past their deadline).
         """
         if not beats:
             return Heartbeats((), ())
@@ -141,6 +143,7 @@ class NodeScripts(CellReads):
                 b.load if b.load is not None else "",
                 "" if b.rtt_ms is None else f"{b.rtt_ms:.3f}",
             ]
+        args.append(self.settings.job_ttl_ms)
         reply = await self._call("heartbeat", [self.keys.seen], args, urgent=True)
         events = parse_events(reply[1], "heartbeat")
         self._count_events(events)

@@ -159,7 +159,8 @@ class CellReads:
             max_nodes: most nodes listed (the longest silent last).
 
         Returns:
-            ``{"nodes": [...], "queues": {pool: depth}, "counters": {name: n}}``.
+            ``{"nodes": [...], "queues": {"src:tgt": depth}, "counters": {name: n}}``:
+            the queues are the language pairs' with jobs waiting.
 
         Raises:
             RedisUnavailable: if Redis cannot be reached.

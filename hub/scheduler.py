@@ -261,7 +261,8 @@ class Scheduler(NodeScripts):
         """Run a session's job on the least-loaded free node, or queue it (dispatch_task.lua).
 
         KEYS: pair's pools, session, job, deadlines, session's jobs, queued,
-        queue depths. ARGV: prefix, job id, session, src, tgt, payload, has audio,
+        queue depths, pair's live nodes, pair's queue, session's queue of the
+        pair, queue heads. ARGV: prefix, job id, session, src, tgt, payload, has audio,
         timeout, queue wait, queue max, seed, session hub, ref, now, max queued
         per session, session TTL.
 
@@ -284,6 +285,10 @@ class Scheduler(NodeScripts):
                 k.session_jobs(session_id),
                 k.queued,
                 k.queue_depth,
+                k.live(src, tgt),
+                k.queue(src, tgt),
+                k.session_queue(src, tgt, session_id),
+                k.queue_heads,
             ],
             [
                 k.prefix,

@@ -135,10 +135,11 @@ PERSISTENT_KEYS: dict[str, str] = {
     "free:<pool>": "zset of a pool's live nodes with a free slot",
     "pool:<pool>:nodes": "set of a pool's live nodes",
     "lang:<src>:<tgt>": "set of the pools serving a pair (bounded by pools x pairs)",
+    "live:<src>:<tgt>": "set of the live nodes serving a pair",
     "pools": "set of every pool id registered in the cell",
     "seen": "zset of live nodes -> last heartbeat (the lease)",
     "stats": "hash of cell-wide counters",
-    "qdepth": "hash of pool -> queued jobs (0 once idle)",
+    "qdepth": "hash of language pair -> queued jobs (no entry once idle)",
     "secret": "the resume-token key shared by the hubs of the cell",
 }
 """Keys of a cell that may live without a TTL, and why (everything else must expire)."""
@@ -147,7 +148,7 @@ _PERSISTENT_PATTERNS = (
     re.compile(r"node:[^:]+"),
     re.compile(r"free:[^:]+"),
     re.compile(r"pool:[^:]+:nodes"),
-    re.compile(r"lang:[^:]+:[^:]+"),
+    re.compile(r"(lang|live):[^:]+:[^:]+"),
     re.compile(r"pools|seen|stats|qdepth|secret"),
 )
 
@@ -372,17 +373,17 @@ class Audit:
 
 def _key_kind(rest: str) -> str:
     first = rest.split(":", 1)[0]
-    if first in ("node", "session", "queue", "pool", "lang"):
+    if first in ("node", "session", "queue", "pool", "lang", "live"):
         parts = rest.split(":")
         if first == "node":
             return "node:<id>" if len(parts) == 2 else "node:<id>:" + ":".join(parts[2:])
         if first == "session":
             return "session:<id>" if len(parts) == 2 else "session:<id>:" + parts[-1]
         if first == "queue":
-            return "queue:<pool>" if len(parts) == 2 else "queue:<pool>:s:<session>"
+            return "queue:<src>:<tgt>" if len(parts) == 3 else "queue:<src>:<tgt>:s:<session>"
         if first == "pool":
             return "pool:<pool>:nodes"
-        return "lang:<src>:<tgt>"
+        return f"{first}:<src>:<tgt>"
     if first in ("job", "free"):
         return f"{first}:<id>"
     return first
@@ -439,9 +440,9 @@ async def audit_redis(
         n = await redis.zcard(name)
         if n:
             audit.leaks.append(f"{name[len(prefix) :]}: {n} {what} at rest")
-    for pool, depth in (await redis.hgetall(keys.queue_depth)).items():
+    for pair, depth in (await redis.hgetall(keys.queue_depth)).items():
         if int(depth) != 0:
-            audit.leaks.append(f"qdepth[{pool.decode()}] = {int(depth)} at rest")
+            audit.leaks.append(f"qdepth[{pair.decode()}] = {int(depth)} at rest")
     # Each node: running = jobs set = jobs its process runs.
     node_ids = sorted(
         {

@@ -19,7 +19,8 @@
   Returns:
      {1, result_event, drained, {events}}  completed; slot released
              drained = 1 when the node is draining and now idle
-             events = 'dispatch' for queued jobs handed to the freed slot
+             events = 'dispatch' for queued jobs handed to the freed slot,
+             'result' (JOB_TIMEOUT) for queued jobs found past their deadline
              A repeat (ARGV[10]) of the call that ended the job gets its
              result event again, drained 0 and no events.
     -5  no such job (never existed, or its record expired)  (UNKNOWN_JOB)
@@ -48,7 +49,7 @@ if refusal then return ({ unknown = -5, foreign = -6, moved = -7, stale = -7 })[
 
 local result = end_job(prefix, jid, j, ARGV[5], ARGV[6], ARGV[7], now, tonumber(ARGV[9]))
 local events = {}
-local n = vacate(prefix, nid, jid, now, events)
+local n = vacate(prefix, nid, jid, now, tonumber(ARGV[9]), events)
 local drained = 0
 if n.state == 'draining' and n.running == 0 then drained = 1 end
 return { 1, result, drained, events }

@@ -19,4 +19,6 @@ local nid = ARGV[2]
 local refusal = node_refusal(node_key, ARGV[3])
 if refusal then return refusal end
 rcall('HSET', node_key, 'state', 'draining')
-return { 1, refresh_free(prefix, nid).running }
+local n = refresh_free(prefix, nid)
+set_live(prefix, n)
+return { 1, n.running }

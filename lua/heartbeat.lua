@@ -8,9 +8,11 @@
   ARGV[4+5i..8+5i], one group per node:
            node id, epoch of the connection, online flag (1 | 0),
            load JSON object ('' = unchanged), round trip ms ('' = unknown)
+  ARGV[#ARGV], after the groups: ended job record TTL in ms
   Returns:
     {{r1, r2, ...}, {events}}: a code per node, then 'dispatch' events for
-    queued jobs handed to nodes that came back online. Codes:
+    queued jobs handed to nodes that came back online ('result', JOB_TIMEOUT,
+    for queued jobs found past their deadline). Codes:
      1  recorded
      0  online flag 0 recorded: the node takes no new jobs until a heartbeat with 1
     -8  no such node (lost or never registered): close and re-register (UNKNOWN_NODE)
@@ -22,10 +24,11 @@ local seen_key = KEYS[1]
 local prefix = ARGV[1]
 local now = now_ms(ARGV[2])
 seed_random(ARGV[3])
+local ttl = tonumber(ARGV[#ARGV])
 
 local out = {}
 local events = {}
-for i = 4, #ARGV - 4, 5 do
+for i = 4, #ARGV - 5, 5 do
   local nid, epoch, online, load, rtt = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local nkey = prefix .. 'node:' .. nid
   local refusal, state = node_refusal(nkey, epoch)
@@ -43,11 +46,15 @@ for i = 4, #ARGV - 4, 5 do
     rcall('HSET', nkey, unpack(fields))
     rcall('ZADD', seen_key, now, nid)
     if online == '0' then
-      if state == 'live' then refresh_free(prefix, nid) end
+      if state == 'live' then set_live(prefix, refresh_free(prefix, nid)) end
       out[#out + 1] = 0
     else
-      -- Back online: its free slots take the jobs waiting in its pools.
-      if state == 'offline' then fill_slots(prefix, read_node(prefix, nid), now, events) end
+      -- Back online: its free slots take the jobs waiting for its pairs.
+      if state == 'offline' then
+        local n = read_node(prefix, nid)
+        set_live(prefix, n)
+        fill_slots(prefix, n, now, ttl, events)
+      end
       out[#out + 1] = 1
     end
   end

@@ -12,7 +12,8 @@
   ARGV[5]  services, JSON array (for status)
   ARGV[6]  language pairs, JSON array of [src, tgt] (for status)
   ARGV[7]  pool ids, comma-separated (operator pool + capability signature)
-  ARGV[8]  language pairs, comma-separated "src:tgt" (the lang:<src>:<tgt> sets to join)
+  ARGV[8]  language pairs, comma-separated "src:tgt", sorted (the lang:<src>:<tgt> sets
+           to join, the live:<src>:<tgt> sets and the pair queues to take jobs from)
   ARGV[9]  job ids the node is still running and wants to keep, comma-separated
   ARGV[10] now in ms (0 = Redis TIME)
   ARGV[11] max attempts per job
@@ -26,7 +27,8 @@
       dropped  jobs the node named that are no longer its own: it must stop them
       events   'replaced' for the previous live connection of this node id,
                'cancel'/'dispatch'/'result' for jobs it had but did not resume,
-               'dispatch' for queued jobs handed to its free slots
+               'dispatch' for queued jobs of its pairs handed to its free slots,
+               'result' (JOB_TIMEOUT) for queued jobs found past their deadline
 ]]
 --- @include "includes/jobs"
 
@@ -43,7 +45,7 @@ local ttl = tonumber(ARGV[12])
 seed_random(ARGV[13])
 
 local events = {}
-local old = rcall('HMGET', node_key, 'epoch', 'hub', 'state', 'pools')
+local old = rcall('HMGET', node_key, 'epoch', 'hub', 'state', 'pools', 'lpairs')
 local epoch = (tonumber(old[1]) or 0) + 1
 if old[3] and old[3] ~= 'lost' then
   events[#events + 1] = replaced_event(old[2] or '', nid, tonumber(old[1]) or 0)
@@ -54,6 +56,7 @@ for _, p in ipairs(split(old[4])) do
   rcall('ZREM', prefix .. 'free:' .. p, nid)
   rcall('SREM', prefix .. 'pool:' .. p .. ':nodes', nid)
 end
+set_live(prefix, { id = nid, state = 'lost', pairs = split(old[5]) })
 rcall('HSET', node_key, 'state', 'lost')
 
 local wanted = {}
@@ -77,7 +80,7 @@ end
 
 rcall('HSET', node_key, 'hub', hub_id, 'epoch', epoch, 'max_jobs', ARGV[4], 'services', ARGV[5],
   'pairs', ARGV[6], 'pools', ARGV[7], 'opools', ARGV[14], 'state', 'live', 'running', #resumed,
-  'seen', now, 'registered', now)
+  'seen', now, 'registered', now, 'lpairs', ARGV[8])
 rcall('PERSIST', node_key)
 for _, p in ipairs(split(ARGV[7])) do
   rcall('SADD', prefix .. 'pool:' .. p .. ':nodes', nid)
@@ -87,6 +90,8 @@ for _, p in ipairs(split(ARGV[7])) do
   end
 end
 rcall('ZADD', seen_key, now, nid)
-fill_slots(prefix, { id = nid, key = node_key, running = #resumed, max_jobs = tonumber(ARGV[4]),
-  state = 'live', pools = split(ARGV[7]), hub = hub_id }, now, events)
+local n = { id = nid, key = node_key, running = #resumed, max_jobs = tonumber(ARGV[4]),
+  state = 'live', pools = split(ARGV[7]), hub = hub_id, pairs = split(ARGV[8]) }
+set_live(prefix, n)
+fill_slots(prefix, n, now, ttl, events)
 return { epoch, resumed, dropped, events }

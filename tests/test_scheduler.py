@@ -243,7 +243,7 @@ class Fleet:
             if status == "running":
                 running_on[job[b"node"].decode()].add(job_id)
             elif status == "queued":
-                queued_in[job[b"qpool"].decode()] += 1
+                queued_in[f"{job[b'src'].decode()}:{job[b'tgt'].decode()}"] += 1
             assert (status in ("finished", "failed")) == (self.ends[job_id] == 1), (
                 job_id,
                 status,
@@ -278,9 +278,9 @@ class Fleet:
                     assert int(score) // 2**31 == running * 2**20 // max_jobs, node_id
                 else:
                     assert score is None, node_id
+        depths = {p.decode(): int(d) for p, d in (await self.redis.hgetall(k.queue_depth)).items()}
+        assert depths == {pair: n for pair, n in queued_in.items() if n}
         for pool in pools:
-            depth = int(await self.redis.hget(k.queue_depth, pool) or 0)
-            assert depth == queued_in[pool], pool
             for node_id in await self.redis.zrange(k.free(pool), 0, -1):
                 assert self.nodes[node_id.decode()]["live"]
 

@@ -60,7 +60,7 @@ SERVICES = ("asr", "nmt")
 EN_FR = ("en", "fr")
 DE_EN = ("de", "en")
 SETTINGS = Settings(
-    queue_wait_ms=300,
+    queue_wait_ms=800,
     queue_max=3,
     max_queued_per_session=2,
     job_timeout_ms=1_000,
@@ -70,6 +70,12 @@ SETTINGS = Settings(
     sweep_batch=1_000,
 )
 TERMINAL = ("finished", "failed")
+PAIRS = (DE_EN, EN_FR)
+MAX_EXPIRED_PER_FILL = 32  # lua/includes/jobs.lua
+
+
+def pair_text(pair: tuple[str, str]) -> str:
+    return f"{pair[0]}:{pair[1]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +127,6 @@ class JobModel:
     node: str | None = None
     attempt: int = 0
     hist: list[str] = dataclasses.field(default_factory=list)
-    qpool: str | None = None
     queue_until: int | None = None
     result: bytes = b""
     error: str = ""
@@ -160,8 +165,9 @@ class Model:
         self.jobs: dict[str, JobModel] = {}
         self.lang_pools: dict[tuple[str, str], set[str]] = {EN_FR: set(), DE_EN: set()}
         self.pools_known: set[str] = set()
-        self.queues: dict[str, list[str]] = {}  # pool -> sessions, round robin
-        self.session_queues: dict[tuple[str, str], list[str]] = {}
+        # One queue per language pair: sessions take turns, each its jobs in order.
+        self.queues: dict[tuple[str, str], list[str]] = {}
+        self.session_queues: dict[tuple[tuple[str, str], str], list[str]] = {}
         self.preferences: dict[str, tuple[str, str, tuple[str, str]]] = {}
         self.ends = 0
 
@@ -181,15 +187,23 @@ class Model:
                     out[node.name] = running / node.spec.max_jobs
         return out
 
-    def pool_members(self, pool: str) -> set[str]:
+    def live_for(self, pair: tuple[str, str]) -> set[str]:
+        """The nodes that count as serving a pair: live ones (not offline, draining, lost)."""
         return {
             n.name
             for n in self.nodes.values()
-            if n.name != GHOST and n.spec.pool == pool and n.state not in (None, "lost")
+            if n.name != GHOST and n.state == "live" and pair in n.spec.pairs
         }
 
-    def depth(self, pool: str) -> int:
-        return sum(len(self.session_queues.get((pool, s), [])) for s in SESSIONS)
+    def depth(self, pair: tuple[str, str]) -> int:
+        return sum(len(self.session_queues.get((pair, s), [])) for s in SESSIONS)
+
+    def head(self, pair: tuple[str, str]) -> int | None:
+        """When the queue wait of the job the pair hands out next ends."""
+        sessions = self.queues.get(pair)
+        if not sessions:
+            return None
+        return self.jobs[self.session_queues[(pair, sessions[0])][0]].queue_until
 
     def candidates(
         self, pools: Iterable[str], pref_pool: str | None, pref_node: str | None
@@ -236,13 +250,13 @@ class Model:
         assert job.pair in node.spec.pairs
         job.status, job.node, job.attempt = "running", name, job.attempt + 1
         job.hist.append(name)
-        job.qpool = job.queue_until = None
+        job.queue_until = None
         self.preferences[job.session_id] = (node.spec.pool, name, job.pair)
 
     def end_job(self, job: JobModel, status: str, result: bytes, error: str) -> JobEnded:
         assert job.status not in TERMINAL, f"{job.job_id} ends twice"
         job.status, job.result, job.error = status, result, error
-        job.qpool = job.queue_until = None
+        job.queue_until = None
         self.ends += 1
         return JobEnded(
             session_hub(job.session_id),
@@ -255,38 +269,49 @@ class Model:
         )
 
     def unqueue(self, job: JobModel) -> None:
-        key = (job.qpool, job.session_id)
+        key = (job.pair, job.session_id)
         self.session_queues[key].remove(job.job_id)
         if not self.session_queues[key]:
             del self.session_queues[key]
-            self.queues[job.qpool] = [s for s in self.queues[job.qpool] if s != job.session_id]
+            self.queues[job.pair] = [s for s in self.queues[job.pair] if s != job.session_id]
 
-    def pop_queue(self, pool: str) -> JobModel | None:
-        for _ in range(8):
-            sessions = self.queues.get(pool, [])
-            if not sessions:
-                return None
-            sid = sessions.pop(0)
-            waiting = self.session_queues.get((pool, sid), [])
-            job_id = waiting.pop(0) if waiting else None
-            if waiting:
-                sessions.append(sid)
-            else:
-                self.session_queues.pop((pool, sid), None)
-            if job_id and self.jobs[job_id].status == "queued":
-                return self.jobs[job_id]
-        return None
+    def pop_queue(self, pair: tuple[str, str]) -> JobModel:
+        sessions = self.queues[pair]
+        sid = sessions.pop(0)
+        waiting = self.session_queues[(pair, sid)]
+        job = self.jobs[waiting.pop(0)]
+        if waiting:
+            sessions.append(sid)
+        else:
+            del self.session_queues[(pair, sid)]
+        assert job.status == "queued"
+        return job
 
     def fill_slots(self, name: str, cursor: Cursor) -> None:
+        """A node's free slots take the jobs queued for its pairs, whatever pool they came by.
+
+        Each slot takes, of its pairs' queue heads, the one whose wait ends
+        first (the first pair, sorted, on a tie); a job past its deadline
+        ends JOB_TIMEOUT instead of starting.
+        """
         node = self.nodes[name]
         if node.state != "live":
             return
-        while len(self.running_on(name)) < node.spec.max_jobs and self.depth(node.spec.pool):
-            job = self.pop_queue(node.spec.pool)
-            if job is None:
+        pairs = sorted(node.spec.pairs)
+        expired = 0
+        while len(self.running_on(name)) < node.spec.max_jobs:
+            heads = [(self.head(p), i) for i, p in enumerate(pairs) if self.head(p) is not None]
+            if not heads:
                 break
-            self.start_attempt(job, name)
-            cursor.expect(self.dispatch_event(job))
+            job = self.pop_queue(pairs[min(heads)[1]])
+            if self.now >= job.deadline:
+                cursor.expect(self.end_job(job, "failed", b"null", "JOB_TIMEOUT"))
+                expired += 1
+                if expired >= MAX_EXPIRED_PER_FILL:
+                    break
+            else:
+                self.start_attempt(job, name)
+                cursor.expect(self.dispatch_event(job))
 
     def lose_job(self, job: JobModel, name: str, node_hub: str, cursor: Cursor) -> None:
         cursor.expect(CancelAttempt(node_hub, name, job.job_id, job.attempt, "NODE_LOST"))
@@ -472,6 +497,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         for job in jobs:
             self.dispatch(*job)
 
+    @rule(
+        jobs=st.lists(
+            st.tuples(
+                st.sampled_from(SESSIONS), st.sampled_from(PAIRS), st.sampled_from([1_000, 200])
+            ),
+            min_size=6,
+            max_size=10,
+        )
+    )
+    def dispatch_burst(self, jobs: list[tuple[str, tuple[str, str], int]]) -> None:
+        """More jobs than free slots: some wait, in both pairs' queues."""
+        for session_id, pair, timeout_ms in jobs:
+            self.dispatch(session_id, pair, timeout_ms, False)
+
     def dispatch(
         self, session_id: str, pair: tuple[str, str], timeout_ms: int, with_audio: bool
     ) -> None:
@@ -488,24 +527,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         pref = model.preferences.get(session_id)
         pref_pool, pref_node = (pref[0], pref[1]) if pref and pref[2] == pair else (None, None)
         allowed = model.candidates(pools, pref_pool, pref_node)
-        qpool, most = None, 0.0
-        for pool in pools:
-            members = len(model.pool_members(pool))
-            if members > 0 and pool == pref_pool:
-                qpool, most = pool, float("inf")
-            if members > most:
-                qpool, most = pool, members
         if not pools:
             assert self.refused(call) is ErrorCode.NO_POOL_FOR_LANG_PAIR
             return
         if not allowed:
-            if qpool is None:
+            # Queued only while a live node serves the pair, whatever its pool.
+            if not model.live_for(pair):
                 assert self.refused(call) is ErrorCode.EMPTY_POOL
                 return
-            if model.depth(qpool) >= SETTINGS.queue_max:
+            if model.depth(pair) >= SETTINGS.queue_max:
                 assert self.refused(call) is ErrorCode.QUEUE_FULL
                 return
-            if len(model.session_queues.get((qpool, session_id), [])) >= 2:
+            if len(model.session_queues.get((pair, session_id), [])) >= 2:
                 assert self.refused(call) is ErrorCode.SESSION_QUEUE_FULL
                 return
         reply = self.run(call)
@@ -519,11 +552,11 @@ class SchedulerMachine(RuleBasedStateMachine):
             node = model.nodes[reply.node_id]
             assert reply == Accepted(job_id, node.name, 1, node.hub, job.deadline)
         else:
-            assert reply == Queued(job_id, qpool, job.deadline)
-            job.qpool, job.queue_until = qpool, model.now + SETTINGS.queue_wait_ms
-            if (qpool, session_id) not in model.session_queues:
-                model.queues.setdefault(qpool, []).append(session_id)
-            model.session_queues.setdefault((qpool, session_id), []).append(job_id)
+            assert reply == Queued(job_id, pair_text(pair), job.deadline)
+            job.queue_until = model.now + SETTINGS.queue_wait_ms
+            if (pair, session_id) not in model.session_queues:
+                model.queues.setdefault(pair, []).append(session_id)
+            model.session_queues.setdefault((pair, session_id), []).append(job_id)
 
     @precondition(lambda self: any(j.status == "running" for j in self.model.jobs.values()))
     @rule(data=st.data(), statuses=st.lists(st.sampled_from(["finished", "failed"]), min_size=1,
@@ -703,9 +736,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         pools = sorted(model.pools_known)
         for pool in pools:
             pipe.zrange(k.free(pool), 0, -1, withscores=True)
-            pipe.lrange(k.queue(pool), 0, -1)
+        for pair in PAIRS:
+            pipe.smembers(k.live(*pair))
+            pipe.lrange(k.queue(*pair), 0, -1)
             for sid in SESSIONS:
-                pipe.lrange(k.session_queue(pool, sid), 0, -1)
+                pipe.lrange(k.session_queue(*pair, sid), 0, -1)
+        pipe.zrange(k.queue_heads, 0, -1, withscores=True)
         pipe.hgetall(k.queue_depth)
         pipe.zrange(k.seen, 0, -1, withscores=True)
         pipe.zrange(k.deadlines, 0, -1, withscores=True)
@@ -723,7 +759,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             else:
                 assert got["payload"] == job.payload
                 assert got.get("audio") == (b"1" if job.has_audio else b"")
-            assert got.get("qpool") == (job.qpool.encode() if job.qpool else None), job
+            assert "qpool" not in got, job
         for name in names:
             node, got, members = model.nodes[name], next(replies), next(replies)
             running = model.running_on(name)
@@ -744,13 +780,18 @@ class SchedulerMachine(RuleBasedStateMachine):
                 free[n] == int(free[n]) and int(free[n]) // 2**31 == int(loads[n] * 2**20)
                 for n in loads
             ), (pool, free, loads)
-            assert [s.decode() for s in next(replies)] == model.queues.get(pool, []), pool
+        for pair in PAIRS:
+            assert {m.decode() for m in next(replies)} == model.live_for(pair), pair
+            assert [s.decode() for s in next(replies)] == model.queues.get(pair, []), pair
             for sid in SESSIONS:
                 waiting = [j.decode() for j in next(replies)]
-                assert waiting == model.session_queues.get((pool, sid), []), (pool, sid)
+                assert waiting == model.session_queues.get((pair, sid), []), (pair, sid)
+        heads = {p.decode(): s for p, s in next(replies)}
+        assert heads == {
+            pair_text(p): self.model.head(p) for p in PAIRS if self.model.head(p) is not None
+        }
         depths = {p.decode(): int(d) for p, d in next(replies).items()}
-        for pool in pools:
-            assert depths.get(pool, 0) == model.depth(pool), pool
+        assert depths == {pair_text(p): model.depth(p) for p in PAIRS if model.depth(p)}
         seen = {m.decode(): s for m, s in next(replies)}
         assert seen == {
             n.name: n.seen for n in model.nodes.values() if n.state not in (None, "lost")
@@ -769,7 +810,7 @@ def test_scripts_match_the_model(redis_server: RedisProcess, monkeypatch):
     run_state_machine_as_test(
         SchedulerMachine,
         settings=settings(
-            max_examples=50,
+            max_examples=100,
             stateful_step_count=30,
             deadline=None,
             database=None,

@@ -41,7 +41,7 @@ local function hmget(key, fields)
 end
 
 -- The fields of a job hash that starting an attempt and its dispatch event need.
-local ATTEMPT_FIELDS = { 'status', 'node', 'attempt', 'hist', 'qpool', 'session', 'src', 'tgt',
+local ATTEMPT_FIELDS = { 'status', 'node', 'attempt', 'hist', 'session', 'src', 'tgt',
   'deadline', 'payload', 'audio', 'shub', 'ref' }
 
 local function split(text)

@@ -19,7 +19,6 @@ local function start_attempt(prefix, jid, j, n, pool, now)
   local attempt = (tonumber(j.attempt) or 0) + 1
   rcall('HSET', jkey, 'status', 'running', 'node', n.id, 'attempt', attempt,
     'hist', (j.hist or ',') .. n.id .. '@' .. attempt .. ',')
-  if j.qpool then rcall('HDEL', jkey, 'qpool') end
   rcall('SADD', n.key .. ':jobs', jid)
   local shub_now = remember_node(prefix, j.session, pool, n.id, j.src .. ':' .. j.tgt, j.shub)
   return dispatch_event(jid, j, n.id, attempt, n.hub, shub_now)
@@ -53,7 +52,7 @@ end
 local function end_job(prefix, jid, j, status, result, err, now, ttl)
   local jkey = prefix .. 'job:' .. jid
   rcall('HSET', jkey, 'status', status, 'result', result, 'error', err)
-  rcall('HDEL', jkey, 'payload', 'audio', 'qpool')
+  rcall('HDEL', jkey, 'payload', 'audio')
   rcall('PEXPIRE', jkey, ttl)
   rcall('ZREM', prefix .. 'deadlines', jid)
   local sid = j.session
@@ -71,36 +70,54 @@ local function end_job(prefix, jid, j, status, result, err, now, ttl)
   return result_event(s[1] or j.shub or '', sid, jid, j.ref or '', status, result, err)
 end
 
--- Hands queued jobs of node `n`'s pools to its free slots, appending the
--- dispatch events, then updates its free entries. Bounded by its max_jobs.
-local function fill_slots(prefix, n, now, events)
-  if n.state == 'live' and n.running < n.max_jobs and #n.pools > 0 then
-    local depths = rcall('HMGET', prefix .. 'qdepth', unpack(n.pools))
-    local rounds = 0
-    while n.running < n.max_jobs and rounds < n.max_jobs do
-      rounds = rounds + 1
-      local jid, j, pool = nil, nil, nil
-      for i, p in ipairs(n.pools) do
-        if (tonumber(depths[i]) or 0) > 0 then
-          jid, j, depths[i] = pop_queue(prefix, p)
-          if jid then pool = p; break end
+-- Most queued jobs past their deadline that one fill_slots call ends; the
+-- sweep ends the others.
+local MAX_EXPIRED_PER_FILL = 32
+
+-- Hands node `n`'s free slots the jobs queued for its language pairs, from
+-- whichever pool's nodes were busy when they came: each slot takes, of the
+-- heads of its pairs' queues, the one whose queue wait ends first (within a
+-- pair, sessions take turns). A job past its deadline never starts: it ends
+-- JOB_TIMEOUT and the slot goes to the next. Appends the 'dispatch' and
+-- 'result' events, then updates the node's free entries. Bounded: one
+-- ZMSCORE over the node's pairs, at most max_jobs starts and
+-- MAX_EXPIRED_PER_FILL ends.
+local function fill_slots(prefix, n, now, ttl, events)
+  if n.state == 'live' and n.running < n.max_jobs and #n.pairs > 0 then
+    local heads = rcall('ZMSCORE', prefix .. 'qheads', unpack(n.pairs))
+    local expired = 0
+    for _ = 1, n.max_jobs + MAX_EXPIRED_PER_FILL do
+      local best, best_at = nil, nil
+      for i = 1, #n.pairs do
+        local at = tonumber(heads[i])
+        if at and (not best_at or at < best_at) then best, best_at = i, at end
+      end
+      if not best then break end
+      local jid, j
+      jid, j, heads[best] = pop_queue(prefix, n.pairs[best])
+      if jid then
+        if now >= (tonumber(j.deadline) or 0) then
+          events[#events + 1] = end_job(prefix, jid, j, 'failed', 'null', 'JOB_TIMEOUT', now, ttl)
+          expired = expired + 1
+          if expired >= MAX_EXPIRED_PER_FILL then break end
+        else
+          n.running = rcall('HINCRBY', n.key, 'running', 1)
+          events[#events + 1] = start_attempt(prefix, jid, j, n, n.pools[1], now)
+          if n.running >= n.max_jobs then break end
         end
       end
-      if not jid then break end
-      n.running = rcall('HINCRBY', n.key, 'running', 1)
-      events[#events + 1] = start_attempt(prefix, jid, j, n, pool, now)
     end
   end
   set_free(prefix, n)
 end
 
 -- Takes an ended job off node `nid`: the slot comes back and goes to the
--- next queued jobs of the node's pools (their dispatch events appended).
--- `n` is the node when the caller read it already. Returns the node.
-local function vacate(prefix, nid, jid, now, events, n)
+-- next queued jobs of the node's pairs (their events appended). `n` is the
+-- node when the caller read it already. Returns the node.
+local function vacate(prefix, nid, jid, now, ttl, events, n)
   n = n or read_node(prefix, nid)
   rcall('SREM', n.key .. ':jobs', jid)
-  if release_slot(n) then fill_slots(prefix, n, now, events) end
+  if release_slot(n) then fill_slots(prefix, n, now, ttl, events) end
   return n
 end
 
@@ -130,14 +147,13 @@ end
 -- timed out). A queued job leaves its queue; a running one gets a 'cancel'
 -- for its node, appended to `events`. The 'result' goes to `ended` (which
 -- may be `events`), then a running job's slot goes to the next queued jobs
--- ('dispatch' events). `j` is the job's status, node, attempt, qpool,
--- session, ref and shub when the caller read them already. Returns false
--- when the job had already ended.
+-- (their events appended to `events`). `j` is the job's ATTEMPT_FIELDS when
+-- the caller read them already. Returns false when the job had already ended.
 local function cancel_job(prefix, jid, reason, now, ttl, events, ended, j)
   j = j or hmget(prefix .. 'job:' .. jid, ATTEMPT_FIELDS)
   local n = nil
   if j.status == 'queued' then
-    unqueue(prefix, jid, j.qpool, j.session)
+    unqueue(prefix, jid, j.src .. ':' .. j.tgt, j.session)
   elseif j.status == 'running' then
     n = read_node(prefix, j.node)
     events[#events + 1] = cancel_event(n.hub, j.node, jid, tonumber(j.attempt), reason)
@@ -145,6 +161,6 @@ local function cancel_job(prefix, jid, reason, now, ttl, events, ended, j)
     return false
   end
   ended[#ended + 1] = end_job(prefix, jid, j, 'failed', 'null', reason, now, ttl)
-  if n then vacate(prefix, j.node, jid, now, events, n) end
+  if n then vacate(prefix, j.node, jid, now, ttl, events, n) end
   return true
 end

@@ -19,11 +19,12 @@ end
 -- Takes a node out of dispatch for good and settles each of its jobs.
 local function lose_node(prefix, nid, now, max_attempts, ttl, events)
   local nkey = prefix .. 'node:' .. nid
-  local f = rcall('HMGET', nkey, 'pools', 'hub', 'epoch')
+  local f = rcall('HMGET', nkey, 'pools', 'hub', 'epoch', 'lpairs')
   for _, p in ipairs(split(f[1])) do
     rcall('ZREM', prefix .. 'free:' .. p, nid)
     rcall('SREM', prefix .. 'pool:' .. p .. ':nodes', nid)
   end
+  set_live(prefix, { id = nid, state = 'lost', pairs = split(f[4]) })
   rcall('ZREM', prefix .. 'seen', nid)
   rcall('HSET', nkey, 'state', 'lost')
   local jobs = rcall('SMEMBERS', nkey .. ':jobs')

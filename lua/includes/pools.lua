@@ -9,12 +9,21 @@
 --- @include "includes/base"
 
 -- The scheduling fields of node `nid`: id, key, running, max_jobs, state
--- (false: no such node), pools (list) and hub.
+-- (false: no such node), pools (list), hub and pairs (list of "src:tgt").
 local function read_node(prefix, nid)
   local key = prefix .. 'node:' .. nid
-  local f = rcall('HMGET', key, 'running', 'max_jobs', 'state', 'pools', 'hub')
+  local f = rcall('HMGET', key, 'running', 'max_jobs', 'state', 'pools', 'hub', 'lpairs')
   return { id = nid, key = key, running = tonumber(f[1]) or 0, max_jobs = tonumber(f[2]) or 0,
-    state = f[3], pools = split(f[4]), hub = f[5] or '' }
+    state = f[3], pools = split(f[4]), hub = f[5] or '', pairs = split(f[6]) }
+end
+
+-- A node is in the live set of each of its language pairs exactly when its
+-- state is 'live' (not offline, draining or lost): dispatch_task queues a
+-- job only while its pair's set is not empty, and refuses it EMPTY_POOL
+-- otherwise. Called on every change of state; `n` as read_node returns it.
+local function set_live(prefix, n)
+  local op = (n.state == 'live') and 'SADD' or 'SREM'
+  for _, pair in ipairs(n.pairs) do rcall(op, prefix .. 'live:' .. pair, n.id) end
 end
 
 -- A free node's score is an integer, so a small (listpack) zset compares

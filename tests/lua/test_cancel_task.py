@@ -77,17 +77,21 @@ async def test_cancel_task_of_a_queued_job_takes_it_out_of_the_queue(scheduler, 
 
     assert first.events == ()
     assert first.ended == JobEnded("h1", "A", "a1", "", "failed", b"null", "CANCELLED")
-    assert await redis.lrange(keys.queue(POOL), 0, -1) == [b"B"]
-    assert await redis.exists(keys.session_queue(POOL, "A")) == 0
-    assert await redis.hget(keys.queue_depth, POOL) == b"1"
+    assert await redis.lrange(keys.queue("en", "fr"), 0, -1) == [b"B"]
+    assert await redis.exists(keys.session_queue("en", "fr", "A")) == 0
+    assert await redis.hget(keys.queue_depth, "en:fr") == b"1"
     assert await redis.zrange(keys.queued, 0, -1) == [b"b1"]
+    # The pair's head is b1 now.
+    assert await redis.zrange(keys.queue_heads, 0, -1, withscores=True) == [
+        (b"en:fr", await redis.zscore(keys.queued, "b1"))
+    ]
     job = await job_hash(redis, keys, "a1")
     assert (job["status"], job["error"]) == (b"failed", b"CANCELLED")
-    assert "qpool" not in job
     assert (await node_hash(redis, keys, "n1"))["running"] == "1"
     # The queue still works: the next completion starts b1.
     done = await scheduler.complete_task("j0", "n1", 1, "finished", now_ms=T0 + 3)
     assert [e.job_id for e in done.events] == ["b1"]
+    assert await redis.exists(keys.queue_depth, keys.queue_heads) == 0
 
 
 # Returns: -5, -10, -7

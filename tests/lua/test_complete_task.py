@@ -8,9 +8,11 @@ from hub.errors import ErrorCode, SchedulingError
 from hub.events import Beat, Completion, JobEnded, Queued
 
 from .lua_support import (
+    EN_FR,
     T0,
     dispatch_of,
     dispatches,
+    ended,
     free,
     job_hash,
     node_hash,
@@ -102,13 +104,13 @@ async def test_complete_task_hands_the_freed_slot_the_next_queued_job(scheduler,
         b"1",
         b",n1@1,",
     )
-    assert "qpool" not in job
     assert (await node_hash(redis, keys, "n1"))["running"] == "1"
     assert await smembers(redis, keys.node_jobs("n1")) == {"j2"}
     assert await free(redis, keys, POOL) == {}
-    assert await redis.hget(keys.queue_depth, POOL) == b"0"
+    assert await redis.hget(keys.queue_depth, "en:fr") is None
     assert await redis.zcard(keys.queued) == 0
-    assert await redis.exists(keys.queue(POOL), keys.session_queue(POOL, "s2")) == 0
+    assert await redis.exists(keys.queue("en", "fr"), keys.session_queue("en", "fr", "s2")) == 0
+    assert await redis.exists(keys.queue_heads) == 0
     assert (await redis.hget(keys.session("s2"), "node")) == b"n1"
 
 
@@ -130,7 +132,7 @@ async def test_complete_task_serves_the_queue_in_order_taking_turns(scheduler, r
     assert order == ["A1", "B1", "A2", "A3"]
     await scheduler.complete_task(running, "n1", 1, "finished", now_ms=T0 + 9)
     assert await free(redis, keys, POOL) == {"n1": 0.0}
-    assert await redis.hget(keys.queue_depth, POOL) == b"0"
+    assert await redis.hget(keys.queue_depth, "en:fr") is None
 
 
 async def test_node_back_online_fills_its_free_slots_then_each_completion_one(
@@ -139,6 +141,8 @@ async def test_node_back_online_fills_its_free_slots_then_each_completion_one(
     await register(scheduler, "n1", max_jobs=3)
     await dispatch(scheduler, "s0", "j0")
     await scheduler.heartbeat([Beat("n1", 1, online=False)], now_ms=T0)
+    await register(scheduler, "n2", max_jobs=1)  # live and busy: jobs wait
+    assert (await dispatch(scheduler, "s0", "j00")).node_id == "n2"
     for i in range(4):
         assert isinstance(await dispatch(scheduler, f"s{i + 1}", f"q{i}"), Queued)
 
@@ -149,7 +153,7 @@ async def test_node_back_online_fills_its_free_slots_then_each_completion_one(
     assert [d.job_id for d in dispatches(done.events)] == ["q2"]
     assert (await node_hash(redis, keys, "n1"))["running"] == "3"
     assert await free(redis, keys, POOL) == {}
-    assert await redis.hget(keys.queue_depth, POOL) == b"1"
+    assert await redis.hget(keys.queue_depth, "en:fr") == b"1"
 
 
 async def test_complete_task_reports_a_draining_node_drained(scheduler, redis, keys):
@@ -294,3 +298,93 @@ async def test_complete_task_keeps_the_newest_1000_ended_jobs(scheduler, redis, 
     assert await redis.zcard(keys.session_done("s1")) == 1_000
     assert await redis.zrange(keys.session_done("s1"), 0, 0) == [b"old1"]
     assert await redis.zscore(keys.session_done("s1"), "j1") == T0 + 1
+
+
+# The queues: one per language pair, served by every pool of the pair
+
+
+async def test_complete_task_hands_the_slot_a_job_queued_while_another_pool_was_busy(
+    scheduler, redis, keys
+):
+    alpha, beta = pool_of("alpha"), pool_of("beta")
+    await register(scheduler, "a1", max_jobs=1, pools=("alpha",))
+    await register(scheduler, "b1", max_jobs=1, pools=("beta",))
+    await dispatch(scheduler, "s1", "j1")
+    await dispatch(scheduler, "s2", "j2")
+    # Both pools busy: the job waits for whichever pool of its pair frees a slot first.
+    assert isinstance(await dispatch(scheduler, "s3", "j3", now_ms=T0 + 1), Queued)
+    busy = {(await job_hash(redis, keys, j))["node"].decode(): j for j in ("j1", "j2")}
+
+    done = await scheduler.complete_task(busy["b1"], "b1", 1, "finished", now_ms=T0 + 2)
+
+    assert [(d.job_id, d.node_id) for d in dispatches(done.events)] == [("j3", "b1")]
+    assert (await job_hash(redis, keys, "j3"))["status"] == b"running"
+    assert await free(redis, keys, alpha) == {}
+    assert await free(redis, keys, beta) == {}
+    assert (await redis.hget(keys.session("s3"), "pool")) == beta.encode()
+
+
+async def test_complete_task_takes_the_oldest_queue_head_of_the_nodes_pairs(scheduler, redis, keys):
+    de_en = (("de", "en"),)
+    await register(scheduler, "x", max_jobs=1, pools=("alpha",))
+    await register(scheduler, "y", max_jobs=1, pools=("beta",), pairs=EN_FR + de_en)
+    await dispatch(scheduler, "s1", "j1")
+    await dispatch(scheduler, "s2", "j2")
+    # en:fr waits since T0 + 1, de:en since T0 + 2: y serves both.
+    assert isinstance(await dispatch(scheduler, "s3", "old", now_ms=T0 + 1), Queued)
+    newer = await scheduler.dispatch_task("s4", "de", "en", b"{}", job_id="new", now_ms=T0 + 2)
+    assert isinstance(newer, Queued)
+    on_y = "j1" if (await job_hash(redis, keys, "j1"))["node"] == b"y" else "j2"
+
+    done = await scheduler.complete_task(on_y, "y", 1, "finished", now_ms=T0 + 3)
+
+    assert [d.job_id for d in dispatches(done.events)] == ["old"]
+    assert (await job_hash(redis, keys, "new"))["status"] == b"queued"
+
+
+# A queued job's deadline
+
+
+async def test_complete_task_ends_a_queued_job_past_its_deadline_and_starts_the_next(
+    scheduler, redis, keys
+):
+    await register(scheduler, "n1", max_jobs=1, hub_id="hn")
+    await dispatch(scheduler, "s1", "j1")
+    await dispatch(scheduler, "s2", "late", timeout_ms=100, ref="r-late", session_hub="hs")
+    await dispatch(scheduler, "s3", "next", now_ms=T0 + 1)
+
+    # Past late's deadline, before the sweep saw it.
+    done = await scheduler.complete_task("j1", "n1", 1, "finished", now_ms=T0 + 100)
+
+    assert ended(done.events) == [
+        JobEnded("hs", "s2", "late", "r-late", "failed", b"null", "JOB_TIMEOUT")
+    ]
+    assert [(d.job_id, d.node_id) for d in dispatches(done.events)] == [("next", "n1")]
+    job = await job_hash(redis, keys, "late")
+    assert (job["status"], job["error"], job["attempt"]) == (b"failed", b"JOB_TIMEOUT", b"0")
+    assert await redis.zscore(keys.deadlines, "late") is None
+    assert await redis.zscore(keys.queued, "late") is None
+    assert await smembers(redis, keys.session_jobs("s2")) == set()
+    assert await smembers(redis, keys.node_jobs("n1")) == {"next"}
+    assert (await stats(redis, keys, scheduler)).get("error:JOB_TIMEOUT") == 1
+
+
+async def test_complete_task_ends_at_most_32_expired_queued_jobs_and_leaves_the_rest_to_the_sweep(
+    scheduler, redis, keys
+):
+    await register(scheduler, "n1", max_jobs=1)
+    await dispatch(scheduler, "s", "j0")
+    for i in range(34):
+        await dispatch(scheduler, f"s{i}", f"late{i}", timeout_ms=100)
+    await dispatch(scheduler, "s-fresh", "fresh")
+
+    done = await scheduler.complete_task("j0", "n1", 1, "finished", now_ms=T0 + 100)
+
+    # Bounded work per call: 32 ended, in queue order; the slot stays free.
+    assert [e.job_id for e in ended(done.events)] == [f"late{i}" for i in range(32)]
+    assert dispatches(done.events) == []
+    assert await free(redis, keys, POOL) == {"n1": 0.0}
+    report = await scheduler.sweep(now_ms=T0 + 100, lease_ms=0)
+    assert [e.job_id for e in ended(report.events)] == ["late32", "late33"]
+    assert await redis.zrange(keys.queued, 0, -1) == [b"fresh"]
+    assert await redis.hget(keys.queue_depth, "en:fr") == b"1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hub.errors import ErrorCode, SchedulingError
-from hub.events import Accepted, Queued
+from hub.events import Accepted, Beat, Queued
 
 from .lua_support import T0, free, job_hash, node_hash, pool_of, register, smembers, stats
 
@@ -184,20 +184,23 @@ async def test_dispatch_task_forgets_the_preference_when_the_pair_changes(schedu
     assert (await dispatch(scheduler, "s")).node_id == "b1"
 
 
-async def test_dispatch_task_queues_in_the_sessions_pool(scheduler, redis, keys):
+async def test_dispatch_task_queues_for_the_pair_whatever_the_pools(scheduler, redis, keys):
     await register(scheduler, "a1", max_jobs=1, pools=("alpha",))
     assert (await dispatch(scheduler, "s1")).node_id == "a1"
     for i in range(3):
         await register(scheduler, f"b{i}", max_jobs=1, pools=("beta",))
         await dispatch(scheduler, f"other{i}")
 
-    # Every node busy: s1 waits in its own pool, a fresh session in the
-    # pool with the most nodes.
-    assert (await dispatch(scheduler, "s1")).pool == ALPHA
-    assert (await dispatch(scheduler, "s2")).pool == BETA
+    # Every node busy: the session that ran on alpha and a fresh one wait in
+    # the pair's one queue, which a slot of either pool serves.
+    assert (await dispatch(scheduler, "s1", job_id="q1")).queue == "en:fr"
+    assert (await dispatch(scheduler, "s2", job_id="q2", now_ms=T0 + 1)).queue == "en:fr"
+    assert await redis.lrange(keys.queue("en", "fr"), 0, -1) == [b"s1", b"s2"]
+    # The head is s1's job, whose wait ends first.
+    assert await redis.zrange(keys.queue_heads, 0, -1, withscores=True) == [(b"en:fr", T0 + 5_000)]
 
 
-# Returns: {0, pool, deadline_ms}
+# Returns: {0, 'src:tgt', deadline_ms}
 
 
 async def test_dispatch_task_queued_when_every_node_is_busy(scheduler, redis, keys):
@@ -206,18 +209,14 @@ async def test_dispatch_task_queued_when_every_node_is_busy(scheduler, redis, ke
 
     queued = await dispatch(scheduler, "s2", job_id="j2", ref="r2", now_ms=T0 + 5)
 
-    assert queued == Queued("j2", POOL, T0 + 5 + 10_000)
+    assert queued == Queued("j2", "en:fr", T0 + 5 + 10_000)
     job = await job_hash(redis, keys, "j2")
-    assert (job["status"], job["attempt"], job["qpool"], job["ref"]) == (
-        b"queued",
-        b"0",
-        POOL.encode(),
-        b"r2",
-    )
+    assert (job["status"], job["attempt"], job["ref"]) == (b"queued", b"0", b"r2")
     assert "node" not in job and job["audio"] == b""
-    assert await redis.lrange(keys.queue(POOL), 0, -1) == [b"s2"]
-    assert await redis.lrange(keys.session_queue(POOL, "s2"), 0, -1) == [b"j2"]
-    assert await redis.hget(keys.queue_depth, POOL) == b"1"
+    assert await redis.lrange(keys.queue("en", "fr"), 0, -1) == [b"s2"]
+    assert await redis.lrange(keys.session_queue("en", "fr", "s2"), 0, -1) == [b"j2"]
+    assert await redis.hget(keys.queue_depth, "en:fr") == b"1"
+    assert await redis.zscore(keys.queue_heads, "en:fr") == T0 + 5 + 5_000
     assert await redis.zscore(keys.queued, "j2") == T0 + 5 + 5_000
     assert await redis.zscore(keys.deadlines, "j2") == T0 + 5 + 10_000
     assert await smembers(redis, keys.session_jobs("s2")) == {"j2"}
@@ -350,7 +349,7 @@ async def test_dispatch_task_refused_when_busy_and_queueing_is_off(make_schedule
     assert error.error_code is ErrorCode.NO_AVAILABLE_NODE
     assert str(error) == "NO_AVAILABLE_NODE: every node for this language pair is busy"
     assert await redis.exists(keys.job("j2")) == 0
-    assert await redis.hget(keys.queue_depth, POOL) is None
+    assert await redis.hget(keys.queue_depth, "en:fr") is None
     assert (await stats(redis, keys, scheduler)).get("refused:NO_AVAILABLE_NODE") == 1
 
 
@@ -366,8 +365,8 @@ async def test_dispatch_task_refused_when_the_queue_is_full(make_scheduler, redi
     assert error.error_code is ErrorCode.QUEUE_FULL
     assert str(error) == "QUEUE_FULL: the queue for this language pair is full"
     assert await redis.exists(keys.job("j3")) == 0
-    assert await redis.hget(keys.queue_depth, POOL) == b"2"
-    assert await redis.lrange(keys.queue(POOL), 0, -1) == [b"s1", b"s2"]
+    assert await redis.hget(keys.queue_depth, "en:fr") == b"2"
+    assert await redis.lrange(keys.queue("en", "fr"), 0, -1) == [b"s1", b"s2"]
 
 
 async def test_dispatch_task_refused_when_the_session_queued_too_many(make_scheduler, redis, keys):
@@ -383,6 +382,43 @@ async def test_dispatch_task_refused_when_the_session_queued_too_many(make_sched
     assert error.code == "QUEUE_FULL"
     assert str(error) == "QUEUE_FULL: this session has too many queued jobs"
     assert await redis.exists(keys.job("j4")) == 0
-    assert await redis.hget(keys.queue_depth, POOL) == b"2"
+    assert await redis.hget(keys.queue_depth, "en:fr") == b"2"
     # Another session still gets in.
     assert isinstance(await dispatch(scheduler, "s2"), Queued)
+
+
+# Only live nodes that take jobs count as members (EMPTY_POOL otherwise)
+
+
+@pytest.mark.parametrize("leaves", ["offline", "draining", "lost"])
+async def test_dispatch_task_refused_when_the_pairs_only_node_takes_no_jobs(
+    scheduler, redis, keys, leaves
+):
+    await register(scheduler, "n1", max_jobs=1)
+    await register(scheduler, "g1", pairs=(("de", "en"),))  # another pair, live
+    if leaves == "offline":
+        await scheduler.heartbeat([Beat("n1", 1, online=False)], now_ms=T0)
+    elif leaves == "draining":
+        await scheduler.drain_node("n1", epoch=1)
+    else:
+        await scheduler.sweep(now_ms=T0 + scheduler.settings.lease_ms + 1, lease_ms=0)
+        await register(scheduler, "g1", pairs=(("de", "en"),), now_ms=T0 + 20_000)
+
+    error = await refused(scheduler, job_id="j1", now_ms=T0 + 20_001)
+
+    assert error.error_code is ErrorCode.EMPTY_POOL
+    assert await redis.exists(keys.job("j1")) == 0
+    assert await redis.zcard(keys.queued) == 0
+
+
+async def test_dispatch_task_queues_again_once_a_node_of_the_pair_is_live(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=1, pools=("alpha",))
+    await register(scheduler, "n2", max_jobs=1, pools=("beta",))
+    await scheduler.heartbeat([Beat("n1", 1, online=False)], now_ms=T0)
+    await scheduler.drain_node("n2", epoch=1)
+    assert (await refused(scheduler, "s1")).error_code is ErrorCode.EMPTY_POOL
+
+    # n1 comes back and gets busy: the next job waits for it.
+    await scheduler.heartbeat([Beat("n1", 1, online=True)], now_ms=T0 + 1)
+    assert (await dispatch(scheduler, "s1", now_ms=T0 + 2)).node_id == "n1"
+    assert isinstance(await dispatch(scheduler, "s2", now_ms=T0 + 3), Queued)

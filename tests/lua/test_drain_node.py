@@ -7,7 +7,7 @@ import pytest
 from hub.errors import ErrorCode, SchedulingError
 from hub.events import NodeLost, Queued
 
-from .lua_support import T0, free, node_hash, pool_of, register
+from .lua_support import T0, free, node_hash, pool_of, register, smembers
 
 POOL = pool_of()
 
@@ -45,8 +45,11 @@ async def test_drain_node_busy_returns_its_running_jobs(scheduler, redis, keys):
 
     assert (await node_hash(redis, keys, "n1"))["state"] == "draining"
     assert await free(redis, keys, POOL) == {}
-    # Still in its pool: new jobs wait for another node instead of failing.
-    assert isinstance(await scheduler.dispatch_task("s1", "en", "fr", b"{}", now_ms=T0), Queued)
+    # No longer a live node of its pair: a new job is refused, not left waiting.
+    assert await smembers(redis, keys.live("en", "fr")) == set()
+    with pytest.raises(SchedulingError) as caught:
+        await scheduler.dispatch_task("s1", "en", "fr", b"{}", now_ms=T0)
+    assert caught.value.error_code is ErrorCode.EMPTY_POOL
     # Draining again changes nothing.
     assert await scheduler.drain_node("n1", epoch=1) == 2
 

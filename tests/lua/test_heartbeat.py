@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from hub.errors import ErrorCode
-from hub.events import Accepted, Beat, Dispatch, Queued
+import pytest
 
-from .lua_support import T0, free, job_hash, node_hash, pool_of, register
+from hub.errors import ErrorCode, SchedulingError
+from hub.events import Accepted, Beat, Dispatch, JobEnded, Queued
+
+from .lua_support import T0, free, job_hash, node_hash, pool_of, register, smembers
 
 POOL = pool_of()
 
@@ -97,9 +99,12 @@ async def test_heartbeat_offline_takes_the_node_out_of_dispatch(scheduler, redis
     node = await node_hash(redis, keys, "n1")
     assert (node["state"], node["seen"]) == ("offline", str(T0 + 1))
     assert await free(redis, keys, POOL) == {}
-    # Still a member of its pool: jobs wait for it rather than being refused.
-    queued = await scheduler.dispatch_task("s1", "en", "fr", b"{}", now_ms=T0 + 2)
-    assert isinstance(queued, Queued)
+    # No longer a live node of its pair: a job is refused rather than left
+    # waiting for a node that may not come back online.
+    assert await smembers(redis, keys.live("en", "fr")) == set()
+    with pytest.raises(SchedulingError) as caught:
+        await scheduler.dispatch_task("s1", "en", "fr", b"{}", now_ms=T0 + 2)
+    assert caught.value.error_code is ErrorCode.EMPTY_POOL
     # Offline again: still offline, still 0.
     assert await scheduler.heartbeat([Beat("n1", 1, online=False)], now_ms=T0 + 3) == [0]
     assert (await node_hash(redis, keys, "n1"))["state"] == "offline"
@@ -115,6 +120,7 @@ async def test_heartbeat_online_again_restores_the_free_slot_with_its_load(sched
 
     assert (codes, codes.events) == ([1], ())
     assert (await node_hash(redis, keys, "n1"))["state"] == "live"
+    assert await smembers(redis, keys.live("en", "fr")) == {"n1"}
     assert await free(redis, keys, POOL) == {"n1": 0.25}
     accepted = await scheduler.dispatch_task("s2", "en", "fr", b"{}", now_ms=T0 + 3)
     assert isinstance(accepted, Accepted) and accepted.node_id == "n1"
@@ -131,8 +137,7 @@ async def test_heartbeat_online_does_not_undo_a_drain(scheduler, redis, keys):
     assert codes == [1, 0]
     assert (await node_hash(redis, keys, "n1"))["state"] == "draining"
     assert await free(redis, keys, POOL) == {}
-    queued = await scheduler.dispatch_task("s1", "en", "fr", b"{}", now_ms=T0 + 3)
-    assert isinstance(queued, Queued)
+    assert await smembers(redis, keys.live("en", "fr")) == set()
 
 
 async def test_heartbeat_keeps_a_node_from_losing_its_lease(scheduler, redis, keys):
@@ -150,7 +155,9 @@ async def test_heartbeat_keeps_a_node_from_losing_its_lease(scheduler, redis, ke
 
 async def test_heartbeat_online_again_starts_the_jobs_waiting_for_it(scheduler, redis, keys):
     await register(scheduler, "n1", max_jobs=1)
+    await register(scheduler, "n2", max_jobs=1)
     await scheduler.heartbeat([Beat("n1", 1, online=False)], now_ms=T0)
+    await scheduler.dispatch_task("s0", "en", "fr", b"{}", job_id="j0", now_ms=T0)  # on n2
     queued = await scheduler.dispatch_task("s1", "en", "fr", b"{}", job_id="j1", now_ms=T0 + 1)
     assert isinstance(queued, Queued)
 
@@ -164,4 +171,36 @@ async def test_heartbeat_online_again_starts_the_jobs_waiting_for_it(scheduler, 
     assert (job["status"], job["node"], job["hist"]) == (b"running", b"n1", b",n1@1,")
     assert (await node_hash(redis, keys, "n1"))["running"] == "1"
     assert await free(redis, keys, POOL) == {}
-    assert await redis.hget(keys.queue_depth, POOL) == b"0"
+    assert await redis.hget(keys.queue_depth, "en:fr") is None
+
+
+async def test_heartbeat_online_again_starts_jobs_queued_for_another_pool(scheduler, redis, keys):
+    await register(scheduler, "a1", max_jobs=1, pools=("alpha",))
+    await register(scheduler, "b1", max_jobs=1, pools=("beta",))
+    await scheduler.heartbeat([Beat("b1", 1, online=False)], now_ms=T0)
+    await scheduler.dispatch_task("s1", "en", "fr", b"{}", job_id="j1", now_ms=T0 + 1)
+    queued = await scheduler.dispatch_task("s2", "en", "fr", b"{}", job_id="j2", now_ms=T0 + 2)
+    assert isinstance(queued, Queued)
+
+    codes = await scheduler.heartbeat([Beat("b1", 1, online=True)], now_ms=T0 + 3)
+
+    assert [(d.job_id, d.node_id) for d in codes.events if isinstance(d, Dispatch)] == [
+        ("j2", "b1")
+    ]
+
+
+async def test_heartbeat_online_again_ends_queued_jobs_past_their_deadline(scheduler, redis, keys):
+    await register(scheduler, "a1", max_jobs=1)
+    await register(scheduler, "b1", max_jobs=1)
+    await scheduler.heartbeat([Beat("b1", 1, online=False)], now_ms=T0)
+    await scheduler.dispatch_task("s1", "en", "fr", b"{}", job_id="j1", now_ms=T0)
+    await scheduler.dispatch_task("s2", "en", "fr", b"{}", job_id="j2", timeout_ms=50, now_ms=T0)
+
+    codes = await scheduler.heartbeat([Beat("b1", 1, online=True)], now_ms=T0 + 50)
+
+    assert [(e.job_id, e.error) for e in codes.events if isinstance(e, JobEnded)] == [
+        ("j2", "JOB_TIMEOUT")
+    ]
+    assert not [e for e in codes.events if isinstance(e, Dispatch)]
+    assert (await job_hash(redis, keys, "j2"))["status"] == b"failed"
+    assert await free(redis, keys, POOL) == {"b1": 0.0}

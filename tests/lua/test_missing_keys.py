@@ -107,3 +107,24 @@ async def test_sweep_drops_index_entries_of_vanished_jobs(scheduler, redis, keys
     assert report == SweepReport(True, 0, 0, 0, ())
     assert await redis.zcard(keys.deadlines) == 0
     assert await redis.zcard(keys.queued) == 0
+
+
+async def test_scripts_cope_without_the_queue_heads(scheduler, redis, keys):
+    await register(scheduler, "n1", max_jobs=1)
+    await dispatch(scheduler, "s1", "j1")
+    assert isinstance(await dispatch(scheduler, "s2", "j2"), Queued)
+    await redis.delete(keys.queue_heads)
+
+    # No head is visible: the freed slot starts nothing, and the job waits.
+    done = await scheduler.complete_task("j1", "n1", 1, "finished", now_ms=T0 + 1)
+    assert done.events == ()
+    assert (await job_hash(redis, keys, "j2"))["status"] == b"queued"
+
+    # The next job queued for the pair restores the entry; the queue goes on in order.
+    assert (await dispatch(scheduler, "s3", "j3", now_ms=T0 + 2)).node_id == "n1"
+    assert isinstance(await dispatch(scheduler, "s4", "j4", now_ms=T0 + 3), Queued)
+    done = await scheduler.complete_task("j3", "n1", 1, "finished", now_ms=T0 + 4)
+    assert [d.job_id for d in dispatches(done.events)] == ["j2"]
+    done = await scheduler.complete_task("j2", "n1", 1, "finished", now_ms=T0 + 5)
+    assert [d.job_id for d in dispatches(done.events)] == ["j4"]
+    assert await redis.exists(keys.queue_heads, keys.queue_depth) == 0

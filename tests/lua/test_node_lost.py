@@ -8,6 +8,7 @@ from hub.errors import ErrorCode, SchedulingError
 from hub.events import CancelAttempt, JobEnded, NodeLost
 
 from .lua_support import (
+    EN_FR,
     T0,
     cancels,
     dispatch_of,
@@ -86,6 +87,17 @@ async def test_node_lost_without_epoch_loses_whatever_is_registered(scheduler, r
 
     assert (await node_hash(redis, keys, "n1"))["state"] == "lost"
     assert await free(redis, keys, POOL) == {}
+
+
+async def test_node_lost_leaves_the_live_sets_of_its_pairs(scheduler, redis, keys):
+    de_en = (("de", "en"),)
+    await register(scheduler, "n1", pairs=EN_FR + de_en)
+    await register(scheduler, "n2", pairs=de_en)
+
+    await scheduler.node_lost("n1", now_ms=T0 + 1)
+
+    assert await redis.exists(keys.live("en", "fr")) == 0
+    assert await smembers(redis, keys.live("de", "en")) == {"n2"}
 
 
 async def test_node_lost_fails_the_job_when_no_node_is_free(scheduler, redis, keys):

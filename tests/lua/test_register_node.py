@@ -44,8 +44,10 @@ async def test_register_node_first_time_returns_epoch_1(scheduler, redis, keys):
         "running": "0",
         "seen": str(T0),
         "registered": str(T0),
+        "lpairs": "en:fr",
     }
     assert await free(redis, keys, POOL) == {"n1": 0.0}
+    assert await smembers(redis, keys.live("en", "fr")) == {"n1"}
     assert await redis.zscore(keys.seen, "n1") == T0
     assert await smembers(redis, keys.pools) == {POOL}
     assert await smembers(redis, keys.lang("en", "fr")) == {POOL}
@@ -236,7 +238,7 @@ async def test_register_node_hands_queued_jobs_to_its_free_slots(scheduler, redi
     )
     q3 = await scheduler.dispatch_task("s2", "en", "fr", b"{}", job_id="j3", now_ms=T0 + 2)
     q4 = await scheduler.dispatch_task("s2", "en", "fr", b"{}", job_id="j4", now_ms=T0 + 3)
-    assert {q2.pool, q3.pool, q4.pool} == {POOL}
+    assert {q2.queue, q3.queue, q4.queue} == {"en:fr"}
 
     reg = await register(scheduler, "n2", max_jobs=2, hub_id="h2", now_ms=T0 + 10)
 
@@ -248,9 +250,9 @@ async def test_register_node_hands_queued_jobs_to_its_free_slots(scheduler, redi
     assert got[0].audio_hub == "h1"
     assert (await node_hash(redis, keys, "n2"))["running"] == "2"
     assert await free(redis, keys, POOL) == {}
-    assert await redis.hget(keys.queue_depth, POOL) == b"1"
+    assert await redis.hget(keys.queue_depth, "en:fr") == b"1"
     assert await redis.zrange(keys.queued, 0, -1) == [b"j4"]
-    assert await redis.hget(keys.job("j2"), "qpool") is None
+    assert await redis.zscore(keys.queue_heads, "en:fr") == T0 + 3 + 5_000
 
 
 async def test_register_node_with_new_capabilities_leaves_its_old_pools(scheduler, redis, keys):
@@ -263,6 +265,27 @@ async def test_register_node_with_new_capabilities_leaves_its_old_pools(schedule
     assert await free(redis, keys, POOL) == {}
     assert await smembers(redis, keys.pool_nodes(POOL)) == set()
     assert await free(redis, keys, new_pool) == {"n1": 0.0}
+    assert await smembers(redis, keys.live("en", "fr")) == set()
+    assert await smembers(redis, keys.live("de", "en")) == {"n1"}
     with pytest.raises(SchedulingError) as caught:
         await scheduler.dispatch_task("s1", "en", "fr", b"{}", now_ms=T0 + 2)
     assert caught.value.error_code is ErrorCode.EMPTY_POOL
+
+
+async def test_register_node_starts_jobs_queued_for_its_pairs_while_other_pools_were_busy(
+    scheduler, redis, keys
+):
+    await register(scheduler, "a1", max_jobs=1, pools=("alpha",))
+    await scheduler.dispatch_task("s1", "en", "fr", b"{}", job_id="j1", now_ms=T0)
+    assert isinstance(
+        await scheduler.dispatch_task("s2", "en", "fr", b"{}", job_id="j2", now_ms=T0 + 1), Queued
+    )
+
+    # A node of another operator pool, and another capability signature, serves en:fr too.
+    reg = await register(
+        scheduler, "b1", pools=("beta",), pairs=(*EN_FR, ("de", "en")), now_ms=T0 + 2
+    )
+
+    assert [(d.job_id, d.node_id) for d in dispatches(reg.events)] == [("j2", "b1")]
+    assert (await job_hash(redis, keys, "j2"))["status"] == b"running"
+    assert await redis.zcard(keys.queued) == 0

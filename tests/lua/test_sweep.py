@@ -77,8 +77,9 @@ async def test_sweep_times_out_a_queued_job(scheduler, redis, keys):
 
     assert (report.timed_out, report.queue_expired) == (1, 0)
     assert report.events == (JobEnded("h1", "s2", "j2", "", "failed", b"null", "JOB_TIMEOUT"),)
-    assert await redis.hget(keys.queue_depth, POOL) == b"0"
-    assert await redis.exists(keys.queue(POOL), keys.session_queue(POOL, "s2")) == 0
+    assert await redis.hget(keys.queue_depth, "en:fr") is None
+    assert await redis.exists(keys.queue("en", "fr"), keys.session_queue("en", "fr", "s2")) == 0
+    assert await redis.exists(keys.queue_heads) == 0
     assert await redis.zcard(keys.queued) == 0
     assert (await node_hash(redis, keys, "n1"))["running"] == "1"
 
@@ -101,8 +102,9 @@ async def test_sweep_ends_queue_waits_that_ran_out(scheduler, redis, keys):
     assert (job["status"], job["error"]) == (b"failed", b"NO_AVAILABLE_NODE")
     assert await redis.zscore(keys.deadlines, "j2") is None
     assert await redis.zrange(keys.queued, 0, -1) == [b"j3"]
-    assert await redis.lrange(keys.queue(POOL), 0, -1) == [b"s3"]
-    assert await redis.hget(keys.queue_depth, POOL) == b"1"
+    assert await redis.lrange(keys.queue("en", "fr"), 0, -1) == [b"s3"]
+    assert await redis.hget(keys.queue_depth, "en:fr") == b"1"
+    assert await redis.zscore(keys.queue_heads, "en:fr") == T0 + 1 + 5_000
     assert (await job_hash(redis, keys, "j1"))["status"] == b"running"
 
 
@@ -125,6 +127,7 @@ async def test_sweep_loses_nodes_whose_lease_ran_out(scheduler, redis, keys):
     assert await redis.zrange(keys.seen, 0, -1) == [b"n2"]
     assert (await node_hash(redis, keys, "n2"))["running"] == "1"
     assert await free(redis, keys, POOL) == {}
+    assert await smembers(redis, keys.live("en", "fr")) == {"n2"}
 
 
 async def test_sweep_handles_at_most_a_batch_of_each_kind(make_scheduler, redis, keys):
