@@ -32,6 +32,10 @@ from .errors import Unauthorized
 
 __all__ = ["Authenticator", "NodeGrant", "SessionGrant", "mint_node_token", "mint_session_token"]
 
+TOKEN_LEEWAY_S = 60
+"""Clock skew allowed between a token's issuer and the hub, in seconds, when
+``exp`` and ``nbf`` are checked against the hub's wall clock (protocol.md §10)."""
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class NodeGrant:
@@ -142,8 +146,18 @@ def _bearer(headers: Mapping[str, str]) -> str | None:
 
 def _decode(token: str, key: str, algorithm: str) -> dict[str, Any]:
     try:
+        # The only comparisons of the hub's wall clock with another's: with a
+        # leeway, so that a hub whose clock is off by tens of seconds takes
+        # tokens as their issuer meant them. ``iat`` (RFC 7519 §4.1.6) says
+        # when the token was made, not from when it is valid: PyJWT would
+        # refuse a fresh token on a hub whose clock is behind, so it is not
+        # checked.
         claims = jwt.decode(
-            token, key, algorithms=[algorithm], options={"require": ["exp"]}, leeway=5
+            token,
+            key,
+            algorithms=[algorithm],
+            options={"require": ["exp"], "verify_iat": False},
+            leeway=TOKEN_LEEWAY_S,
         )
     except jwt.ExpiredSignatureError as exc:
         raise Unauthorized("token expired") from exc

@@ -1276,6 +1276,7 @@ class Processes:
         redis_url: str | None = None,
         port: int | None = None,
         timeout_s: float = 20.0,
+        launcher: Sequence[str] | None = None,
         **settings: Any,
     ) -> HubProcess:
         """A ``hub serve`` process, started and ready.
@@ -1285,6 +1286,7 @@ class Processes:
             redis_url: its Redis (default: the group's).
             port: as :class:`HubProcess`.
             timeout_s: bound of its start, then of its first ``/readyz`` 200.
+            launcher: as :class:`HubProcess` (e.g. under ``faketime``).
             **settings: more settings, over the group's.
 
         Returns:
@@ -1297,6 +1299,7 @@ class Processes:
             cell=self.cell,
             port=port,
             settings=self.hub_settings | settings,
+            launcher=launcher,
         )
         self.started.append(process)
         await process.start(timeout_s)

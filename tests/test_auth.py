@@ -33,7 +33,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
 
 from hub.app import Hub
-from hub.auth import Authenticator, mint_node_token, mint_session_token
+from hub.auth import TOKEN_LEEWAY_S, Authenticator, mint_node_token, mint_session_token
 from hub.config import ConfigError, Settings
 from hub.errors import SchedulingError, Unauthorized
 from hub.gate import check_exposure
@@ -255,8 +255,8 @@ async def test_node_cannot_take_over_a_live_node_id(
 
 async def test_expired_node_token_is_refused(make_hub: MakeHub, connect: Connect) -> None:
     hub = await make_hub(node_token_key=NODE_KEY)
-    # ttl well past the hub's 5 s leeway.
-    token = mint_node_token(NODE_KEY, ["gpu-1"], ttl_s=-60)
+    # ttl well past the hub's leeway for clock skew.
+    token = mint_node_token(NODE_KEY, ["gpu-1"], ttl_s=-2 * TOKEN_LEEWAY_S)
     exc = await refused(connect, hub, "/v1/node", **bearer(token))
     assert exc.response.status_code == 401
     assert b"expired" in exc.response.body
@@ -265,6 +265,26 @@ async def test_expired_node_token_is_refused(make_hub: MakeHub, connect: Connect
         connect, hub, "/v1/node", **bearer(jwt.encode({"node_ids": ["gpu-1"]}, NODE_KEY))
     )
     assert exc.response.status_code == 401
+
+
+async def test_tokens_are_taken_across_30_s_of_clock_skew(
+    make_hub: MakeHub, connect: Connect
+) -> None:
+    # Tokens from an issuer whose clock is 30 s ahead of the hub's (or a hub
+    # 30 s behind): iat in the hub's future; from one 30 s behind: exp a
+    # little in the hub's past. Neither is refused (protocol.md §10).
+    hub = await make_hub(node_token_key=NODE_KEY, session_jwt_key=SESSION_KEY)
+    now = int(time.time())
+    for skew in (30, -30):
+        claims = {"iat": now + skew, "exp": now + skew + 10}
+        node = jwt.encode({"node_ids": ["gpu-1"], **claims}, NODE_KEY, algorithm="HS256")
+        ws = await open_node(connect, hub, "gpu-1", node)
+        await ws.close()
+        ws, _ = await open_session(connect, hub, **bearer(session_token(SESSION_KEY, **claims)))
+        await ws.close()
+    # Past the leeway, a token is expired whatever the skew.
+    late = session_token(SESSION_KEY, exp=now - TOKEN_LEEWAY_S - 5)
+    assert (await refused(connect, hub, "/v1/session", **bearer(late))).response.status_code == 401
 
 
 async def test_token_signed_with_another_key_is_refused(
@@ -356,7 +376,10 @@ async def test_session_token_via_header_and_query(make_hub: MakeHub, connect: Co
 async def test_expired_session_token_is_refused(make_hub: MakeHub, connect: Connect) -> None:
     hub = await make_hub(session_jwt_key=SESSION_KEY)
     exc = await refused(
-        connect, hub, "/v1/session", **bearer(mint_session_token(SESSION_KEY, ttl_s=-60))
+        connect,
+        hub,
+        "/v1/session",
+        **bearer(mint_session_token(SESSION_KEY, ttl_s=-2 * TOKEN_LEEWAY_S)),
     )
     assert exc.response.status_code == 401
     exc = await refused(connect, hub, "/v1/session", **bearer(jwt.encode({}, SESSION_KEY)))
