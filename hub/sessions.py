@@ -358,7 +358,10 @@ class Sessions:
                 delay = min(delay * 2, 2.0)
                 continue
             else:
-                self._router.route(e for e in done.events if type(e) is not JobEnded)
+                # Not its own result (done.ended): the session was told UNAVAILABLE.
+                # The events are other jobs': the freed slot's, queued jobs that
+                # ended past their deadline included.
+                self._router.route(done.events)
             with contextlib.suppress(RedisUnavailable):
                 await self._scheduler.ack_results(session_id, [job_id])
             return

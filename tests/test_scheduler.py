@@ -255,9 +255,15 @@ class Fleet:
                 assert (ended.status, ended.error or "") == (status, text(job[b"error"]))
                 assert b"payload" not in job
         pools: set[str] = set()
+        live_for: dict[tuple[str, str], set[str]] = collections.defaultdict(set)
         for node_id, spec in self.nodes.items():
             node = await self.redis.hgetall(k.node(node_id))
             state = text(node.get(b"state"))
+            for pair in spec["pairs"]:
+                if state == "live":
+                    live_for[(pair[0], pair[1])].add(node_id)
+                else:
+                    live_for.setdefault((pair[0], pair[1]), set())
             node_pools = [pool_id(p, SERVICES, spec["pairs"]) for p in spec["pools"]]
             pools.update(node_pools)
             members = {m.decode() for m in await self.redis.smembers(k.node_jobs(node_id))}
@@ -278,6 +284,9 @@ class Fleet:
                     assert int(score) // 2**31 == running * 2**20 // max_jobs, node_id
                 else:
                     assert score is None, node_id
+        for (src, tgt), live in live_for.items():
+            members = {m.decode() for m in await self.redis.smembers(k.live(src, tgt))}
+            assert members == live, (src, tgt)
         depths = {p.decode(): int(d) for p, d in (await self.redis.hgetall(k.queue_depth)).items()}
         assert depths == {pair: n for pair, n in queued_in.items() if n}
         for pool in pools:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 import pytest
 from redis.asyncio import Redis
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidHandshake
 
 from hub.app import Hub
@@ -25,12 +26,14 @@ from tests.helpers import MS, wait_for
 from tests.hubtools import (
     ALL_BYTES,
     Connect,
+    Frame,
     RawNode,
     check_invariants,
     expect,
     expect_closed,
     expect_silence,
     http_get,
+    job_record,
     node_hash,
     open_node,
     open_session,
@@ -246,14 +249,20 @@ async def test_queued_job_is_dispatched_when_a_slot_frees(
     await check_invariants(redis, keys, ["gpu-1"])
 
 
-async def test_queued_job_fails_with_no_available_node_when_the_wait_runs_out(
-    make_hub: MakeHub, connect: Connect, redis: Redis, keys: Keys
-) -> None:
-    hub = await make_hub(queue_wait_ms=150)
+async def busy_node(connect: Connect, hub: Hub) -> tuple[ClientConnection, ClientConnection, Frame]:
+    """Node gpu-1 with one slot, and a session whose job c-1 takes it: (node, session, job)."""
     node = await open_node(connect, hub, "gpu-1", max_jobs=1)
     session = await open_session(connect, hub)
     await submit(session, "c-1")
     await expect(session, "accepted", ref="c-1")
+    return node, session, await expect(node, "job")
+
+
+async def test_queued_job_fails_with_no_available_node_when_the_wait_runs_out(
+    make_hub: MakeHub, connect: Connect, redis: Redis, keys: Keys
+) -> None:
+    hub = await make_hub(queue_wait_ms=150)
+    node, session, _ = await busy_node(connect, hub)
     await submit(session, "c-2")
     queued = await expect(session, "queued", ref="c-2")
     await expect(
@@ -265,9 +274,82 @@ async def test_queued_job_fails_with_no_available_node_when_the_wait_runs_out(
         error="NO_AVAILABLE_NODE",
         within=1500 * MS,
     )
-    await expect(node, "job")  # only c-1
-    await expect_silence(node, 50 * MS)
+    await expect_silence(node, 50 * MS)  # no job but c-1
     await check_invariants(redis, keys, ["gpu-1"])
+
+
+async def test_queued_job_starts_on_a_node_of_another_pool_of_its_pair(
+    hub: Hub, connect: Connect, redis: Redis, keys: Keys
+) -> None:
+    # protocol.md §8, Queues: one queue per language pair, whatever the pools.
+    nodes = {
+        pool: await open_node(connect, hub, f"gpu-{pool}", max_jobs=1, pools=[pool])
+        for pool in ("alpha", "beta")
+    }
+    session = await open_session(connect, hub)
+    jobs = {}
+    for ref in ("c-1", "c-2"):
+        await submit(session, ref)
+        accepted = await expect(session, "accepted", ref=ref)
+        jobs[accepted["node_id"]] = await expect(
+            nodes[accepted["node_id"][4:]], "job", job_id=accepted["job_id"]
+        )
+    # A session that ran nowhere yet: its job waits for either pool.
+    other = await open_session(connect, hub)
+    await submit(other, "c-3")
+    queued = await expect(other, "queued", ref="c-3")
+
+    for pool in ("beta", "alpha"):  # whichever frees a slot first takes it
+        await result(nodes[pool], jobs[f"gpu-{pool}"])
+        await expect(session, "result", status="finished")
+        if pool == "beta":
+            await expect(other, "accepted", ref="c-3", job_id=queued["job_id"], node_id="gpu-beta")
+            await expect(nodes["beta"], "job", job_id=queued["job_id"])
+    await expect_silence(nodes["alpha"], 50 * MS)
+    await check_invariants(redis, keys, ["gpu-alpha", "gpu-beta"])
+
+
+async def test_queued_job_past_its_deadline_ends_job_timeout_when_a_slot_frees(
+    make_hub: MakeHub, connect: Connect, redis: Redis, keys: Keys
+) -> None:
+    # The sweep is too slow to see it: the freed slot ends it, and starts the next.
+    hub = await make_hub(sweep_interval_ms=60_000)
+    node, session, job1 = await busy_node(connect, hub)
+    await submit(session, "c-2", timeout_ms=100)
+    late = await expect(session, "queued", ref="c-2")
+    await submit(session, "c-3")
+    await expect(session, "queued", ref="c-3")
+    await asyncio.sleep(150 * MS)
+
+    await result(node, job1)
+    frames = [await receive(session) for _ in range(3)]
+    assert {(f["type"], f["ref"], f.get("error")) for f in frames} == {
+        ("result", "c-1", None),
+        ("result", "c-2", "JOB_TIMEOUT"),
+        ("accepted", "c-3", None),
+    }
+    assert next(f for f in frames if f["ref"] == "c-2")["job_id"] == late["job_id"]
+    job3 = await expect(node, "job")
+    assert job3["job_id"] != late["job_id"]
+    assert (await job_record(redis, keys, late["job_id"]))["attempt"] == "0"
+    await check_invariants(redis, keys, ["gpu-1"])
+
+
+async def test_job_for_a_pair_whose_only_node_drains_gets_empty_pool(
+    hub: Hub, connect: Connect, redis: Redis, keys: Keys
+) -> None:
+    node, session, _ = await busy_node(connect, hub)
+    await node.send('{"type": "drain"}')
+    await wait_for(
+        lambda: _is(redis, keys, "gpu-1", "state", "draining"),
+        timeout=1000 * MS,
+        what="gpu-1 draining",
+    )
+
+    # protocol.md §6: refused at once, not left waiting for a node that leaves.
+    await submit(session, "c-2")
+    await expect(session, "error", ref="c-2", code="EMPTY_POOL")
+    assert await redis.zcard(keys.queued) == 0
 
 
 async def test_job_frame_carries_every_field_of_protocol(
