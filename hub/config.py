@@ -131,7 +131,7 @@ class Settings:
 
     # Scheduling
     queue_max: int = 1000
-    """Jobs waiting for a slot, per pool; more get ``QUEUE_FULL``."""
+    """Jobs waiting for a slot, per language pair; more get ``QUEUE_FULL``."""
     queue_wait_ms: int = 2000
     """How long a job may wait for a slot; 0 rejects at once (``NO_AVAILABLE_NODE``)."""
     job_timeout_ms: int = 30000
