@@ -9,9 +9,9 @@ sessions on every hub keep working for many lease periods: no node is
 lost, no job times out early, and every job frame's ``deadline_ms`` is on
 Redis's clock, because scripts take time from Redis ``TIME`` and the hubs
 compare only their own monotonic clock with itself (protocol.md §8,
-Windows and limits). The hub ahead of time holds the sweep lease, so its
-sweeps are the ones that expire nodes and jobs; the hub behind sees every
-fresh token's ``iat`` in its future (§10).
+Windows and limits). The hub ahead of time is the only one that sweeps, so
+its sweeps are the ones that expire nodes and jobs; the hub behind sees
+every fresh token's ``iat`` in its future (§10).
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ LIBFAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1
 SKEW_S = 30
 NODE_KEY = "node-token-key-of-the-skew-test-32b"
 SESSION_KEY = "session-jwt-key-of-the-skew-test-32"
-LEASE_MS = 600
+LEASE_MS = 1_000
 RUN_S = 6.0
-"""Ten leases: every node's lease is renewed (or would run out) many times."""
+"""Six leases: every node's lease is renewed (or would run out) many times."""
 TIMEOUT_MS = 5_000
 """The jobs' budget: far less than the skew, so a deadline on a skewed clock shows."""
 
 PROCESS_HUB_SETTINGS: dict[str, Any] = {
-    "heartbeat_interval_ms": 200,
+    "heartbeat_interval_ms": 250,
     "node_lease_ms": LEASE_MS,
     "sweep_interval_ms": 50,
     "session_rate_per_s": None,
@@ -83,15 +83,13 @@ def test_libfaketime_shifts_the_wall_clock_of_a_python_child() -> None:
 async def test_hubs_30s_ahead_and_behind_lose_no_node_and_time_out_no_job(
     processes: Processes, redis: Redis, keys: Keys
 ) -> None:
-    # First alone, so that it takes the sweep lease and keeps renewing it.
+    # Only the hub ahead sweeps (the others try once a minute).
     ahead = await processes.hub("ahead", launcher=skewed(f"+{SKEW_S}s", hub_command()))
+    plain = await processes.hub("plain", sweep_interval_ms=60_000)
+    behind = await processes.hub(
+        "behind", launcher=skewed(f"-{SKEW_S}s", hub_command()), sweep_interval_ms=60_000
+    )
     sweep_holders: list[bytes | None] = []
-    deadline = time.monotonic() + 5
-    while await redis.get(keys.sweep_lease) != b"ahead":
-        assert time.monotonic() < deadline, "the hub ahead never took the sweep lease"
-        await asyncio.sleep(0.02)
-    plain = await processes.hub("plain")
-    behind = await processes.hub("behind", launcher=skewed(f"-{SKEW_S}s", hub_command()))
     hubs = {"ahead": ahead, "plain": plain, "behind": behind}
 
     deadlines_off_ms: list[float] = []
@@ -150,9 +148,10 @@ async def test_hubs_30s_ahead_and_behind_lose_no_node_and_time_out_no_job(
             )
         nodes = {name: await redis.hmget(keys.node(f"n-{name}"), "state", "epoch") for name in hubs}
 
-    # The hub ahead swept (almost) all along: its sweeps would have expired
-    # every other node and job had it used its own clock.
-    assert sweep_holders.count(b"ahead") >= 0.9 * len(sweep_holders), sweep_holders
+    # The hub ahead swept all along: its sweeps would have expired every
+    # other node and job had it used its own clock.
+    assert set(sweep_holders) <= {b"ahead", None}, sweep_holders
+    assert sweep_holders.count(b"ahead") >= len(sweep_holders) / 2, sweep_holders
     # Every job finished: none timed out early, none lost its node.
     assert len(results) > 30
     assert [(r.status, r.error) for r in results if not r.ok] == []
