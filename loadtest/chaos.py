@@ -9,9 +9,10 @@ It starts an embedded Redis (append-only file on, in a temporary directory),
 ``--hubs`` hub processes on one cell (``python -m hub serve``, fixed loopback
 ports outside the ephemeral range, so a killed hub comes back on its own
 address), ``--nodes`` node processes (this module's ``node-worker``: one
-:class:`RotatingNodeClient` each, which tries the hubs in turn when its
-connection drops) and ``--sessions`` :class:`RotatingSessionClient`\\ s in
-this process, spread over the hubs, each submitting jobs at a steady pace.
+:class:`~hub.client.NodeClient` each, given every hub's URL: it moves to the
+next when its hub dies) and ``--sessions`` :class:`~hub.client.SessionClient`\\ s
+in this process, given every hub's URL too and spread over the hubs
+(:func:`hubs_from`), each submitting jobs at a steady pace.
 
 On a schedule drawn from ``--seed`` it SIGKILLs random nodes and hubs and
 starts them again, stops and restarts Redis once (SIGTERM, then the same
@@ -40,8 +41,7 @@ killed, by pid.
 
 Its processes are :class:`loadtest.procs.HubProcess` and
 :class:`loadtest.procs.NodeProcess` (whose worker, ``node-worker``, lives
-here); the fault tests (``tests/test_reliability.py``) use both, and the
-rotating clients.
+here); the fault tests (``tests/test_reliability.py``) use both.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,6 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from websockets.asyncio.client import ClientConnection
 
 from hub.client import (
     Backoff,
@@ -86,12 +85,9 @@ from hub.client import (
     SessionLost,
 )
 from hub.client.node import Job
-from hub.client.transport import endpoint
 from hub.embedded import EmbeddedRedis
 from hub.keys import Keys
 from hub.protocol import (
-    NODE_PATH,
-    SESSION_PATH,
     Accepted,
     Queued,
     SessionResult,
@@ -104,9 +100,8 @@ __all__ = [
     "PERSISTENT_KEYS",
     "ChaosConfig",
     "Ledger",
-    "RotatingNodeClient",
-    "RotatingSessionClient",
     "audit_redis",
+    "hubs_from",
     "main",
     "run_chaos",
 ]
@@ -161,92 +156,17 @@ def _now() -> float:
 # Clients that try several hubs
 
 
-class RotatingNodeClient(NodeClient):
-    """A :class:`NodeClient` given several hubs: each connection attempt goes to the next.
+def hubs_from(urls: Sequence[str], start_index: int) -> list[str]:
+    """``urls`` rotated to start at ``start_index``: the order a client tries them.
 
-    When its hub dies the node reconnects (with backoff) to the next hub of
-    the list and registers there with ``resume``; a dead hub in the list
-    costs one refused connection attempt.
-
-    Args:
-        urls: hub base URLs (``ws://host:port``).
-        start_index: the first hub to try.
-        on_registered: called after each registration.
-        **kwargs: as :class:`NodeClient`.
+    The run gives its clients these orders (``spread=False``) rather than
+    the SDK's own spreading, so that every hub holds nodes and sessions when
+    one is killed, whatever the seed: the failover times measure each kill.
     """
-
-    def __init__(
-        self,
-        urls: Sequence[str],
-        *,
-        start_index: int = 0,
-        on_registered: Callable[[RotatingNodeClient], None] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if not urls:
-            raise ValueError("give at least one hub URL")
-        super().__init__(urls[start_index % len(urls)], **kwargs)
-        self.urls = [endpoint(u, NODE_PATH) for u in urls]
-        self._next = start_index
-        self.on_registered = on_registered
-
-    async def _connect_once(self) -> int | None:
-        self.url = self.urls[self._next % len(self.urls)]
-        self._next += 1
-        return await super()._connect_once()
-
-    async def _register(self, ws: ClientConnection) -> None:
-        await super()._register(ws)
-        if self.on_registered is not None:
-            self.on_registered(self)
-
-
-FrameCallback = Callable[["RotatingSessionClient", ToSessionFrame], None]
-
-
-class RotatingSessionClient(SessionClient):
-    """A :class:`SessionClient` given several hubs: each (re)connection tries the next.
-
-    A reconnection resumes the session on whichever hub answers (protocol.md
-    §8: the resume token is valid on every hub of the cell).
-
-    Args:
-        urls: hub base URLs.
-        start_index: the first hub to try.
-        on_frame: called with every frame received, before the client acts on it.
-        on_connected: called after each ``welcome`` (and the frames that follow a resume).
-        **kwargs: as :class:`SessionClient`.
-    """
-
-    def __init__(
-        self,
-        urls: Sequence[str],
-        *,
-        start_index: int = 0,
-        on_frame: FrameCallback | None = None,
-        on_connected: Callable[[RotatingSessionClient], None] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if not urls:
-            raise ValueError("give at least one hub URL")
-        super().__init__(urls[start_index % len(urls)], **kwargs)
-        self.urls = [endpoint(u, SESSION_PATH) for u in urls]
-        self._next = start_index
-        self.on_frame = on_frame
-        self.on_connected = on_connected
-
-    async def _open(self) -> ClientConnection:
-        self.url = self.urls[self._next % len(self.urls)]
-        self._next += 1
-        ws = await super()._open()
-        if self.on_connected is not None:
-            self.on_connected(self)
-        return ws
-
-    def _on_frame(self, ws: ClientConnection, frame: ToSessionFrame) -> None:
-        if self.on_frame is not None:
-            self.on_frame(self, frame)
-        super()._on_frame(ws, frame)
+    if not urls:
+        raise ValueError("give at least one hub URL")
+    k = start_index % len(urls)
+    return [*urls[k:], *urls[:k]]
 
 
 # The node worker (child process)
@@ -289,7 +209,7 @@ async def _node_worker(config: dict[str, Any]) -> int:
             "audio_bytes": len(job.audio or b""),
         }
 
-    def registered(node: RotatingNodeClient) -> None:
+    def registered(node: NodeClient) -> None:
         _emit(
             {
                 "e": "reg",
@@ -301,10 +221,10 @@ async def _node_worker(config: dict[str, Any]) -> int:
             }
         )
 
-    node = RotatingNodeClient(
-        list(config["urls"]),
-        start_index=int(config.get("start_index", 0)),
-        on_registered=registered,
+    node = NodeClient(
+        urls=hubs_from(list(config["urls"]), int(config.get("start_index", 0))),
+        spread=False,
+        on_connected=registered,
         node_id=node_id,
         languages=list(config.get("languages", ["en", "fr"])),
         max_jobs=int(config.get("max_jobs", 4)),
@@ -621,7 +541,7 @@ class ChaosRun:
         self.redis: Redis | None = None
         self.hubs: list[HubProcess] = []
         self.nodes: list[NodeProcess] = []
-        self.sessions: list[RotatingSessionClient] = []
+        self.sessions: list[SessionClient] = []
         self.ledger = Ledger()
         self.checked = JobChecks()
         """Jobs already checked and dropped from the ledger (:meth:`check_ended_jobs`)."""
@@ -695,9 +615,9 @@ class ChaosRun:
         await asyncio.gather(*(n.wait_registered(30) for n in self.nodes))
         self.log(f"{len(self.nodes)} nodes registered")
         for i in range(c.sessions):
-            session = RotatingSessionClient(
-                urls,
-                start_index=i,
+            session = SessionClient(
+                urls=hubs_from(urls, i),
+                spread=False,
                 on_frame=lambda client, frame, i=i: self.ledger.on_frame(i, client, frame),
                 on_connected=lambda client, i=i: self.resumes.append((_now(), i, client.hub_id)),
                 backoff=Backoff(min_s=0.05, max_s=1.0),
@@ -738,7 +658,7 @@ class ChaosRun:
 
     # Load
 
-    async def _session_loop(self, index: int, session: RotatingSessionClient) -> None:
+    async def _session_loop(self, index: int, session: SessionClient) -> None:
         c = self.config
         rng = random.Random(self.rng.random())
         audio = rng.randbytes(c.audio_bytes) if c.audio_bytes else None

@@ -1080,7 +1080,8 @@ NODE_WORKER = ("-m", "loadtest.chaos", "node-worker")
 class NodeProcess(ChildProcess):
     """A node worker child process (``python -m loadtest.chaos node-worker``).
 
-    The worker runs one rotating node client (it tries its hubs in turn)
+    The worker runs one :class:`~hub.client.NodeClient` given every hub (it
+    moves to the next when its hub dies)
     and reports on its stdout, one JSON object a line (``t`` is Unix time):
 
     - ``{"e": "reg", "hub": ..., "n": connections, "running": jobs, "t": ...}``
@@ -1095,7 +1096,7 @@ class NodeProcess(ChildProcess):
 
     Args:
         node_id: the node's id (kept across restarts).
-        urls: hub base URLs, tried in turn from ``start_index``.
+        urls: hub base URLs, tried in turn from ``start_index`` (``spread=False``).
         log_dir: where ``<node_id>.log`` (stderr) goes.
         max_jobs: the node's slots.
         service_ms: (low, high) service time, drawn uniformly.

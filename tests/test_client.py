@@ -31,7 +31,7 @@ from hub.keys import Keys
 from hub.protocol import SessionResult, ToSessionFrame
 from loadtest.procs import Processes, RedisProcess, free_port
 from tests.helpers import MS, wait_for
-from tests.sdktools import FAST_BACKOFF, running_hub
+from tests.sdktools import FAST_BACKOFF, Gate, running_hub
 
 ALL_BYTES = bytes(range(256))
 Handler = Callable[[Job], Awaitable[dict[str, Any] | None]]
@@ -72,27 +72,6 @@ async def node_and_session(
         node.start()
         await node.wait_registered()
         yield node, session
-
-
-class Gate:
-    """A handler that records its jobs and waits until the test opens it."""
-
-    def __init__(self) -> None:
-        self.started = asyncio.Event()
-        self.opened = asyncio.Event()
-        self.jobs: list[Job] = []
-        self.cancelled: list[str] = []
-
-    async def __call__(self, job: Job) -> dict[str, Any]:
-        self.jobs.append(job)
-        self.started.set()
-        try:
-            async with asyncio.timeout(10):
-                await self.opened.wait()
-        except asyncio.CancelledError:
-            self.cancelled.append(job.job_id)
-            raise
-        return {"text": "done", "attempt": job.attempt}
 
 
 # Submit and results

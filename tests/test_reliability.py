@@ -40,7 +40,6 @@ from hub.app import Hub
 from hub.client import Backoff, Job, JobRefused, NodeClient, SessionClient
 from hub.keys import Keys
 from hub.protocol import Accepted, SessionResult, ToSessionFrame
-from loadtest.chaos import RotatingSessionClient
 from loadtest.procs import HubProcess, NodeProcess, Processes, RedisProcess, rss_kb
 from tests.helpers import MS, wait_for
 from tests.hubtools import (
@@ -294,8 +293,8 @@ async def test_nodes_of_a_killed_hub_resume_their_jobs_on_a_surviving_hub(
     ]
     assert {n.hub_id for n in nodes} == {"hub-a"}
     accepted: list[Accepted] = []
-    session = RotatingSessionClient(
-        [b.url],
+    session = SessionClient(
+        b.url,
         on_frame=lambda _, f: accepted.append(f) if isinstance(f, Accepted) else None,
         backoff=FAST,
     )
@@ -338,8 +337,8 @@ async def test_sessions_of_a_killed_hub_resume_elsewhere_and_get_each_result_onc
     await processes.node("n1", [b.url], max_jobs=8)
     wire: list[tuple[int, int, str]] = []  # (session, connection, job id) of result frames
 
-    def record(index: int) -> Callable[[RotatingSessionClient, ToSessionFrame], None]:
-        def on_frame(client: RotatingSessionClient, frame: ToSessionFrame) -> None:
+    def record(index: int) -> Callable[[SessionClient, ToSessionFrame], None]:
+        def on_frame(client: SessionClient, frame: ToSessionFrame) -> None:
             if isinstance(frame, SessionResult):
                 wire.append((index, client.connections, frame.job_id))
 
@@ -348,7 +347,8 @@ async def test_sessions_of_a_killed_hub_resume_elsewhere_and_get_each_result_onc
     # They stay away for a second: jobs end meanwhile and wait in Redis.
     away = Backoff(min_s=1000 * MS, max_s=1000 * MS, jitter=False)
     sessions = [
-        RotatingSessionClient([a.url, b.url], on_frame=record(i), backoff=away) for i in range(3)
+        SessionClient(urls=[a.url, b.url], spread=False, on_frame=record(i), backoff=away)
+        for i in range(3)
     ]
     async with contextlib.AsyncExitStack() as stack:
         for s in sessions:

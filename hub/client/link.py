@@ -4,6 +4,15 @@
 session waits for ``welcome``), feeds each decoded frame to the client, and
 after a drop connects again with exponential backoff and full jitter, until
 the client stops or the hub refuses it for good (protocol.md §7).
+
+A client given several hub URLs walks them in its own order
+(:func:`~hub.client.transport.hub_order`). It stays on its hub while that
+hub serves it, and moves to the next URL when the hub cannot be reached or
+is going away (:data:`FAILOVER_CLOSE_CODES`, or no close frame at all: the
+hub died or the network cut). Every other close is retried on the same hub.
+Attempts within one round of the URLs wait a first backoff delay; each
+round that failed entirely raises the bound, as one failed attempt does for
+a single URL.
 """
 
 from __future__ import annotations
@@ -12,24 +21,40 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.frames import CloseCode as WsCloseCode
 
 from ..errors import ProtocolError
 from ..protocol import CloseCode
 from .backoff import Backoff
 from .errors import ConnectionRejected
-from .transport import auth_headers, close_of, handshake_status
+from .transport import auth_headers, close_of, handshake_status, hub_order
 
-__all__ = ["FATAL_CLOSE_CODES", "Link"]
+__all__ = ["FAILOVER_CLOSE_CODES", "FATAL_CLOSE_CODES", "Link"]
 
 FATAL_CLOSE_CODES = frozenset(
     {CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG, CloseCode.REPLACED}
 )
 """protocol.md §7: do not reconnect unchanged after these."""
+FAILOVER_CLOSE_CODES = frozenset(
+    {
+        CloseCode.GOING_AWAY,  # the hub shuts down
+        WsCloseCode.ABNORMAL_CLOSURE,  # no close frame: the hub died, or the network cut
+        CloseCode.INTERNAL_ERROR,  # a bug on that hub
+        WsCloseCode.SERVICE_RESTART,  # a proxy or the hub restarts
+        CloseCode.TRY_AGAIN_LATER,  # that hub cannot reach Redis right now
+        WsCloseCode.BAD_GATEWAY,  # a proxy cannot reach the hub
+    }
+)
+"""protocol.md §8: close codes after which a client given several hubs tries the next.
+
+``4007`` (bad resume token) is not one: the token is refused by every hub
+of the cell, so the session starts afresh instead (on the same hub).
+"""
 _FATAL_HTTP_STATUSES = frozenset({401, 403})
 _CLOSE_TIMEOUT_S = 2.0
 """How long a closing connection waits for the hub's close before dropping the socket."""
@@ -45,7 +70,7 @@ class Link(Generic[FrameT]):
     and may implement :meth:`_label`, :meth:`_done` and :meth:`_closed`.
 
     Args:
-        url: the hub's endpoint URL.
+        urls: the hubs' endpoint URLs (at least one, no repeats).
         token: sent as ``Authorization: Bearer <token>`` when not ``None``.
         backoff: delays between reconnection attempts (default :class:`Backoff`()).
         open_timeout_s: timeout of the WebSocket handshake.
@@ -56,11 +81,18 @@ class Link(Generic[FrameT]):
             is then opened again (``None``: wait for ever). A dead link (no
             FIN, no RST) is noticed within ``ping_interval_s + ping_timeout_s``
             plus the 2 s close timeout.
+        spread: walk ``urls`` in an order of the client's own
+            (:func:`~hub.client.transport.hub_order` with ``spread_key``);
+            ``False`` tries them in the order given (a preferred hub first).
+        spread_key: the key of that order; ``None`` for a random one.
+        on_connected: called with the client after each greeted connection.
+        on_frame: called with the client and each frame it reads after the
+            greeting, before the client acts on it (tracing, tests).
     """
 
     def __init__(
         self,
-        url: str,
+        urls: Sequence[str],
         *,
         token: str | None,
         backoff: Backoff | None,
@@ -69,14 +101,24 @@ class Link(Generic[FrameT]):
         logger: logging.Logger,
         ping_interval_s: float | None = 20.0,
         ping_timeout_s: float | None = 20.0,
+        spread: bool = True,
+        spread_key: str | None = None,
+        on_connected: Callable[[Any], None] | None = None,
+        on_frame: Callable[[Any, FrameT], None] | None = None,
     ) -> None:
-        self.url = url
-        """The hub's endpoint."""
+        self._rng = random.Random()
+        self.urls = hub_order(urls, spread_key, self._rng) if spread else list(urls)
+        """The hubs' endpoints, in the order this client tries them."""
+        self._at = 0  # index in urls of the current (or next) hub
         self.backoff = backoff or Backoff()
         self.open_timeout_s = open_timeout_s
         self.max_frame_bytes = max_frame_bytes
         self.ping_interval_s = ping_interval_s
         self.ping_timeout_s = ping_timeout_s
+        self.on_connected = on_connected
+        """Called with the client after each greeted connection."""
+        self.on_frame = on_frame
+        """Called with the client and each frame read after the greeting."""
         self.hub_id: str | None = None
         """Id of the hub of the current (or last) connection."""
         self.connections = 0
@@ -88,7 +130,11 @@ class Link(Generic[FrameT]):
         self._stopping = asyncio.Event()
         self._run_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._rng = random.Random()
+
+    @property
+    def url(self) -> str:
+        """The endpoint of the current hub (or of the next one tried)."""
+        return self.urls[self._at]
 
     async def close(self) -> None:
         """Stop the client and close its connection."""
@@ -177,7 +223,43 @@ class Link(Generic[FrameT]):
         except BaseException:
             await ws.close()
             raise
+        if self.on_connected is not None:
+            self.on_connected(self)
         return ws
+
+    async def _open_any(self) -> ClientConnection:
+        """Open and greet a connection to the first hub that answers, in one round of the URLs.
+
+        Raises:
+            ConnectionRejected: when a hub refuses the client for good.
+            OSError, TimeoutError, InvalidHandshake, ConnectionClosed: what
+                the last hub tried raised, when none answered; a close that
+                does not call for another hub is raised at once.
+        """
+        for tries_left in range(len(self.urls) - 1, -1, -1):
+            try:
+                return await self._open()
+            except ConnectionClosed as exc:
+                code = close_of(exc)[0]
+                if tries_left == 0 or not _fails_over(code):
+                    raise
+                self._logger.warning(
+                    "! %s: %s closed the connection (%s)", self._label(), self.url, code
+                )
+            except (OSError, TimeoutError, InvalidHandshake) as exc:
+                if tries_left == 0:
+                    raise
+                self._logger.warning(
+                    "! %s cannot connect to %s: %s", self._label(), self.url, exc or "timeout"
+                )
+            self._next_hub()
+        raise AssertionError("unreachable: the last try returns or raises")
+
+    def _next_hub(self) -> None:
+        """Move on to the next URL (protocol.md §8)."""
+        if len(self.urls) > 1:
+            self._at = (self._at + 1) % len(self.urls)
+            self._logger.info("= %s trying hub %s next", self._label(), self.url)
 
     async def _reconnect(self, ws: ClientConnection | None = None) -> None:
         """Serve connections until :attr:`_stopping` is set or :meth:`_done` says so.
@@ -188,7 +270,7 @@ class Link(Generic[FrameT]):
         Raises:
             ConnectionRejected: when the hub refuses the client for good.
         """
-        failures = 0
+        failures = 0  # attempts since the last greeted connection
         while not self._stopping.is_set():
             greeted_before = self.connections
             code = await (self._connect_once() if ws is None else self._connect_once(ws))
@@ -196,7 +278,11 @@ class Link(Generic[FrameT]):
             if self._stopping.is_set() or self._done(code):
                 return
             failures = 1 if self.connections > greeted_before else failures + 1
-            delay = self.backoff.delay_s(failures, self._rng)
+            if _fails_over(code):
+                self._next_hub()
+            # Bounded: each round of the URLs that failed raises the bound once.
+            rounds = -(-failures // len(self.urls))
+            delay = self.backoff.delay_s(rounds, self._rng)
             self._logger.info("= %s reconnecting in %.2f s", self._label(), delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
@@ -223,7 +309,7 @@ class Link(Generic[FrameT]):
                 self._logger.warning(
                     "! %s cannot connect to %s: %s", self._label(), self.url, exc or "timeout"
                 )
-                return None
+                return None  # fails over, as a hub that died
         try:
             await self._serve(ws)
         except ConnectionClosed:
@@ -251,6 +337,8 @@ class Link(Generic[FrameT]):
             except ProtocolError as exc:  # a bad frame is logged, not fatal
                 self._logger.warning("! %s dropped a bad frame: %s", self._label(), exc)
                 continue
+            if self.on_frame is not None:
+                self.on_frame(self, frame)
             self._on_frame(ws, frame)
 
     async def _send(self, frame: bytes, ws: ClientConnection | None = None) -> bool:
@@ -298,3 +386,11 @@ class Link(Generic[FrameT]):
                 task.cancel()
         for t in list(self._tasks):
             t.cancel()
+
+
+def _fails_over(code: int | None) -> bool:
+    """Whether a connection that ended with ``code`` calls for the next hub.
+
+    ``None``: no connection opened, or it closed without a close frame.
+    """
+    return code is None or code in FAILOVER_CLOSE_CODES

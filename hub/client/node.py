@@ -15,6 +15,11 @@ Usage::
     async with node:
         await node.run()          # until drained, closed or rejected
 
+Given several hubs (``NodeClient(urls=["wss://hub-a:443", "wss://hub-b:443"],
+…)``), the node tries them in an order drawn from its id, so that a fleet
+spreads over them, and moves to the next when its hub is unreachable or
+going away (protocol.md §8).
+
 or in the background: ``node.start()``, ``await node.wait_registered()``,
 later ``await node.drain()``.
 
@@ -32,7 +37,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -59,7 +64,7 @@ from .errors import ConnectionRejected
 from .jobs import Handler, Job
 from .ledger import Results
 from .link import Link
-from .transport import endpoint
+from .transport import hub_urls
 
 __all__ = ["Handler", "Job", "NodeClient"]
 
@@ -83,7 +88,15 @@ class NodeClient(Link[ToNodeFrame]):
 
     Args:
         url: the hub, ``ws://host:port`` (``/v1/node`` is added) or the full
-            endpoint URL.
+            endpoint URL; the same as ``urls=[url]``.
+        urls: several hubs of one cell, instead of ``url``: the node tries
+            them in an order drawn from ``node_id`` (the same after every
+            restart; a fleet spreads evenly), stays on a hub while it serves
+            it, and moves to the next when a hub is unreachable or closes
+            with ``1001``, ``1011``, ``1012``, ``1013`` or no close frame,
+            registering there with ``resume`` (protocol.md §8).
+        spread: ``False`` tries ``urls`` in the order given (a preferred
+            hub first, then the backups) instead of spreading.
         node_id: the node's id; a second live connection with the same id
             replaces the first (which gets :class:`ConnectionRejected`).
         languages: languages served; means every ordered pair of two of them.
@@ -97,17 +110,21 @@ class NodeClient(Link[ToNodeFrame]):
         open_timeout_s: timeout of the WebSocket handshake.
         register_timeout_s: how long to wait for ``registered``.
         max_frame_bytes: largest message accepted from the hub.
+        on_connected: called with the node after each registration.
+        on_frame: called with the node and each frame from the hub (tracing).
 
     Raises:
         ValueError: unless exactly one of ``languages`` and ``lang_pairs`` is
-            given, or if ``max_jobs`` is smaller than 1, or ``url`` is not a
-            WebSocket URL.
+            given, and exactly one of ``url`` and ``urls``; if ``max_jobs`` is
+            smaller than 1, or a URL is not a WebSocket URL.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | None = None,
         *,
+        urls: Sequence[str] | None = None,
+        spread: bool = True,
         node_id: str,
         languages: Sequence[str] | None = None,
         lang_pairs: Sequence[tuple[str, str] | Sequence[str]] | None = None,
@@ -120,18 +137,24 @@ class NodeClient(Link[ToNodeFrame]):
         open_timeout_s: float = 10.0,
         register_timeout_s: float = 10.0,
         max_frame_bytes: int = 16 * 1024 * 1024,
+        on_connected: Callable[[NodeClient], None] | None = None,
+        on_frame: Callable[[NodeClient, ToNodeFrame], None] | None = None,
     ) -> None:
         if (languages is None) == (lang_pairs is None):
             raise ValueError("give exactly one of languages and lang_pairs")
         if max_jobs < 1:
             raise ValueError("max_jobs must be at least 1")
         super().__init__(
-            endpoint(url, NODE_PATH),
+            hub_urls(url, urls, NODE_PATH),
             token=token,
             backoff=backoff,
             open_timeout_s=open_timeout_s,
             max_frame_bytes=max_frame_bytes,
             logger=logger,
+            spread=spread,
+            spread_key=node_id,
+            on_connected=on_connected,
+            on_frame=on_frame,
         )
         self.node_id = node_id
         """The node's id."""

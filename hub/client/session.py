@@ -15,6 +15,10 @@ connection drops, and resumes the session (``?session_id=…&resume_token=…``
 from ``welcome``): results that completed meanwhile are delivered then, each
 exactly once (protocol.md §4.1, §8). Received results are acknowledged with
 ``ack`` frames, batched.
+
+Given several hubs (``SessionClient(urls=[…])``), the session starts on a
+random one of them and moves to the next when its hub is unreachable or
+going away, resuming there (protocol.md §8).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import dataclasses
 import inspect
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
@@ -58,7 +62,7 @@ from .errors import (
 from .jobs import JobResult, Partial, PartialCallback, StreamEvent
 from .ledger import MAX_ACK_IDS, Acks
 from .link import Link
-from .transport import endpoint
+from .transport import endpoint, hub_urls
 
 __all__ = ["JobResult", "Partial", "SessionClient", "StreamEvent"]
 
@@ -88,7 +92,14 @@ class SessionClient(Link[ToSessionFrame]):
 
     Args:
         url: the hub, ``ws://host:port`` (``/v1/session`` is added) or the
-            full endpoint URL.
+            full endpoint URL; the same as ``urls=[url]``.
+        urls: several hubs of one cell, instead of ``url``: the session
+            starts on a random one (so sessions spread), stays on a hub while
+            it serves it, and moves to the next when a hub is unreachable or
+            closes with ``1001``, ``1011``, ``1012``, ``1013`` or no close
+            frame, resuming there with its resume token (protocol.md §8).
+        spread: ``False`` tries ``urls`` in the order given (a preferred
+            hub first, then the backups) instead of a random order.
         token: sent as ``Authorization: Bearer <token>`` when not ``None``.
             (Browsers, which cannot set headers on a WebSocket, put it in the
             URL instead: ``/v1/session?token=…``.)
@@ -106,12 +117,22 @@ class SessionClient(Link[ToSessionFrame]):
         ping_timeout_s: …and a ping unanswered this long (a dead link: no FIN,
             no RST) ends the connection; the session then reconnects and
             resumes (protocol.md §8). ``None`` disables either.
+        on_connected: called with the session after each ``welcome`` (and
+            the frames it sends after a resume).
+        on_frame: called with the session and each frame from the hub after
+            ``welcome``, before the session acts on it (tracing).
+
+    Raises:
+        ValueError: unless exactly one of ``url`` and ``urls`` is given, or
+            if a URL is not a WebSocket URL.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | None = None,
         *,
+        urls: Sequence[str] | None = None,
+        spread: bool = True,
         token: str | None = None,
         backoff: Backoff | None = None,
         default_timeout_s: float = 30.0,
@@ -122,9 +143,11 @@ class SessionClient(Link[ToSessionFrame]):
         max_frame_bytes: int = 16 * 1024 * 1024,
         ping_interval_s: float | None = 20.0,
         ping_timeout_s: float | None = 20.0,
+        on_connected: Callable[[SessionClient], None] | None = None,
+        on_frame: Callable[[SessionClient, ToSessionFrame], None] | None = None,
     ) -> None:
         super().__init__(
-            endpoint(url, SESSION_PATH),
+            hub_urls(url, urls, SESSION_PATH),
             token=token,
             backoff=backoff,
             open_timeout_s=open_timeout_s,
@@ -132,6 +155,9 @@ class SessionClient(Link[ToSessionFrame]):
             logger=logger,
             ping_interval_s=ping_interval_s,
             ping_timeout_s=ping_timeout_s,
+            spread=spread,
+            on_connected=on_connected,
+            on_frame=on_frame,
         )
         self.default_timeout_s = default_timeout_s
         self.result_grace_s = result_grace_s
@@ -149,15 +175,17 @@ class SessionClient(Link[ToSessionFrame]):
     async def connect(self) -> None:
         """Open the first connection and wait for ``welcome``; then stay connected.
 
+        Given several hubs, each is tried once, in turn, until one answers.
+
         Raises:
-            OSError: if the hub cannot be reached.
+            OSError: if the hub (the last one tried) cannot be reached.
             TimeoutError: if the handshake or ``welcome`` takes longer than
                 ``open_timeout_s``.
             ConnectionRejected: if the hub refuses the session.
         """
         if self._run_task is not None:
             raise RuntimeError("the session is already connected")
-        ws = await self._open()
+        ws = await self._open_any()
         self._run_task = asyncio.get_running_loop().create_task(self._run(ws), name="session")
 
     @property
