@@ -55,7 +55,13 @@ def node_parser(sub: Any) -> None:
         "node",
         help="run a demo worker: answers every job with upper-cased text after a delay",
     )
-    p.add_argument("--url", default=DEFAULT_WS_URL, help=f"the hub (default {DEFAULT_WS_URL})")
+    p.add_argument(
+        "--url",
+        type=csv_list,
+        default=DEFAULT_WS_URL,
+        help=f"the hub, or several hubs of one cell comma-separated: the node moves to "
+        f"another when its hub goes away (default {DEFAULT_WS_URL})",
+    )
     p.add_argument("--node-id", help="the node's id (default: node-<random>)")
     langs = p.add_mutually_exclusive_group()
     langs.add_argument(
@@ -89,7 +95,7 @@ async def node(args: argparse.Namespace) -> int:
     node_id = args.node_id or f"node-{secrets.token_hex(3)}"
     try:
         node = NodeClient(
-            args.url,
+            urls=args.url,
             node_id=node_id,
             languages=None if args.lang_pairs else (args.languages or ["zh", "en"]),
             lang_pairs=args.lang_pairs,

@@ -78,11 +78,11 @@ async def served(tmp_path: Path) -> AsyncIterator[int]:
 
 @pytest.fixture
 async def cli_node(served: int, tmp_path: Path) -> AsyncIterator[CommandProcess]:
-    """``hub node`` registered with the ``served`` hub."""
+    """``hub node`` registered with the ``served`` hub (its other hub is not there)."""
     async with hub_child(
         "node",
         "--url",
-        f"ws://127.0.0.1:{served}",
+        f"ws://127.0.0.1:{free_port()},ws://127.0.0.1:{served}",
         "--node-id",
         "cli-node",
         "--languages",
@@ -93,6 +93,7 @@ async def cli_node(served: int, tmp_path: Path) -> AsyncIterator[CommandProcess]
     ) as child:
         line = await child.read_line()
         assert line.startswith("node cli-node registered with hub "), line
+        assert f" at ws://127.0.0.1:{served}/v1/node " in line, line
         yield child
 
 
