@@ -5,8 +5,8 @@ Usage::
     python -m loadtest --scenario soak [--duration 3600] [--sessions 100]
         [--cycle-s 180] [--sample-every-s 10] [--seed N] [--out DIR]
 
-It is :mod:`loadtest.chaos` (three hubs, twenty node processes, rotating
-sessions, the same ledger and checks) with two changes:
+It is :mod:`loadtest.chaos` (three hubs, twenty node processes, sessions
+given every hub's URL, the same ledger and checks) with two changes:
 
 - **Faults repeat in a fixed cycle** of ``--cycle-s`` seconds, each kind at
   the same offset in every cycle (see :func:`cycle_faults`): a node kill at
