@@ -103,9 +103,11 @@ async def test_job_frame_lost_on_the_bus_is_sent_again_and_runs_once(
         async with asyncio.timeout(LOST_JOB_TIMEOUT_MS / 1000 - 1):
             result = await lost
         assert time.monotonic() - started < 3.0
+    # The node worker reports the length of an audio job's audio.
+    echoed = {"audio_bytes": len(audio)} if audio else {}
     assert (result.status, result.result) == (
         "finished",
-        {"text": "LOST", "node": "n1", "attempt": 1},
+        {"text": "LOST", "node": "n1", "attempt": 1, **echoed},
     )
     assert node.starts == collections.Counter({(first.job_id, 1): 1, (job_id, 1): 1})
     status, hist = await redis.hmget(keys.job(job_id), "status", "hist")

@@ -312,7 +312,7 @@ async def test_nodes_of_a_killed_hub_resume_their_jobs_on_a_surviving_hub(
     for n in nodes:
         assert n.registrations == 2 and n.hub_id == "hub-b"
     assert [(r.status, r.result) for r in results] == [
-        ("finished", {"text": f"T{i}", "node": r.node_id, "attempt": 1, "audio_bytes": 0})
+        ("finished", {"text": f"T{i}", "node": r.node_id, "attempt": 1})
         for i, r in enumerate(results)
     ]
     # Every job ran once, as attempt 1: resumed, not re-dispatched.
@@ -372,9 +372,7 @@ async def test_sessions_of_a_killed_hub_resume_elsewhere_and_get_each_result_onc
         for s, sid in zip(sessions, ids, strict=True):
             assert (s.session_id, s.connections, s.hub_id) == (sid, 2, "hub-b")
     assert [r.result for r in results] == [
-        {"text": f"S{i}J{k}", "node": "n1", "attempt": 1, "audio_bytes": 0}
-        for i in range(3)
-        for k in range(3)
+        {"text": f"S{i}J{k}", "node": "n1", "attempt": 1} for i in range(3) for k in range(3)
     ]
     # On the wire: each result once; the early ones came with the resume.
     assert sorted((i, j) for i, _, j in wire) == sorted(
