@@ -31,6 +31,9 @@ __all__ = ["Outbox"]
 
 logger = logging.getLogger("hub.outbox")
 
+_MAX_ATTEMPTS_KEPT = 4096
+"""Most jobs per session connection whose newest announced attempt is kept."""
+
 _CLOSE_REASONS = {
     CloseCode.GOING_AWAY: "hub shutting down",
     CloseCode.REPLACED: "replaced by a newer connection",
@@ -186,6 +189,7 @@ class Outbox:
         frame: str | bytes,
         ended: str | None = None,
         job_id: str | None = None,
+        attempt: int = 0,
     ) -> None:
         """Send a frame about a job to its session on hub ``hub``.
 
@@ -195,6 +199,9 @@ class Outbox:
             frame: the encoded frame.
             ended: the job, when the frame is its result.
             job_id: the job, for any other frame about one.
+            attempt: the attempt an ``accepted`` frame announces: one older
+                than an attempt already announced is not sent (a dispatch
+                reply handled after the re-dispatch that followed it).
         """
         if hub == self.hub_id:
             if ended is not None:
@@ -203,6 +210,13 @@ class Outbox:
             if link is None:
                 return  # gone: results wait in Redis for its resume
             jid = ended or job_id
+            if ended is not None:
+                link.attempts.pop(ended, None)
+            elif attempt and jid is not None:
+                if attempt <= link.attempts.get(jid, 0):
+                    return  # protocol.md §9.2: accepted frames in attempt order
+                if len(link.attempts) < _MAX_ATTEMPTS_KEPT:
+                    link.attempts[jid] = attempt
             if jid is not None and jid in link.abandoned:
                 # The session was told UNAVAILABLE for this job (protocol.md §6).
                 if ended is not None:
@@ -226,6 +240,8 @@ class Outbox:
                 meta["e"] = ended
             if job_id is not None:
                 meta["j"] = job_id
+            if attempt:
+                meta["a"] = attempt
             self._bus.publish(self._keys.channel(hub), encode_envelope(b"S", meta, frame))
 
     def forward_dispatch(self, hub: str, d: Dispatch) -> None:
@@ -272,7 +288,9 @@ class Outbox:
                 route = (meta["j"], Route(int(a), sid, shub, ref))
             self.send_node(self.hub_id, meta["n"], frame, route, meta.get("u"))
         elif kind == b"S":
-            self.send_session(self.hub_id, meta["s"], frame, meta.get("e"), meta.get("j"))
+            self.send_session(
+                self.hub_id, meta["s"], frame, meta.get("e"), meta.get("j"), int(meta.get("a", 0))
+            )
         elif kind == b"D":
             if self.on_dispatch is not None and isinstance(frame, bytes):
                 nhub, nid, jid, attempt, sid, src, tgt, deadline, shub, ref = meta["d"]

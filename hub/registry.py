@@ -97,6 +97,8 @@ class SessionLink:
         """Jobs refused with UNAVAILABLE whose script may have run after all."""
         self.submitting: set[str] = set()
         """Jobs whose dispatch call is in flight (their result may come before its reply)."""
+        self.attempts: dict[str, int] = {}
+        """The newest attempt announced (``accepted``) for each job not ended yet."""
 
     @property
     def transport(self) -> asyncio.Transport | None:

@@ -90,6 +90,7 @@ class Router:
             d.session_id,
             proto.encode_accepted(d.ref, JobId(d.job_id), NodeId(d.node_id), d.attempt),
             job_id=d.job_id,
+            attempt=d.attempt,
         )
         self._metrics.dispatched.inc()
 

@@ -20,7 +20,9 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidHandshake
 
 from hub.app import Hub
+from hub.bus import encode_envelope
 from hub.keys import Keys
+from hub.protocol import JobId, NodeId, encode_accepted
 from loadtest.procs import RedisProcess
 from tests.helpers import MS, wait_for
 from tests.hubtools import (
@@ -502,6 +504,34 @@ async def test_lost_node_job_is_redispatched_to_another_node(
     await wait_running(redis, keys, other, 0)
     assert (await node_hash(redis, keys, lost))["state"] == "lost"
     await check_invariants(redis, keys, nodes)
+
+
+async def test_accepted_of_an_older_attempt_is_not_sent_after_a_newer_one(
+    hub: Hub, connect: Connect
+) -> None:
+    """A dispatch reply handled after the re-dispatch that followed it (its
+    node was lost meanwhile) must not announce the older attempt last."""
+    nodes = {nid: await open_node(connect, hub, nid, max_jobs=1) for nid in ("gpu-1", "gpu-2")}
+    session = await open_session(connect, hub)
+    (session_id,) = hub.registry.sessions
+    await submit(session, "c-1", payload={"text": "hi"})
+    first = await expect(session, "accepted", ref="c-1", attempt=1)
+    lost, other = first["node_id"], ({"gpu-1", "gpu-2"} - {first["node_id"]}).pop()
+    await expect(nodes[lost], "job", job_id=first["job_id"], attempt=1)
+    assert nodes[lost].transport is not None
+    nodes[lost].transport.abort()
+    await expect(session, "accepted", ref="c-1", node_id=other, attempt=2)
+    job = await expect(nodes[other], "job", job_id=first["job_id"], attempt=2)
+
+    stale = encode_accepted("c-1", JobId(first["job_id"]), NodeId(lost), 1)
+    hub.outbox.send_session(hub.hub_id, session_id, stale, job_id=first["job_id"], attempt=1)
+    meta = {"s": session_id, "j": first["job_id"], "a": 1}
+    hub.outbox.receive_bus(encode_envelope(b"S", meta, stale))
+    await expect_silence(session, 100 * MS)
+
+    await result(nodes[other], job, result={"text": "salut"})
+    await expect(session, "result", ref="c-1", status="finished", result={"text": "salut"})
+    assert not hub.registry.sessions[session_id].attempts  # forgotten with the result
 
 
 async def test_lost_node_job_fails_with_node_lost_when_no_other_node(
