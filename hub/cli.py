@@ -1,4 +1,4 @@
-"""Command line: ``hub serve | node | demo | status | token``.
+"""Command line: ``hub serve | node | demo | status | token | bench``.
 
 Every command turns bad input into a one-line error (``hub: error: …``) and
 a non-zero exit status, never a traceback: 2 for usage and configuration
@@ -232,12 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands.demo_parser(sub)
     commands.status_parser(sub)
     commands.token_parser(sub)
+    # Listed for --help; its options are the load harness's own (_bench).
+    sub.add_parser(
+        "bench",
+        add_help=False,
+        help="load-test a deployment (--url) or hubs it starts: simulated nodes and "
+        "sessions, a JSON and HTML report (hub bench --help)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hub`` console script."""
-    args = build_parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["bench"]:
+        return _bench(raw[1:])
+    args = build_parser().parse_args(raw)
     runners: dict[str, Callable[[argparse.Namespace], int]] = {
         "serve": _main_serve,
         "node": lambda a: _with_logging(a, lambda: run_command(commands.node(a))),
@@ -265,6 +275,20 @@ def _main_serve(args: argparse.Namespace) -> int:
 async def _serve_and_exit(settings: Settings, redis_wait_s: float) -> int:
     await _serve(settings, redis_wait_s)
     return 0
+
+
+def _bench(argv: list[str]) -> int:
+    """``hub bench``: the load harness (``python -m loadtest``), loaded only now.
+
+    ``hub/`` never imports ``loadtest`` at import time (docs/architecture.md):
+    a hub process does not load the harness.
+    """
+    try:
+        from loadtest.__main__ import main as bench_main
+    except ImportError as exc:
+        print(f"hub: error: hub bench needs the loadtest package: {exc}", file=sys.stderr)
+        return 2
+    return bench_main(argv, prog="hub bench")
 
 
 def _with_logging(args: argparse.Namespace, run: Callable[[], int]) -> int:

@@ -390,7 +390,14 @@ def token_parser(sub: Any) -> None:
         "--key",
         help="HS256 key (default: HUB_SESSION_JWT_KEY, or HUB_NODE_TOKEN_KEY with --node-ids)",
     )
-    p.add_argument("--session-id", help="the session id, claim 'sid' (default: random)")
+    sid = p.add_mutually_exclusive_group()
+    sid.add_argument("--session-id", help="the session id, claim 'sid' (default: random)")
+    sid.add_argument(
+        "--no-session-id",
+        action="store_true",
+        help="no 'sid' claim: each connection gets a session id of its own "
+        "(one token for many sessions, e.g. hub bench)",
+    )
     p.add_argument(
         "--pairs", type=lang_pairs, help="allowed language pairs, claim 'pairs', e.g. zh:en,en:zh"
     )
@@ -424,7 +431,9 @@ def token(args: argparse.Namespace) -> int:
     print(
         mint_session_token(
             key,
-            session_id=args.session_id or f"s-{secrets.token_hex(6)}",
+            session_id=None
+            if args.no_session_id
+            else args.session_id or f"s-{secrets.token_hex(6)}",
             pairs=[f"{s}:{t}" for s, t in args.pairs] if args.pairs else None,
             rate=args.rate,
             max_inflight=args.max_inflight,

@@ -1,4 +1,4 @@
-"""``python -m loadtest``: thousands of simulated sessions and nodes against real hubs.
+"""``python -m loadtest`` and ``hub bench``: simulated sessions and nodes against real hubs.
 
 Usage::
 
@@ -7,10 +7,18 @@ Usage::
         [--hubs N] [--service-time-ms 50..300] [--job-interval-ms 1000]
         [--max-jobs 8] [--audio-bytes 16000] [--processes K] [--out DIR]
         [--uvloop | --no-uvloop] ...
+    hub bench --url wss://hub.example:443 --token-file FILE [--sessions 1000] [--nodes 50] ...
 
 Without ``--url`` it starts the system under test itself: an embedded Redis
-and N hub processes (``hub serve --port 0``). Load comes from K worker
-processes (:mod:`loadtest.worker`). Phases, each bounded in time:
+and N hub processes (``hub serve --port 0``). With ``--url`` it loads a
+deployment it did not start (``ws://`` or ``wss://``, with the tokens of
+``--token-file``: :mod:`loadtest.access`), and reports what the clients
+saw. Simulated nodes register in their own pool (``--pool``, default
+``bench``) and, against a deployment, serve only a private-use language pair
+(``en-x-bench`` to ``zh-x-bench``) that no real node or user asks for: the
+bench's jobs go to its own nodes alone, and the fleet's users' jobs never to
+them. Load comes from K worker processes (:mod:`loadtest.worker`). Phases,
+each bounded in time:
 
 1. start Redis and the hubs; read hub RSS before any connection;
 2. workers open every node connection, then every session connection;
@@ -31,13 +39,24 @@ import contextlib
 import math
 import os
 import platform
+import re
+import secrets
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import report as reporting
+from .access import (
+    Access,
+    AccessError,
+    check_tokens,
+    preflight,
+    read_token_file,
+    token_file_mode_warning,
+)
 from .control import Status, WorkerProcess, raise_fd_limit, start_workers
 from .hubs import ExternalHub, Fleet, load_average, machine_busy_s
 from .procs import REPO_ROOT, HubProcess, cpu_seconds, rss_kb
@@ -51,15 +70,23 @@ STATUS_INTERVAL_S = 1.0
 DELEGATED = ("chaos", "soak")
 """Scenarios with a harness of their own (real node processes, faults): their modules' main."""
 
+LOCAL_PAIR = ("en", "zh")
+"""The language pair of a run against hubs the harness started."""
+
+BENCH_PAIR = ("en-x-bench", "zh-x-bench")
+"""The pair of a run against a deployment: private-use codes (BCP 47 ``-x-``) no real
+node serves and no real session asks for, so the fleet and the bench keep their jobs apart."""
+
 JOBS_PER_PROCESS = 2500
 """Offered jobs/s one load generator process carries by default (about a quarter of a
 core): fewer processes wake up less often, and take less of the machine from the hub."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m loadtest") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m loadtest",
-        description="Load-test lockless-hub with simulated sessions and nodes.",
+        prog=prog,
+        description="Load-test lockless-hub with simulated sessions and nodes: hubs it "
+        "starts itself, or a deployment given by --url.",
     )
     p.add_argument(
         "--scenario",
@@ -69,7 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(see python -m loadtest --scenario chaos|soak --help)",
     )
     p.add_argument("--sessions", type=int, default=1000, help="simulated sessions (default 1000)")
-    p.add_argument("--nodes", type=int, default=40, help="simulated nodes (default 40)")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=40,
+        help="simulated nodes (default 40); with --url, 0 sends the jobs to the fleet's "
+        "own nodes of --pair",
+    )
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load (default 30)")
     p.add_argument(
         "--service-time-ms",
@@ -111,7 +144,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--url",
         action="append",
         default=[],
-        help="hub base URL ws://HOST:PORT (repeatable); default: start hubs",
+        help="a deployment's hub, ws://HOST:PORT or wss://HOST:PORT (repeatable or "
+        "comma-separated; connections are spread over them); default: start hubs",
+    )
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        help="with --url: file of 'node = TOKEN' and 'session = TOKEN' lines "
+        "(the session token without a sid claim)",
+    )
+    p.add_argument("--ca-file", help="with wss://: PEM file of the CAs of the hubs' certificates")
+    p.add_argument(
+        "--no-verify-tls",
+        action="store_true",
+        help="with wss://: do not check the hubs' certificates (a test deployment)",
+    )
+    p.add_argument(
+        "--pool", default="bench", help="operator pool of the simulated nodes (default bench)"
+    )
+    p.add_argument(
+        "--pair",
+        metavar="SRC:TGT",
+        help=f"the jobs' language pair (default {':'.join(BENCH_PAIR)} with --url, "
+        f"else {':'.join(LOCAL_PAIR)})",
+    )
+    p.add_argument(
+        "--node-prefix",
+        help="simulated node ids are this prefix and a number (default bench-<random>-)",
     )
     p.add_argument("--hub-pid", type=int, action="append", default=[], help="external hub pid")
     p.add_argument("--hubs", type=int, default=1, help="hub processes to start (default 1)")
@@ -179,6 +238,12 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, dict[str, str]]:
         connect_concurrency=args.connect_concurrency,
         seed=args.seed,
         worker_uvloop=args.worker_uvloop,
+        src_lang=args.pair[0],
+        tgt_lang=args.pair[1],
+        pool=args.pool,
+        node_prefix=args.node_prefix,
+        # No simulated node: the fleet's own nodes answer, and not with an echo.
+        echo_checked=args.nodes > 0,
     )
     settings: dict[str, str] = {}
     if args.scenario == "overload" and args.job_interval_ms is None:
@@ -260,12 +325,11 @@ async def run(args: argparse.Namespace) -> int:
             "loadavg": load_average(),
         }
 
+    access = Access()
     try:
         if args.url:
-            urls = [u.rstrip("/") for u in args.url]
-            for u in urls:
-                if not any(h in u for h in ("127.", "localhost", "[::1]")):
-                    raise SystemExit(f"--url {u}: only loopback addresses are allowed")
+            urls = args.url
+            access = await _deployment_access(args, plan, say)
             hubs = [ExternalHub(f"external-{i}", u) for i, u in enumerate(urls)]
         else:
             fleet = Fleet(
@@ -288,7 +352,13 @@ async def run(args: argparse.Namespace) -> int:
         samples["baseline"] = sample()
 
         workers = await start_workers(
-            plan, urls, args.processes, out_dir, status, cprofile=args.worker_cprofile
+            plan,
+            urls,
+            args.processes,
+            out_dir,
+            status,
+            cprofile=args.worker_cprofile,
+            access=access,
         )
         harness_pids = [w.process.pid for w in workers]
         started = time.perf_counter()
@@ -355,10 +425,10 @@ async def run(args: argparse.Namespace) -> int:
                 results = await asyncio.gather(*(w.final for w in workers), return_exceptions=True)
                 finals = [r for r in results if isinstance(r, dict)]
     except TimeoutError:
-        print(f"loadtest: error: workers not connected in time; see {out_dir}", file=sys.stderr)
+        print(f"{args.prog}: error: workers not connected in time; see {out_dir}", file=sys.stderr)
         return 2
-    except (RuntimeError, OSError) as exc:
-        print(f"loadtest: error: {exc}", file=sys.stderr)
+    except (RuntimeError, OSError, AccessError) as exc:
+        print(f"{args.prog}: error: {exc}", file=sys.stderr)
         return 2
     finally:
         for w in workers:
@@ -368,7 +438,7 @@ async def run(args: argparse.Namespace) -> int:
 
     if len(finals) != len(workers):
         print(
-            f"loadtest: error: {len(workers) - len(finals)} worker(s) sent no results; "
+            f"{args.prog}: error: {len(workers) - len(finals)} worker(s) sent no results; "
             f"see {out_dir}/worker-*.log",
             file=sys.stderr,
         )
@@ -378,7 +448,7 @@ async def run(args: argparse.Namespace) -> int:
     for f in finals:
         stats.merge(Stats.from_json(f["stats"]))
     meta = {
-        "command": "python -m loadtest " + shlex.join(sys.argv[1:]),
+        "command": f"{args.prog} {shlex.join(args.argv)}",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
@@ -396,6 +466,11 @@ async def run(args: argparse.Namespace) -> int:
         "processes": args.processes,
         "offered_per_s": None if offered is None else round(offered, 1),
         "capacity_per_s": None if capacity is None else round(capacity, 1),
+        "pool": plan.pool,
+        "pair": f"{plan.src_lang}:{plan.tgt_lang}",
+        "node_ids": f"{plan.node_prefix}0..{plan.node_prefix}{plan.nodes - 1}"
+        if plan.nodes
+        else None,
         "note": "shared 2-core machine: other work may run at the same time; numbers are noisy",
     }
     workers_info = [
@@ -429,6 +504,122 @@ def profile_summary(path: Path, top: int = 30) -> str:
     return out.getvalue()
 
 
+def default_out_dir() -> Path:
+    """``loadtest/reports/<time>`` in a checkout, else ``bench-reports/<time>`` here."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if (REPO_ROOT / "pyproject.toml").is_file():
+        return REPO_ROOT / "loadtest" / "reports" / stamp
+    # Installed (hub bench from a wheel): never inside site-packages.
+    return Path("bench-reports") / stamp
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Check and complete the options that depend on each other.
+
+    Raises:
+        ValueError: a bad value or combination; the message names the option.
+    """
+    args.url = [_hub_url(u) for item in args.url for u in item.split(",") if u.strip()]
+    for name in ("sessions", "nodes", "max_jobs", "inflight", "hubs"):
+        low = 0 if name == "sessions" or (name == "nodes" and args.url) else 1
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}")
+    if args.processes is not None and args.processes < 1:
+        raise ValueError("--processes must be at least 1")
+    if not args.url:
+        for option in ("token_file", "ca_file"):
+            if getattr(args, option) is not None:
+                raise ValueError(f"--{option.replace('_', '-')} needs --url")
+    pair = args.pair
+    if pair is None:
+        args.pair = BENCH_PAIR if args.url else LOCAL_PAIR
+    else:
+        src, sep, tgt = pair.partition(":")
+        if not sep or not _LANG.fullmatch(src) or not _LANG.fullmatch(tgt):
+            raise ValueError(f"--pair expects SRC:TGT language codes like en:zh, got {pair!r}")
+        args.pair = (src.lower(), tgt.lower())
+    if args.url and args.nodes and not all(_private_use(code) for code in args.pair):
+        # protocol.md §8: a pair's jobs go to any node that serves it, in any pool.
+        raise ValueError(
+            f"simulated nodes serving {':'.join(args.pair)} would be sent the deployment's "
+            "real jobs: use a private-use pair (the default "
+            f"{':'.join(BENCH_PAIR)}), or --nodes 0 to send the bench's jobs to the "
+            "fleet's own nodes"
+        )
+    if not _ID.fullmatch(args.pool):
+        raise ValueError(
+            f"--pool must be an id of letters, digits, '.', '_' or '-', got {args.pool!r}"
+        )
+    if args.node_prefix is None:
+        args.node_prefix = f"bench-{secrets.token_hex(2)}-"
+    elif not _ID.fullmatch(args.node_prefix + "0"):
+        raise ValueError(f"--node-prefix must start an id, got {args.node_prefix!r}")
+
+
+_LANG = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8}){0,3}")
+"""A language code (protocol.md §5)."""
+
+_ID = re.compile(r"[A-Za-z0-9._-]{1,58}")
+"""An id (protocol.md §5), with room for a node's number after a prefix."""
+
+
+def _private_use(code: str) -> bool:
+    """Whether a language code has a private-use part (``en-x-bench``): no real language."""
+    return "x" in code.lower().split("-")[1:]
+
+
+def _hub_url(text: str) -> str:
+    """A hub's base URL: ``ws://`` or ``wss://``, host, optional port and path prefix."""
+    url = text.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"--url must be ws://HOST:PORT or wss://HOST:PORT, got {text!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"--url must have no query or fragment, got {text!r}")
+    return url
+
+
+async def _deployment_access(args: argparse.Namespace, plan: Plan, say: Any) -> Access:
+    """The tokens and TLS settings for ``--url``, checked before any worker starts.
+
+    Raises:
+        AccessError: a bad token file or token, or a hub that refuses a connection.
+    """
+    node_token = session_token = None
+    if args.token_file is not None:
+        node_token, session_token = read_token_file(args.token_file)
+        warning = token_file_mode_warning(args.token_file)
+        if warning:
+            say(f"warning: {warning}")
+    access = Access(
+        node_token=node_token,
+        session_token=session_token,
+        ca_file=args.ca_file,
+        verify_tls=not args.no_verify_tls,
+    )
+    node_ids = [f"{plan.node_prefix}{i}" for i in range(plan.nodes)]
+    run_s = plan.connect_timeout_s + plan.duration_s + plan.drain_s
+    for warning in check_tokens(
+        access,
+        node_ids=node_ids,
+        pair=(plan.src_lang, plan.tgt_lang),
+        sessions=plan.sessions,
+        run_s=run_s,
+    ):
+        say(f"warning: {warning}")
+    await preflight(access, args.url, nodes=plan.nodes > 0, sessions=plan.sessions > 0)
+    say(
+        f"target: {', '.join(args.url)}; "
+        + (
+            f"nodes {node_ids[0]}..{node_ids[-1]} in pool {plan.pool}"
+            if node_ids
+            else "no simulated node: the fleet's nodes answer"
+        )
+        + f"; pair {plan.src_lang}:{plan.tgt_lang}"
+    )
+    return access
+
+
 def _has_uvloop() -> bool:
     try:
         import uvloop  # noqa: F401
@@ -448,12 +639,18 @@ def _delegated_args(argv: list[str]) -> tuple[str, list[str]] | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m loadtest") -> int:
+    """Run the harness; ``prog`` names it in messages (``hub bench`` runs it too)."""
     raw = list(sys.argv[1:] if argv is None else argv)
     delegated = _delegated_args(raw)
     if delegated is not None:
         # Their own harness: hubs, nodes and Redis killed and restarted on a schedule.
         name, rest = delegated
+        if any(a == "--url" or a.startswith("--url=") for a in rest):
+            print(
+                f"{prog}: error: --scenario {name} starts its own hubs: no --url", file=sys.stderr
+            )
+            return 2
         if name == "soak":
             from .soak import main as soak_main
 
@@ -461,20 +658,23 @@ def main(argv: list[str] | None = None) -> int:
         from .chaos import main as chaos_main
 
         return chaos_main(rest)
-    args = build_parser().parse_args(raw)
+    parser = build_parser(prog)
+    args = parser.parse_args(raw)
+    args.prog, args.argv = prog, raw
+    try:
+        _check_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.out is None:
-        args.out = REPO_ROOT / "loadtest" / "reports" / time.strftime("%Y%m%d-%H%M%S")
+        args.out = default_out_dir()
     args.out = args.out.absolute()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.processes is None:
         args.processes = default_processes(make_plan(args)[0])
-    for name in ("sessions", "nodes", "processes", "max_jobs", "inflight", "hubs"):
-        if getattr(args, name) < (0 if name == "sessions" else 1):
-            raise SystemExit(f"--{name.replace('_', '-')} must be positive")
     try:
         rc = asyncio.run(run(args))
     except KeyboardInterrupt:
-        print("\nloadtest: interrupted", file=sys.stderr)
+        print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
     profiled = [
         *(["hub-*.pstats"] if args.hub_cprofile else []),

@@ -15,8 +15,9 @@ from typing import Any
 
 import orjson
 
+from .access import Access
 from .hdr import Histogram
-from .procs import spawn
+from .procs import child_env, spawn
 from .scenarios import Plan
 
 __all__ = ["Status", "WorkerProcess", "raise_fd_limit", "start_workers"]
@@ -136,16 +137,30 @@ async def start_workers(
     status: Status,
     *,
     cprofile: bool = False,
+    access: Access | None = None,
 ) -> list[WorkerProcess]:
-    """Start ``count`` workers; with ``cprofile``, each profiles its load in ``out_dir``."""
+    """Start ``count`` workers; with ``cprofile``, each profiles its load in ``out_dir``.
+
+    ``access`` gives the workers' connections their tokens (in the workers'
+    environment, not on their command line) and TLS settings.
+    """
+    access = Access() if access is None else access
+    env = {**child_env(), **access.child_env()}
     workers = []
     for i in range(count):
-        config: dict[str, Any] = {"plan": plan.to_json(), "urls": urls, "index": i, "count": count}
+        config: dict[str, Any] = {
+            "plan": plan.to_json(),
+            "urls": urls,
+            "index": i,
+            "count": count,
+            "access": access.to_json(),
+        }
         if cprofile:
             config["cprofile"] = str(out_dir / f"worker-{i}.pstats")
         process = await spawn(
             [sys.executable, "-m", "loadtest.worker", orjson.dumps(config).decode()],
             log_path=out_dir / f"worker-{i}.log",
+            env=env,
             stdin_pipe=True,
             limit=256 * 1024 * 1024,
         )

@@ -64,7 +64,7 @@ class SimNode(SimPeer):
 
     def __init__(self, worker: Worker, index: int, base_url: str) -> None:
         super().__init__(worker, base_url + "/v1/node", "node")
-        self.node_id = f"lt-n{index}"
+        self.node_id = f"{worker.plan.node_prefix}{index}"
         self.running: dict[str, _Running] = {}
         """Jobs held, by id; a job cancelled or lost with the connection leaves it."""
         self.recent: dict[tuple[str, int], _Running | None] = {}
@@ -73,7 +73,9 @@ class SimNode(SimPeer):
     def hello(self) -> bytes:
         plan = self.w.plan
         pairs = [(plan.src_lang, plan.tgt_lang)]
-        return encode_register(self.node_id, ["asr"], plan.max_jobs, lang_pairs=pairs)
+        return encode_register(
+            self.node_id, ["asr"], plan.max_jobs, lang_pairs=pairs, pools=[plan.pool]
+        )
 
     # Callbacks
 

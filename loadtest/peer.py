@@ -40,8 +40,14 @@ class SimPeer:
         started = time.perf_counter()
         self.leaving = False
         self.greeted = asyncio.get_running_loop().create_future()
+        w = self.w
         conn = await wsclient.connect(
-            self.url, self.on_message, self.on_close, flusher=self.w.flusher
+            self.url,
+            self.on_message,
+            self.on_close,
+            flusher=w.flusher,
+            headers=w.access.headers(self.kind),
+            ssl=w.access.tls,
         )
         self.conn = conn
         hello = self.hello()

@@ -58,6 +58,12 @@ class Plan:
     """Slots per node."""
     src_lang: str = "en"
     tgt_lang: str = "zh"
+    pool: str = "bench"
+    """The operator pool the simulated nodes register in (protocol.md §3.1)."""
+    node_prefix: str = "lt-n"
+    """Simulated node ids are this prefix and the node's index."""
+    echo_checked: bool = True
+    """Whether results must echo the job (our simulated nodes do; a real fleet's do not)."""
     churn_per_s: float = 0.05
     """churn: fraction of nodes and of sessions that reconnect each second."""
     drain_s: float = 10.0

@@ -32,13 +32,14 @@ from typing import Any
 
 import orjson
 
+from .access import Access
 from .nodes import SimNode
 from .peer import SimPeer
 from .scenarios import Plan, ServiceTime
 from .sessions import SimSession
 from .stats import Stats
 from .wheel import TimerWheel
-from .wsclient import Flusher, MaskedTail
+from .wsclient import Flusher, HandshakeFailed, MaskedTail
 
 __all__ = ["Worker", "main"]
 
@@ -59,7 +60,9 @@ class Worker:
 
     Args:
         config: ``plan`` (a :class:`Plan` as JSON), ``urls`` (hub base URLs,
-            ``ws://host:port``), ``index`` and ``count`` of this worker.
+            ``ws://host:port`` or ``wss://``), ``index`` and ``count`` of this
+            worker, and ``access`` (TLS settings, :meth:`Access.to_json`; the
+            tokens come in the environment).
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -98,6 +101,8 @@ class Worker:
             on_late=self._late,
         )
         """The one timer of the sessions' ticks and the nodes' service times."""
+        self.access = Access.from_child(config.get("access", {}), os.environ)
+        """Tokens and TLS settings of every connection (see :mod:`loadtest.access`)."""
         self.stats = Stats()
         # Connection i of each kind goes to hub i % len(urls): round robin
         # over the whole fleet, whichever worker holds it.
@@ -333,7 +338,9 @@ class Worker:
             except (OSError, TimeoutError, ConnectionError, Exception) as exc:
                 if attempt == attempts - 1:
                     self.connect_failures += 1
-                    self.stats.checks[f"connect failed: {type(exc).__name__}"] += 1
+                    # A refusal's status says why (401: the token, 503: a connection limit).
+                    why = str(exc)[:120] if isinstance(exc, HandshakeFailed) else ""
+                    self.stats.checks[f"connect failed: {type(exc).__name__} {why}".strip()] += 1
                     return False
                 await asyncio.sleep(0.2 * (attempt + 1))
             else:

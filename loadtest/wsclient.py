@@ -23,6 +23,8 @@ What it saves per message, compared with driving a general-purpose protocol:
 Usage::
 
     conn = await connect("ws://127.0.0.1:8765/v1/session", on_message, on_close)
+    conn = await connect("wss://hub.example/v1/node", on_message, on_close,
+                         headers=[("Authorization", "Bearer ...")], ssl=context)
     conn.send_text(encode_submit_job("1", "en", "zh", {"text": "hi"}))
     conn.close()
 """
@@ -31,8 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl as ssl_module
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -58,16 +61,20 @@ CLOSE_TIMEOUT_S = 2.0
 MAX_HANDSHAKE_BYTES = 16 * 1024
 """Largest HTTP response to the upgrade request we read."""
 
+MAX_REASON_CHARS = 200
+"""Most characters of a refusal's body (``unauthorized: token expired``) kept in its error."""
+
 MASK_KEY = os.urandom(4)
 """The masking key of every frame this process sends.
 
 RFC 6455 §5.3 asks for a fresh, unpredictable key per frame, so that a
 hostile script in a browser cannot choose the bytes a proxy on the path
-sees. A load generator runs no foreign script and talks to a hub on a
-loopback address, with no intermediary: one random key per process is as
-safe here, and it lets the audio every job repeats be masked once and
-reused (:class:`MaskedTail`) instead of masked again for each job. Frames
-are still masked, as the RFC requires of every client frame (the hub refuses
+sees. A load generator runs no foreign script: every byte it sends is its
+own, whether it talks to a hub on loopback or to a deployment through load
+balancers (``hub bench``), so one random key per process is as safe here,
+and it lets the audio every job repeats be masked once and reused
+(:class:`MaskedTail`) instead of masked again for each job. Frames are
+still masked, as the RFC requires of every client frame (the hub refuses
 unmasked ones).
 """
 
@@ -181,12 +188,19 @@ class Connection(asyncio.Protocol):
     """One client connection. Create it with :func:`connect`."""
 
     def __init__(
-        self, uri: str, on_message: OnMessage, on_close: OnClose, flusher: Flusher | None = None
+        self,
+        uri: str,
+        on_message: OnMessage,
+        on_close: OnClose,
+        flusher: Flusher | None = None,
+        headers: Sequence[tuple[str, str]] = (),
     ) -> None:
         loop = asyncio.get_running_loop()
         parts = urlsplit(uri)
         self._host = parts.netloc
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._headers = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        """Extra request header lines (``Authorization``), each ending with CRLF."""
         self._key = generate_key()
         self.on_message = on_message
         self.on_close = on_close
@@ -275,7 +289,8 @@ class Connection(asyncio.Protocol):
             "Upgrade: websocket\r\n"
             "Connection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {self._key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
+            "Sec-WebSocket-Version: 13\r\n"
+            f"{self._headers}\r\n"
         )
         self.transport.write(request.encode())
 
@@ -386,7 +401,12 @@ class Connection(asyncio.Protocol):
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
         if len(parts) < 2 or parts[1] != "101":
-            self._refused(f"server rejected WebSocket connection: HTTP {' '.join(parts[1:])}")
+            # The body of a refusal says why (the hub's: "unauthorized: token expired").
+            body = data.decode("utf-8", "replace").strip().splitlines()
+            reason = f": {body[0][:MAX_REASON_CHARS]}" if body else ""
+            self._refused(
+                f"server rejected WebSocket connection: HTTP {' '.join(parts[1:])}{reason}"
+            )
             return b""
         if headers.get("upgrade", "").lower() != "websocket":
             self._refused("response has no Upgrade: websocket")
@@ -455,26 +475,36 @@ async def connect(
     *,
     timeout_s: float = 10.0,
     flusher: Flusher | None = None,
+    headers: Sequence[tuple[str, str]] = (),
+    ssl: ssl_module.SSLContext | None = None,
 ) -> Connection:
-    """Open a WebSocket connection to a ``ws://`` URI on a loopback address.
+    """Open a WebSocket connection to a ``ws://`` or ``wss://`` URI.
 
     Args:
         flusher: where the connection's writes wait for the end of the loop
             iteration; share one between the connections of a loop.
+        headers: extra request headers, e.g. ``Authorization``.
+        ssl: the TLS context of ``wss://`` URIs (default: the system's CAs,
+            hostname checked).
 
     Raises:
         HandshakeFailed: the server refused the upgrade.
-        OSError, TimeoutError, ConnectionError: the connection failed.
+        OSError, TimeoutError, ConnectionError: the connection failed
+            (:class:`ssl.SSLError`, an OSError, when TLS did).
     """
     parts = urlsplit(uri)
-    if parts.scheme != "ws" or parts.hostname is None:
-        raise ValueError(f"not a ws:// URI: {uri!r}")
+    if parts.scheme not in ("ws", "wss") or parts.hostname is None:
+        raise ValueError(f"not a ws:// or wss:// URI: {uri!r}")
+    secure = parts.scheme == "wss"
+    if secure and ssl is None:
+        ssl = ssl_module.create_default_context()
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout_s):
         _, conn = await loop.create_connection(
-            lambda: Connection(uri, on_message, on_close, flusher),
+            lambda: Connection(uri, on_message, on_close, flusher, headers),
             parts.hostname,
-            parts.port or 80,
+            parts.port or (443 if secure else 80),
+            ssl=ssl if secure else None,
         )
         try:
             await conn.opened
