@@ -321,6 +321,22 @@ def test_token_reads_the_key_from_the_environment() -> None:
     assert jwt.decode(done.stdout.strip(), key, algorithms=["HS256"])["sid"].startswith("s-")
 
 
+def test_token_without_a_session_id_gives_each_connection_its_own() -> None:
+    # One token for many sessions (hub bench): the hub draws each one's id.
+    key = "s" * 32
+    done = hub_cli("token", "--key", key, "--no-session-id", "--pairs", "en-x-bench:zh-x-bench")
+    assert done.returncode == 0, done.stderr
+    claims = jwt.decode(done.stdout.strip(), key, algorithms=["HS256"])
+    assert "sid" not in claims
+    grant = Authenticator(Settings(session_jwt_key=key)).session(
+        {"Authorization": f"Bearer {done.stdout.strip()}"}, {}
+    )
+    assert grant.session_id is None
+    assert grant.allows_pair("en-x-bench", "zh-x-bench")
+    both = hub_cli("token", "--key", key, "--no-session-id", "--session-id", "s-1")
+    assert "not allowed with argument" in assert_one_line_error(both, 2)
+
+
 def test_token_mints_a_node_token_that_the_hub_accepts() -> None:
     key = "n" * 32
     done = hub_cli("token", "--key", key, "--node-ids", "gpu-1,gpu-eu-*", "--ttl", "60")

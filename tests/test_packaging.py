@@ -1,10 +1,13 @@
-"""Packaging: the wheel carries the Lua scripts and runs outside the checkout.
+"""Packaging: the wheel carries the Lua scripts and the load harness, and runs outside the checkout.
 
 These tests build the wheel from a copy of the checkout, install it into a
 fresh venv outside the checkout (dependencies come from the package index),
 and run that venv's Python from a directory outside the checkout, so nothing
 can be read from the source tree by accident. An editable install into
 another fresh venv checks the ``hub.lua`` -> ``lua/`` mapping the other way.
+``hub bench`` runs from the installed wheel against a hub the test starts
+(with tokens), and on its own (its own Redis and hub), as an operator who
+ran ``pip install lockless-hub`` would.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from pathlib import Path
 import pytest
 import redis as sync_redis
 
+from hub.auth import mint_node_token, mint_session_token
 from hub.scripts import SCRIPT_NAMES, load_script_sources
-from loadtest.procs import RedisProcess
+from loadtest.procs import RedisProcess, parse_ready_line
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -213,9 +217,11 @@ def test_wheel_carries_every_lua_script(wheel: Path) -> None:
     assert not any(n.startswith("lua/") for n in names)
     # The demo page served at /demo (hub/gate.py reads it from hub.static).
     assert "hub/static/demo.html" in names
-    # Only the hub package: tests and load tests stay out.
+    # The hub package and the harness of hub bench: tests stay out.
     top_level = {n.split("/", 1)[0] for n in names}
-    assert {t for t in top_level if not t.endswith(".dist-info")} == {"hub"}
+    assert {t for t in top_level if not t.endswith(".dist-info")} == {"hub", "loadtest"}
+    for path in (ROOT / "loadtest").glob("*.py"):
+        assert f"loadtest/{path.name}" in names
 
 
 def test_installed_wheel_loads_every_script_from_the_package(
@@ -245,6 +251,83 @@ def test_installed_wheel_runs_the_demo_outside_the_checkout(wheel_venv: Path) ->
     assert "audio_bytes=32000" in out
     assert "refused: NO_POOL_FOR_LANG_PAIR" in out
     assert "hub demo: done" in out
+
+
+BENCH_ARGS = [
+    "--sessions", "8",
+    "--nodes", "2",
+    "--duration", "2",
+    "--drain-s", "5",
+    "--service-time-ms", "20..60",
+    "--job-interval-ms", "250",
+    "--processes", "1",
+    "--quiet",
+]  # fmt: skip
+"""A short run: a few seconds, a few jobs."""
+
+
+def assert_bench_report(out_dir: Path) -> dict[str, object]:
+    """``hub bench`` wrote one report, under ``out_dir``, whose verdict is OK."""
+    (report_json,) = out_dir.glob("*/report.json")
+    assert (report_json.parent / "report.html").is_file()
+    report: dict[str, object] = json.loads(report_json.read_text())
+    assert report["verdict"] == {"ok": True, "problems": []}
+    jobs = report["jobs"]
+    assert isinstance(jobs, dict)
+    assert jobs["sent"] > 0
+    assert jobs["ok"] == jobs["sent"]
+    return report
+
+
+def test_installed_wheel_benches_a_deployment_outside_the_checkout(
+    wheel_venv: Path, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    # The deployment: a hub of the installed package that requires tokens.
+    node_key, session_key = "n" * 32, "s" * 32
+    env = clean_env() | {"HUB_NODE_TOKEN_KEY": node_key, "HUB_SESSION_JWT_KEY": session_key}
+    hub = subprocess.Popen(
+        [wheel_venv / "bin" / "hub", "serve", "--port", "0", "--redis-url", redis_server.url,
+         "--cell", f"bench{os.getpid()}", "--log-level", "WARNING"],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert hub.stdout is not None
+        ready = parse_ready_line(hub.stdout.readline())
+        assert ready is not None, "hub serve printed no ready line"
+        elsewhere = tmp_path / "operator"
+        elsewhere.mkdir()
+        tokens = elsewhere / "tokens"
+        tokens.write_text(
+            f"node = {mint_node_token(node_key, ['bench-*'], ttl_s=600)}\n"
+            f"session = {mint_session_token(session_key, ttl_s=600)}\n"
+        )
+        tokens.chmod(0o600)
+
+        out = run(
+            [wheel_venv / "bin" / "hub", "bench", "--url", f"ws://127.0.0.1:{ready.port}",
+             "--token-file", tokens, *BENCH_ARGS],
+            cwd=elsewhere,
+            timeout=120,
+        )  # fmt: skip
+    finally:
+        hub.terminate()
+        hub.wait(timeout=30)
+        if hub.stdout is not None:
+            hub.stdout.close()
+    assert "verdict: OK" in out
+    report = assert_bench_report(elsewhere / "bench-reports")
+    meta = report["meta"]
+    assert isinstance(meta, dict)
+    assert meta["pool"] == "bench"
+    assert meta["pair"] == "en-x-bench:zh-x-bench"
+
+
+def test_installed_wheel_benches_hubs_of_its_own(wheel_venv: Path, tmp_path: Path) -> None:
+    # No --url: an embedded Redis and a hub, started from the installed package.
+    out = run([wheel_venv / "bin" / "hub", "bench", *BENCH_ARGS], cwd=tmp_path, timeout=120)
+    assert "verdict: OK" in out
+    assert_bench_report(tmp_path / "bench-reports")
 
 
 def test_editable_install_reads_the_scripts_from_the_sources(
