@@ -1,4 +1,4 @@
-"""The modules of ``hub/`` import each other without cycles.
+"""The modules of ``hub/`` import each other without cycles, and never the harness.
 
 Every import counts, wherever it stands: at the top, under
 ``TYPE_CHECKING`` or inside a function. A cycle means two parts that cannot
@@ -91,3 +91,45 @@ def test_import_graph_sees_relative_imports() -> None:
 
 def test_hub_modules_have_no_import_cycle() -> None:
     assert find_cycle(import_graph()) is None
+
+
+def loadtest_imports_at_import_time(path: Path) -> list[int]:
+    """Lines of the module at ``path`` that import ``loadtest`` outside a function."""
+    tree = ast.parse(path.read_text(), str(path))
+    in_functions: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            in_functions.update(id(inner) for inner in ast.walk(node))
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        else:
+            continue
+        harness = any(n == "loadtest" or n.startswith("loadtest.") for n in names)
+        if harness and id(node) not in in_functions:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_hub_loads_the_harness_only_when_hub_bench_runs() -> None:
+    # docs/architecture.md: hub/ never imports loadtest when it is imported;
+    # hub bench (hub/cli.py) loads it inside the command.
+    found = {
+        str(path.relative_to(HUB_DIR.parent)): lines
+        for path in sorted(HUB_DIR.rglob("*.py"))
+        if (lines := loadtest_imports_at_import_time(path))
+    }
+    assert found == {}
+    cli = (HUB_DIR / "cli.py").read_text()
+    assert "from loadtest.__main__ import main" in cli
+
+
+def test_loadtest_imports_at_import_time_sees_a_top_level_import(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text(
+        "import os\nfrom loadtest import report\n\ndef f():\n    import loadtest.worker\n"
+    )
+    assert loadtest_imports_at_import_time(module) == [2]
