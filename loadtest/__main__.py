@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import deployment
 from . import report as reporting
 from .access import (
     Access,
@@ -173,7 +174,7 @@ def build_parser(prog: str = "python -m loadtest") -> argparse.ArgumentParser:
         help="simulated node ids are this prefix and a number (default bench-<random>-)",
     )
     p.add_argument("--hub-pid", type=int, action="append", default=[], help="external hub pid")
-    p.add_argument("--hubs", type=int, default=1, help="hub processes to start (default 1)")
+    p.add_argument("--hubs", type=int, help="hub processes to start (default 1)")
     p.add_argument("--redis-url", help="Redis for the started hubs (default: embedded)")
     p.add_argument(
         "--redis-aof",
@@ -326,6 +327,8 @@ async def run(args: argparse.Namespace) -> int:
         }
 
     access = Access()
+    status_before: dict[str, Any] | str = "not read"
+    status_after: dict[str, Any] | str = "not read"
     try:
         if args.url:
             urls = args.url
@@ -375,6 +378,9 @@ async def run(args: argparse.Namespace) -> int:
         samples["connected"] = sample()
         peak = [h.get("rss_kb") or 0 for h in samples["connected"]["hubs"]]
 
+        if args.url:
+            # Before "go": the read's time is not the load's.
+            status_before = await deployment.read_status(deployment.status_url(urls[0]), access.tls)
         go_wall = time.time() + 0.3
         for w in workers:
             w.command(f"go {go_wall!r}")
@@ -414,6 +420,8 @@ async def run(args: argparse.Namespace) -> int:
         samples["harness_end"] = harness_cpu()
         samples["peak_rss_kb"] = peak
         window_s = time.perf_counter() - go_perf
+        if args.url:
+            status_after = await deployment.read_status(deployment.status_url(urls[0]), access.tls)
         if not drained.done():
             drained.cancel()
             say("warning: workers did not finish draining in time")
@@ -471,8 +479,13 @@ async def run(args: argparse.Namespace) -> int:
         "node_ids": f"{plan.node_prefix}0..{plan.node_prefix}{plan.nodes - 1}"
         if plan.nodes
         else None,
-        "note": "shared 2-core machine: other work may run at the same time; numbers are noisy",
+        "note": "other processes of this machine may run at the same time (cpu.other_s): "
+        "numbers are noisy then",
     }
+    if args.url:
+        meta["deployment"] = deployment.summarize(
+            status_before, status_after, url=deployment.status_url(urls[0]), pool=plan.pool
+        )
     workers_info = [
         {"index": f["index"], "cpu": f["cpu"], "connect_failures": f["connect_failures"]}
         for f in finals
@@ -488,6 +501,8 @@ async def run(args: argparse.Namespace) -> int:
     )
     json_path, html_path = reporting.write(result, out_dir)
     print(reporting.table(result))
+    if args.url:
+        print(deployment.describe(meta["deployment"]))
 
     print(f"\nreport: {json_path}\n        {html_path}")
     return 0 if result["verdict"]["ok"] else 1
@@ -520,6 +535,21 @@ def _check_args(args: argparse.Namespace) -> None:
         ValueError: a bad value or combination; the message names the option.
     """
     args.url = [_hub_url(u) for item in args.url for u in item.split(",") if u.strip()]
+    if args.url:
+        # Settings of the hubs the harness starts: a deployment has its own.
+        started_only = {
+            "hubs": args.hubs is not None,
+            "redis_url": args.redis_url is not None,
+            "hub_set": bool(args.hub_set),
+            "hub_cprofile": args.hub_cprofile,
+        }
+        for option, given in started_only.items():
+            if given:
+                raise ValueError(
+                    f"--{option.replace('_', '-')} applies to hubs the harness starts, not to --url"
+                )
+    if args.hubs is None:
+        args.hubs = 1
     for name in ("sessions", "nodes", "max_jobs", "inflight", "hubs"):
         low = 0 if name == "sessions" or (name == "nodes" and args.url) else 1
         if getattr(args, name) < low:

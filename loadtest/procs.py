@@ -74,7 +74,8 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-"""The checkout: children import ``hub`` and ``loadtest`` from here."""
+"""Where ``hub`` and ``loadtest`` are: the checkout, or site-packages once installed
+(``hub bench``). Children import both from here."""
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -29,12 +29,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from websockets.asyncio.server import ServerConnection, serve
 
 from hub.app import Hub
 from hub.auth import mint_node_token, mint_session_token
 from hub.client import Job, NodeClient, SessionClient
 from hub.keys import Keys
-from loadtest.access import Access, AccessError, check_tokens, read_token_file
+from loadtest import deployment
+from loadtest.access import (
+    Access,
+    AccessError,
+    check_tokens,
+    read_token_file,
+    token_file_mode_warning,
+)
 from loadtest.procs import RedisProcess, child_env, hub_command
 from tests.helpers import MS, client_for, wait_for
 from tests.sdktools import FAST_BACKOFF, running_hub
@@ -261,6 +269,15 @@ async def test_bench_keeps_its_jobs_and_the_fleets_apart(
     assert report["meta"]["pair"] == "en-x-bench:zh-x-bench"
     assert report["meta"]["hub_loop"] == "external"
     assert "hub bench --url" in report["meta"]["command"]
+    # The hub's own view (/v1/status), with the connections open: at the start and the end.
+    seen = report["meta"]["deployment"]
+    assert seen["status_url"] == f"http://127.0.0.1:{auth_hub.port}/v1/status"
+    assert seen["nodes_at_start"] == {"fleet": 1, "bench": 3}
+    assert seen["nodes_at_end"] == {"fleet": 1, "bench": 3}
+    assert seen["queues_at_end"] == {}
+    # The cell's counters count every client's jobs: the bench's, and some of the fleet's.
+    finished = seen["counters_during_run"]["finished"]
+    assert report["jobs"]["ok"] <= finished <= report["jobs"]["ok"] + 20
 
 
 async def test_bench_with_no_nodes_loads_the_fleets_own_nodes(
@@ -348,6 +365,14 @@ async def test_bench_reports_a_token_the_hub_refuses(auth_hub: Hub, tmp_path: Pa
             "got 'http://127.0.0.1:9'",
         ),
         (["--token-file", "t"], "hub bench: error: --token-file needs --url"),
+        (
+            ["--url", "ws://127.0.0.1:9", "--hub-set", "queue_max=5"],
+            "hub bench: error: --hub-set applies to hubs the harness starts, not to --url",
+        ),
+        (
+            ["--url", "ws://127.0.0.1:9", "--hubs", "2"],
+            "hub bench: error: --hubs applies to hubs the harness starts, not to --url",
+        ),
         (["--nodes", "0"], "hub bench: error: --nodes must be at least 1"),
         (
             ["--url", "ws://127.0.0.1:9", "--pair", "english"],
@@ -456,3 +481,33 @@ def test_a_token_that_expires_during_the_run_is_a_warning() -> None:
     assert len(warnings) == 1
     assert warnings[0].startswith("the session token expires in ")
     assert check_tokens(access, node_ids=[], pair=("en", "zh"), sessions=10, run_s=10) == []
+
+
+async def test_bench_says_when_the_deployment_has_no_status_page(tmp_path: Path) -> None:
+    # A server that speaks WebSocket only: /v1/status is not a status page.
+    async def handler(ws: ServerConnection) -> None:
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}/v1/status"
+        page = await deployment.read_status(url, None)
+
+    assert page == f"{url} answered HTTP 426 Upgrade Required"
+    summary = deployment.summarize(page, {"counters": {}}, url=url, pool="bench")
+    assert summary == {"status_url": url, "unavailable": page}
+    assert deployment.describe(summary) == f"deployment: no status ({page})"
+    assert deployment.status_url("wss://hub.example/prefix") == (
+        "https://hub.example/prefix/v1/status"
+    )
+
+
+def test_a_token_file_others_can_read_gets_a_warning(tmp_path: Path) -> None:
+    path = write_tokens(tmp_path / "tokens", node="n", session="s")
+    assert token_file_mode_warning(path) is None
+
+    path.chmod(0o644)
+
+    assert token_file_mode_warning(path) == (
+        f"{path} can be read by other users (chmod 600 {path})"
+    )
