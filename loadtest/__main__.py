@@ -291,7 +291,13 @@ async def run(args: argparse.Namespace) -> int:
         f"loadtest {plan.scenario}: {plan.sessions} sessions, {plan.nodes} nodes x "
         f"{plan.max_jobs} slots, {plan.duration_s:g} s"
         + (f", offered {offered:,.0f} jobs/s" if offered else ", closed loop")
-        + (f", node capacity {capacity:,.0f} jobs/s" if capacity else ", instant nodes")
+        + (
+            ", no simulated node"
+            if not plan.nodes
+            else f", node capacity {capacity:,.0f} jobs/s"
+            if capacity
+            else ", instant nodes"
+        )
         + f"; report in {out_dir}"
     )
     if offered and capacity and offered > 0.9 * capacity and plan.scenario != "overload":
@@ -554,6 +560,11 @@ def _check_args(args: argparse.Namespace) -> None:
         low = 0 if name == "sessions" or (name == "nodes" and args.url) else 1
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}")
+    if args.scenario == "overload" and not args.nodes and args.job_interval_ms is None:
+        raise ValueError(
+            "--scenario overload sets its rate from the simulated nodes' capacity: "
+            "with --nodes 0, give --job-interval-ms"
+        )
     if args.processes is not None and args.processes < 1:
         raise ValueError("--processes must be at least 1")
     if not args.url:

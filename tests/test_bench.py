@@ -375,6 +375,11 @@ async def test_bench_reports_a_token_the_hub_refuses(auth_hub: Hub, tmp_path: Pa
         ),
         (["--nodes", "0"], "hub bench: error: --nodes must be at least 1"),
         (
+            ["--url", "ws://127.0.0.1:9", "--nodes", "0", "--scenario", "overload"],
+            "hub bench: error: --scenario overload sets its rate from the simulated nodes' "
+            "capacity: with --nodes 0, give --job-interval-ms",
+        ),
+        (
             ["--url", "ws://127.0.0.1:9", "--pair", "english"],
             "hub bench: error: --pair expects SRC:TGT language codes like en:zh, got 'english'",
         ),
