@@ -42,6 +42,7 @@ import platform
 import re
 import secrets
 import shlex
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -638,6 +639,10 @@ async def _deployment_access(args: argparse.Namespace, plan: Plan, say: Any) -> 
         ca_file=args.ca_file,
         verify_tls=not args.no_verify_tls,
     )
+    try:
+        access.tls  # noqa: B018 - built now, so a bad --ca-file is one error here
+    except (OSError, ssl.SSLError) as exc:
+        raise AccessError(f"--ca-file {args.ca_file}: {exc.strerror or exc}") from exc
     node_ids = [f"{plan.node_prefix}{i}" for i in range(plan.nodes)]
     run_s = plan.connect_timeout_s + plan.duration_s + plan.drain_s
     for warning in check_tokens(

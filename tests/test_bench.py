@@ -396,6 +396,15 @@ async def test_bench_refuses_bad_options(args: list[str], message: str, tmp_path
     assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr
 
 
+async def test_bench_refuses_a_missing_ca_file(tmp_path: Path) -> None:
+    done = await bench("--url", "wss://127.0.0.1:9", "--ca-file", "missing.pem", cwd=tmp_path)
+
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "hub bench: error: --ca-file missing.pem: No such file or directory"
+    )
+
+
 @pytest.mark.parametrize(
     ("tokens", "message"),
     [
