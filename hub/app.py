@@ -3,6 +3,8 @@
 The parts, each in its own module, each given its collaborators here::
 
     Gate        HTTP routes, admission, auth        -> Nodes, Sessions
+    HttpServer  HTTP/1.1 connections switched off the port -> JobsApi
+    JobsApi     the HTTP job API: submit, look up, cancel, wait
     Nodes       a node connection, register to gone -> Scheduler, Outbox, Router
     Sessions    a session connection, welcome to gone, submit/cancel/resume
     Router      the one consumer of scheduling events -> Outbox
@@ -40,6 +42,8 @@ from .bus import Bus
 from .config import RedisDSN, Settings
 from .gate import Gate, RedactingLogger
 from .health import Health
+from .httpconn import HttpServer
+from .jobsapi import JobsApi
 from .keys import Keys
 from .liveness import Liveness
 from .metrics import Metrics
@@ -54,7 +58,6 @@ from .scheduler import Scheduler
 from .sessions import Sessions
 from .shedding import Shedder
 from .tasks import Tasks
-from .wsconn import HubConnection
 
 __all__ = ["Hub"]
 
@@ -123,6 +126,28 @@ class Hub:
             self.hub_id, settings, limits, *parts, *common, self.audio, self.shedder
         )
         self.reconciler = Reconciler(self.hub_id, settings, *parts, *common)
+        self.jobs = JobsApi(
+            self.hub_id,
+            settings,
+            limits,
+            self.auth,
+            self.scheduler,
+            self.router,
+            self.sessions,
+            self.audio,
+            self.shedder,
+            self.metrics,
+            self.health,
+        )
+        self.outbox.on_ended = self.jobs.job_ended
+        self.http = HttpServer(
+            self.jobs.handle,
+            max_body_bytes=settings.max_frame_bytes,
+            idle_timeout_s=settings.http_idle_timeout_s,
+            switch_timeout_s=settings.register_timeout_s,
+            max_connections=settings.max_connections,
+            max_connections_per_ip=settings.max_connections_per_ip,
+        )
 
         def subscribed() -> None:
             self.reconciler.schedule()
@@ -181,7 +206,8 @@ class Hub:
             s.host,
             s.port,
             process_request=self.gate.process_request,
-            create_connection=HubConnection,
+            # Job API requests leave for self.http before websockets parses them.
+            create_connection=self.http.connection_class(),
             max_size=s.max_frame_bytes,
             # Bounded reading: past 4 messages waiting to be handled, the
             # connection stops reading its socket (TCP backpressure).
@@ -234,6 +260,8 @@ class Hub:
         logger.info("= hub %s shutting down", self.hub_id)
         if self.server is not None:
             self.server.close(close_connections=False)
+        self.jobs.close()
+        await self.http.close(timeout_s=self.settings.shutdown_grace_s)
         await self.nodes.drain_all()
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         # Bounded by the grace period; jobs end on the nodes' own tasks.

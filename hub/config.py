@@ -193,6 +193,13 @@ class Settings:
     """Audio of unfinished jobs this hub keeps in memory (never in Redis); a
     job that does not fit is refused ``OVERLOADED``."""
 
+    # HTTP job API (protocol.md §11)
+    http_max_wait_ms: int = 60000
+    """Longest ``wait_ms`` of a job request; a longer one is lowered to it."""
+    http_idle_timeout_s: float = 30.0
+    """An HTTP connection whose next request is not whole within this many seconds
+    (head and body) is closed; also the keep-alive idle time between requests."""
+
     # Load shedding: past any of these a hub refuses new jobs OVERLOADED, with no Redis call
     shed_loop_lag_ms: int = 25
     """Event-loop lag (how late a 50 ms timer fires), on two ticks in a row."""
@@ -246,6 +253,7 @@ class Settings:
             "shed_dispatch_ms",
             "shed_send_bytes",
             "shed_retry_after_ms",
+            "http_max_wait_ms",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), "must be at least 1")
@@ -257,6 +265,7 @@ class Settings:
             "redis_timeout_s",
             "redis_reply_timeout_s",
             "shutdown_grace_s",
+            "http_idle_timeout_s",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(name, getattr(self, name), "must not be negative")

@@ -22,7 +22,7 @@ from .errors import RedisUnavailable
 from .events import Dispatch, JobEnded, as_text
 from .keys import Keys
 
-__all__ = ["CellReads", "NodeJobs", "RunningJob", "redis_unavailable_as"]
+__all__ = ["CellReads", "JobRecord", "NodeJobs", "RunningJob", "redis_unavailable_as"]
 
 _NODE_FIELDS = (
     "hub",
@@ -99,6 +99,35 @@ class NodeJobs:
     """Jobs of the node's set whose hash says they run on the node, by id."""
     others: dict[str, RunningJob]
     """Jobs asked about (``also``) that Redis has elsewhere or not at all, by id."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A job as its hash reads (:meth:`CellReads.job`), while the record lives."""
+
+    job_id: str
+    session_id: str
+    status: str
+    """``queued``, ``running``, ``finished`` or ``failed``."""
+    src_lang: str
+    tgt_lang: str
+    node_id: str
+    """The node of the current attempt; empty while queued."""
+    attempt: int
+    deadline_ms: int
+    result: bytes
+    """The result as the node encoded it (``b"null"`` until the job ends)."""
+    error: str | None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ("finished", "failed")
+
+
+_RECORD_FIELDS = (
+    "session", "status", "src", "tgt", "node", "attempt", "deadline", "result", "error"
+)  # fmt: skip
+"""The job hash fields :meth:`CellReads.job` reads, in :class:`JobRecord`'s order."""
 
 
 def _running_job(job_id: str, f: list[Any], hubs: dict[str, Any]) -> RunningJob:
@@ -220,6 +249,32 @@ class CellReads:
             )
             for jid, (status, ref, result, error) in zip(job_ids, rows, strict=True)
             if status in (b"finished", b"failed")
+        )
+
+    async def job(self, job_id: str) -> JobRecord | None:
+        """A job's record: its session, state and, once it ended, its outcome.
+
+        One read (``HMGET``); ``None`` when Redis has no record of the job
+        (never submitted, or ended more than ``job_ttl_ms`` ago).
+
+        Raises:
+            RedisUnavailable: if Redis cannot be reached.
+        """
+        with redis_unavailable_as("job"):
+            f: list[Any] = await self.redis.hmget(self.keys.job(job_id), *_RECORD_FIELDS)
+        if f[0] is None or f[1] is None:
+            return None
+        return JobRecord(
+            job_id,
+            as_text(f[0]),
+            as_text(f[1]),
+            as_text(f[2] or b""),
+            as_text(f[3] or b""),
+            as_text(f[4] or b""),
+            int(f[5] or 0),
+            int(f[6] or 0),
+            bytes(f[7] or b"null"),
+            as_text(f[8]) if f[8] else None,
         )
 
     async def server_id(self) -> str:

@@ -292,10 +292,7 @@ class Sessions:
             # The script may have run before the connection failed: take the job back.
             if len(link.abandoned) < 1024:
                 link.abandoned.add(jid)
-            # Bounded: past it, such a job ends by its deadline (the sweep) instead.
-            if self._abandoning < _MAX_ABANDONING:
-                self._abandoning += 1
-                self._tasks.spawn(self._abandon(link.session_id, jid))
+            self.abandon(link.session_id, jid)
             return
         link.submitting.discard(jid)
         self._shedder.dispatched(time.monotonic() - started)
@@ -338,6 +335,16 @@ class Sessions:
         link.conn.job_refused(ref)
         self._metrics.job_refused(code)
         self._outbox.push(link.ws, proto.encode_error(ref, code, message, retry_after_ms))
+
+    def abandon(self, session_id: str, job_id: str) -> None:
+        """Take back, once Redis answers, a job refused ``UNAVAILABLE`` whose script may have run.
+
+        Bounded: past ``_MAX_ABANDONING`` such jobs at once, the sweep ends
+        them at their deadline instead.
+        """
+        if self._abandoning < _MAX_ABANDONING:
+            self._abandoning += 1
+            self._tasks.spawn(self._abandon(session_id, job_id))
 
     async def _abandon(self, session_id: str, job_id: str) -> None:
         """End a job whose dispatch reply was lost, once Redis answers again (bounded)."""

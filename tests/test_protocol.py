@@ -78,6 +78,7 @@ from hub.protocol import (
     encode_submit_job_audio,
     encode_welcome,
     join_binary,
+    parse_job_body,
     parse_node_frame,
     parse_session_frame,
     split_binary,
@@ -1377,3 +1378,46 @@ def test_session_reopens_job_when_resuming():
     assert not conn.reopen("r-2", JobId("j-3"))
     assert conn.job_ended(JobId("j-1")) == "r-1"
     assert conn.open_refs == 0
+
+
+# HTTP job bodies (protocol.md §11.2)
+
+
+def test_client_posts_json_job_body():
+    body = orjson.dumps({"type": "ignored", "ref": "ignored", "src_lang": "EN",
+                         "tgt_lang": "fr", "payload": {"text": "hi"}, "timeout_ms": 10**9})  # fmt: skip
+    job_frame = parse_job_body(body, "j-1", LIMITS, binary=False)
+    assert job_frame == SubmitJob(
+        "j-1", "en", "fr", b'{"text":"hi"}', None, LIMITS.max_timeout_ms
+    )
+
+
+def test_client_posts_binary_job_body():
+    body = join_binary(b'{"src_lang": "en", "tgt_lang": "fr"}', b"\x00\x01")
+    job_frame = parse_job_body(body, "j-2", LIMITS, binary=True)
+    assert job_frame == SubmitJob("j-2", "en", "fr", b"{}", b"\x00\x01", None)
+
+
+def test_client_posts_job_body_when_malformed():
+    def body_refusal(body: bytes, binary: bool) -> tuple[str, str, str | None]:
+        return refusal(lambda: parse_job_body(body, "j-3", LIMITS, binary=binary))
+
+    assert body_refusal(b"{", False) == ("BAD_FRAME", "frame is not valid JSON", None)
+    assert body_refusal(b"[]", False) == ("BAD_FRAME", "frame must be a JSON object", None)
+    assert body_refusal(b"\x00\x00\x00\x09{}", True) == (
+        "BAD_FRAME",
+        "binary header length past end of frame",
+        None,
+    )
+    assert body_refusal(b'{"src_lang": "en"}', False)[0:3:2] == ("BAD_FRAME", "j-3")
+    too_big = orjson.dumps({"src_lang": "en", "tgt_lang": "fr", "payload": {"t": "x" * 70000}})
+    assert body_refusal(too_big, False)[0] == "TOO_LARGE"
+
+
+def test_session_admits_job_parsed_elsewhere():
+    session = new_session(max_inflight=1, rate_per_s=None)
+    session.admit(parse_job_body(b'{"src_lang":"en","tgt_lang":"fr"}', "a", LIMITS, binary=False),
+                  0.0)  # fmt: skip
+    assert session.open_refs == 1
+    second = parse_job_body(b'{"src_lang":"en","tgt_lang":"fr"}', "b", LIMITS, binary=False)
+    assert refusal(lambda: session.admit(second, 0.0))[0] == "TOO_MANY_JOBS"

@@ -11,7 +11,8 @@ Import every name from ``hub.protocol``; the modules only split the work:
 
 - :mod:`~hub.protocol.frames`: ids, endpoints, :class:`CloseCode`,
   :class:`Limits`, every frame as a frozen dataclass, binary framing;
-- :mod:`~hub.protocol.parse`: what nodes and sessions send, validated;
+- :mod:`~hub.protocol.parse`: what nodes and sessions send, validated (and
+  the body of an HTTP job, protocol.md §11);
 - :mod:`~hub.protocol.encode`: what the hub sends;
 - :mod:`~hub.protocol.client`: what nodes and sessions send, encoded, and
   what the hub sends them, decoded;
@@ -81,7 +82,7 @@ from .frames import (
     join_binary,
     split_binary,
 )
-from .parse import parse_node_frame, parse_session_frame
+from .parse import parse_job_body, parse_node_frame, parse_session_frame
 
 __all__ = [
     "DEFAULT_POOL",
@@ -139,6 +140,7 @@ __all__ = [
     "encode_submit_job_audio",
     "encode_welcome",
     "join_binary",
+    "parse_job_body",
     "parse_node_frame",
     "parse_session_frame",
     "split_binary",

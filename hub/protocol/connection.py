@@ -189,25 +189,38 @@ class SessionConnection:
             raise ProtocolError("the connection is closed")
         frame = parse_session_frame(message, self.limits)
         if type(frame) is SubmitJob:
-            ref = frame.ref
-            # protocol.md §9.2: rate, then duplicate, then in-flight count.
-            self._take_token(now, ref)
-            if ref in self._job_by_ref:
-                raise ProtocolError(
-                    "'ref' is already used by an unfinished job", code=Code.DUPLICATE_REF, ref=ref
-                )
-            if len(self._job_by_ref) >= self.max_inflight:
-                raise LimitExceeded(
-                    f"more than {self.max_inflight} unfinished jobs",
-                    code=Code.TOO_MANY_JOBS,
-                    ref=ref,
-                )
-            self._job_by_ref[ref] = None
+            self.admit(frame, now)
         elif type(frame) is CancelJob and frame.ref not in self._job_by_ref:
             raise ProtocolError(
                 "no unfinished job has this ref", code=Code.UNKNOWN_JOB, ref=frame.ref
             )
         return frame
+
+    def admit(self, job: SubmitJob, now: float) -> None:
+        """Apply the session's limits to a job parsed elsewhere, and open its ref.
+
+        :meth:`receive` calls it for every job frame; the HTTP job API
+        (protocol.md §11) calls it for a job parsed from a request body. The
+        caller goes on as after :meth:`receive`.
+
+        Raises:
+            ProtocolError: ``DUPLICATE_REF``.
+            LimitExceeded: ``RATE_LIMITED`` or ``TOO_MANY_JOBS``.
+        """
+        ref = job.ref
+        # protocol.md §9.2: rate, then duplicate, then in-flight count.
+        self._take_token(now, ref)
+        if ref in self._job_by_ref:
+            raise ProtocolError(
+                "'ref' is already used by an unfinished job", code=Code.DUPLICATE_REF, ref=ref
+            )
+        if len(self._job_by_ref) >= self.max_inflight:
+            raise LimitExceeded(
+                f"more than {self.max_inflight} unfinished jobs",
+                code=Code.TOO_MANY_JOBS,
+                ref=ref,
+            )
+        self._job_by_ref[ref] = None
 
     def job_started(self, ref: str, job_id: JobId) -> bool:
         """Bind a pending ref to the job id the hub gave it (accepted or queued).

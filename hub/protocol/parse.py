@@ -38,7 +38,7 @@ from .frames import (
     unknown_type,
 )
 
-__all__ = ["parse_node_frame", "parse_session_frame"]
+__all__ = ["parse_job_body", "parse_node_frame", "parse_session_frame"]
 
 _ID_RE: Final = re.compile(r"[A-Za-z0-9._-]+")
 _LANG_RE: Final = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8}){0,3}")
@@ -110,6 +110,31 @@ def parse_session_frame(message: str | bytes, limits: Limits) -> SessionFrame:
     if kind == "ack":
         return Ack(_job_ids(frame.get("job_ids"), "job_ids", 0, limits.max_ack_ids, limits))
     raise ProtocolError(unknown_type(kind), code=Code.UNKNOWN_TYPE, ref=ref)
+
+
+def parse_job_body(body: bytes, ref: str, limits: Limits, *, binary: bool) -> SubmitJob:
+    """Parse and validate the body of ``POST /v1/jobs`` (protocol.md §11.2).
+
+    The body is the object of a session's ``job`` frame (§4.2) without
+    ``type`` and ``ref`` (both ignored when present), or, when ``binary``,
+    the binary envelope of §2 with that object as its header.
+
+    Args:
+        body: the request body.
+        ref: the job's ref (the hub names HTTP jobs itself).
+        limits: validation limits.
+        binary: the body is the binary envelope (``application/octet-stream``).
+
+    Raises:
+        ProtocolError: ``BAD_FRAME`` or ``TOO_LARGE``.
+    """
+    audio: bytes | None = None
+    if binary:
+        header, audio = split_binary(body)
+        frame = load_object(header)
+    else:
+        frame = load_object(body)
+    return _parse_submit_job(frame, audio, ref, limits)
 
 
 def _parse_register(frame: dict[str, Any], limits: Limits) -> Register:
