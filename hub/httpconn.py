@@ -40,6 +40,7 @@ import ipaddress
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
+from typing import cast
 
 import h11
 import orjson
@@ -289,8 +290,8 @@ class HttpConnection(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance.
+        self._transport = cast(asyncio.Transport, transport)
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -551,10 +552,9 @@ def _switching(server: HttpServer) -> type[HubConnection]:
         _switch_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            assert isinstance(transport, asyncio.Transport)
             self._head = bytearray()
-            self._switch_transport = transport
-            self._switch_timer = self.loop.call_later(server.switch_timeout_s, transport.abort)
+            self._switch_transport = t = cast(asyncio.Transport, transport)
+            self._switch_timer = self.loop.call_later(server.switch_timeout_s, t.abort)
 
         def data_received(self, data: bytes) -> None:
             head = self._head

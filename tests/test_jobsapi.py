@@ -372,7 +372,7 @@ async def test_a_body_over_the_limit_gets_413(
 async def test_malformed_and_slow_requests_are_refused(
     make_hub: Callable[..., Awaitable[Hub]], client: HttpFactory
 ) -> None:
-    hub = await make_hub(http_idle_timeout_s=300 * MS)
+    hub = await make_hub(http_idle_timeout_s=300 * MS, register_timeout_s=300 * MS)
     bad = await client(hub)
     bad.writer.write(b"POST /v1/jobs HTTP/1.1\r\nno colon here\r\n\r\n")
     assert_error(await bad.read(), 400, "BAD_FRAME")
@@ -382,7 +382,11 @@ async def test_malformed_and_slow_requests_are_refused(
     reply = await slow.read()
     assert_error(reply, 408, "BAD_FRAME")
     assert await slow.closed()
+    # Silent from the start (websockets' open timeout), or after an answer (keep-alive).
+    silent = await client(hub)
+    assert await silent.closed(within=2000 * MS)
     idle = await client(hub)
+    assert_error(await idle.request("GET", "/v1/jobs/abc"), 404, "UNKNOWN_JOB")
     assert await idle.closed(within=2000 * MS)
 
 
