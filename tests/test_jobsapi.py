@@ -21,7 +21,7 @@ from hub.app import Hub
 from hub.auth import mint_session_token
 from hub.errors import Code
 from hub.httpconn import HTTP_STATUS
-from loadtest.procs import RedisProcess
+from loadtest.procs import Processes, RedisProcess
 from tests.helpers import MS, wait_for
 from tests.hubtools import (
     ALL_BYTES,
@@ -514,3 +514,17 @@ def test_every_code_has_an_http_status() -> None:
     assert set(HTTP_STATUS) == set(Code)
     for code in (Code.RATE_LIMITED, Code.TOO_MANY_JOBS):
         assert HTTP_STATUS[code] is http.HTTPStatus.TOO_MANY_REQUESTS
+
+
+async def test_hub_serve_answers_the_job_api(
+    processes: Processes, connect: Connect, client: HttpFactory
+) -> None:
+    # A real `hub serve`, on its default event loop (uvloop where installed).
+    hub = await processes.hub("hub-p")
+    node = await open_node(connect, hub, "n1")
+    http_ = await client(hub)
+    send = asyncio.create_task(http_.request("POST", "/v1/jobs?wait_ms=4000", json=job_body()))
+    job = await expect(node, "job")
+    await result(node, job, result={"loop": "any"})
+    assert (await send).json()["result"] == {"loop": "any"}
+    assert (await http_get(hub.port, "/readyz"))[0] == 200
