@@ -136,8 +136,7 @@ class Hub:
             self.sessions,
             self.audio,
             self.shedder,
-            self.metrics,
-            self.health,
+            *common,
         )
         self.outbox.on_ended = self.jobs.job_ended
         self.http = HttpServer(

@@ -1,6 +1,8 @@
 """The way in: HTTP routes, admission, origin and auth checks.
 
-Every request reaches :meth:`Gate.process_request` first. Plain HTTP routes
+Every request reaches :meth:`Gate.process_request` first, but those of the
+HTTP job API, which :mod:`hub.httpconn` switches away before websockets
+parses them. Plain HTTP routes
 (``/healthz``, ``/readyz``, ``/metrics``, ``/v1/status``, the demo page) are
 answered there; a WebSocket handshake on ``/v1/node`` or ``/v1/session`` is
 let through only within the connection limits, from an allowed origin, with

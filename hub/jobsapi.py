@@ -33,7 +33,8 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
@@ -60,6 +61,7 @@ from .router import Router
 from .scheduler import Scheduler, new_job_id
 from .sessions import Sessions
 from .shedding import Shedder
+from .tasks import Tasks
 
 __all__ = ["JobsApi"]
 
@@ -76,6 +78,8 @@ _END_GRACE_S = 5.0
 here, or this long after its deadline (a result routed to another hub)."""
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _OPEN_ID_RE = re.compile(r"[^A-Za-z0-9._-]")
+_T = TypeVar("_T")
+
 _UNAVAILABLE = "the scheduler is unavailable; try again"
 _SHUTTING_DOWN = "the hub is shutting down; try another"
 
@@ -119,6 +123,7 @@ class JobsApi:
         shedder: whether new jobs must be refused ``OVERLOADED``.
         metrics: refusals.
         health: whether Redis is usable and the hub is closing.
+        tasks: owner of the script calls that outlive their request.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class JobsApi:
         shedder: Shedder,
         metrics: Metrics,
         health: Health,
+        tasks: Tasks,
     ) -> None:
         self.hub_id = hub_id
         self._settings = settings
@@ -146,8 +152,8 @@ class JobsApi:
         self._shedder = shedder
         self._metrics = metrics
         self._health = health
+        self._tasks = tasks
         self._clients: OrderedDict[str, _Client] = OrderedDict()
-        self._owners: dict[str, _Client] = {}
         self._waiters: dict[str, set[asyncio.Future[bytes | None]]] = {}
 
     # Public methods
@@ -176,14 +182,14 @@ class JobsApi:
             close=True,
         )
 
-    def job_ended(self, job_id: str, frame: str | bytes) -> None:
+    def job_ended(self, session_id: str, job_id: str, frame: str | bytes) -> None:
         """A job of a session of this hub ended: wake its waiting requests.
 
         Called by :class:`~hub.outbox.Outbox` with the job's ``result`` frame,
-        for every result that reaches this hub (socket sessions' too: a dict
-        lookup each).
+        for every result that reaches this hub (socket sessions' too: two dict
+        lookups each).
         """
-        client = self._owners.pop(job_id, None)
+        client = self._clients.get(session_id)
         if client is not None:
             client.forget(job_id)
         waiters = self._waiters.pop(job_id, None)
@@ -228,7 +234,8 @@ class JobsApi:
         # Watched before the dispatch: a fast node's result may come before its reply.
         fut = self._watch(jid) if wait_s > 0 else None
         try:
-            started = await self._start(session_id, grant, client, frame)
+            # A client that goes away never cuts a dispatch from its routing.
+            started = await self._unless_cancelled(self._start(session_id, grant, client, frame))
             if isinstance(started, HttpResponse):
                 client.forget(jid)
                 return started
@@ -261,7 +268,6 @@ class JobsApi:
             )
         # Counted from now: its result may come before the dispatch reply.
         client.ends[jid] = time.monotonic() + timeout_ms / 1000 + _END_GRACE_S
-        self._owners[jid] = client
         started = time.monotonic()
         try:
             reply = await self._scheduler.dispatch_task(
@@ -275,11 +281,9 @@ class JobsApi:
                 job_id=jid,
             )
         except SchedulingError as exc:
-            self._owners.pop(jid, None)
             self._audio.drop(jid)
             return self._refused(exc.code, exc.message)
         except RedisUnavailable:
-            self._owners.pop(jid, None)
             # The script may have run before the connection failed: take the job back.
             self._sessions.abandon(session_id, jid)
             return self._refused(Code.UNAVAILABLE, _UNAVAILABLE)
@@ -314,9 +318,9 @@ class JobsApi:
             session_id, _, _ = self._client(request)
             wait_s = self._wait_s(query)
         except ClientError as exc:
-            return self._refused(exc.code, exc.message)
+            return _refusal(exc.code, exc.message)
         if not _ID_RE.fullmatch(job_id):
-            return self._refused(Code.UNKNOWN_JOB, "no such job")
+            return _refusal(Code.UNKNOWN_JOB, "no such job")
         fut = self._watch(job_id) if wait_s > 0 else None
         try:
             return await self._wait(job_id, session_id, wait_s, fut, submitted=None)
@@ -327,20 +331,30 @@ class JobsApi:
         try:
             session_id, _, _ = self._client(request)
         except ClientError as exc:
-            return self._refused(exc.code, exc.message)
+            return _refusal(exc.code, exc.message)
         if not _ID_RE.fullmatch(job_id):
-            return self._refused(Code.UNKNOWN_JOB, "no such job")
+            return _refusal(Code.UNKNOWN_JOB, "no such job")
+        return await self._unless_cancelled(self._end(job_id, session_id))
+
+    async def _end(self, job_id: str, session_id: str) -> HttpResponse:
+        """Cancel a job (cancel_task.lua) and route what it caused."""
         try:
             done = await self._scheduler.cancel_task(job_id, session_id)
         except SchedulingError as exc:
             message = "the job has already ended" if exc.code is Code.STALE_ATTEMPT else exc.message
-            return self._refused(exc.code, message)
+            return _refusal(exc.code, message)
         except RedisUnavailable:
-            return self._refused(Code.UNAVAILABLE, _UNAVAILABLE)
+            return _refusal(Code.UNAVAILABLE, _UNAVAILABLE)
         self._router.ended(done.ended)
         self._router.route(done.events)
         e = done.ended
         return _ended(job_id, e.status, e.result, e.error)
+
+    async def _unless_cancelled(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run a script call and the routing of its reply to the end, even if the
+        request is cancelled (its client went away): the job's state in Redis and
+        what its node and waiters are told must not part."""
+        return await asyncio.shield(self._tasks.spawn(coro))
 
     # Waiting
 
@@ -415,10 +429,10 @@ class JobsApi:
         try:
             record = await self._scheduler.job(job_id)
         except RedisUnavailable:
-            return self._refused(Code.UNAVAILABLE, _UNAVAILABLE)
+            return _refusal(Code.UNAVAILABLE, _UNAVAILABLE)
         if record is None or record.session_id != session_id:
             # Another client's job is no different from none (its id is a secret).
-            return self._refused(Code.UNKNOWN_JOB, "no such job")
+            return _refusal(Code.UNKNOWN_JOB, "no such job")
         return record
 
     # Private methods
@@ -471,18 +485,26 @@ class JobsApi:
         status: http.HTTPStatus | None = None,
         close: bool = False,
     ) -> HttpResponse:
+        """A job refused (counted like a session's, ``hub_jobs_refused``)."""
         self._metrics.job_refused(code)
-        headers: tuple[tuple[str, str], ...] = ()
-        if code is Code.UNAUTHORIZED and status is None:
-            headers = (("WWW-Authenticate", "Bearer"),)
-        return error_response(
-            code,
-            message,
-            status=status,
-            retry_after_ms=retry_after_ms,
-            headers=headers,
-            close=close,
-        )
+        return _refusal(code, message, retry_after_ms, status=status, close=close)
+
+
+def _refusal(
+    code: Code,
+    message: str,
+    retry_after_ms: int | None = None,
+    *,
+    status: http.HTTPStatus | None = None,
+    close: bool = False,
+) -> HttpResponse:
+    """:func:`~hub.httpconn.error_response`, with the challenge of a 401."""
+    headers: tuple[tuple[str, str], ...] = ()
+    if code is Code.UNAUTHORIZED and status is None:
+        headers = (("WWW-Authenticate", "Bearer"),)
+    return error_response(
+        code, message, status=status, retry_after_ms=retry_after_ms, headers=headers, close=close
+    )
 
 
 def _bearer(value: str) -> str | None:

@@ -83,9 +83,9 @@ class Outbox:
         self._audio = audio
         self.on_dispatch: Callable[[Dispatch], None] | None = None
         """Sends the job frame of a dispatch forwarded here (set by the router)."""
-        self.on_ended: Callable[[str, str | bytes], None] | None = None
-        """Told of each job result for a session of this hub, with its ``result``
-        frame, connected or not (set by the HTTP job API, :mod:`hub.jobsapi`)."""
+        self.on_ended: Callable[[str, str, str | bytes], None] | None = None
+        """Told of each job result for a session of this hub, connected or not: the
+        session, the job and its ``result`` frame (set by the HTTP job API, :mod:`hub.jobsapi`)."""
         self._send_limit = send_buffer_bytes
         self._max_backlog = max_backlog
         self._too_slow: set[ServerConnection] = set()
@@ -210,7 +210,7 @@ class Outbox:
             if ended is not None:
                 self._audio.drop(ended)
                 if self.on_ended is not None:
-                    self.on_ended(ended, frame)
+                    self.on_ended(session_id, ended, frame)
             link = self._registry.sessions.get(session_id)
             if link is None:
                 return  # gone: results wait in Redis for its resume

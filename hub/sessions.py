@@ -132,6 +132,16 @@ class Sessions:
         if self._registry.sessions and not self._health.stopping:
             self._tasks.spawn(self._resend_lost_results())
 
+    def abandon(self, session_id: str, job_id: str) -> None:
+        """Take back, once Redis answers, a job refused ``UNAVAILABLE`` whose script may have run.
+
+        Bounded: past ``_MAX_ABANDONING`` such jobs at once, the sweep ends
+        them at their deadline instead.
+        """
+        if self._abandoning < _MAX_ABANDONING:
+            self._abandoning += 1
+            self._tasks.spawn(self._abandon(session_id, job_id))
+
     def close(self) -> None:
         """Stop the resume-window timers (hub shutdown: the sessions may come back)."""
         for handle in self._gone.values():
@@ -335,16 +345,6 @@ class Sessions:
         link.conn.job_refused(ref)
         self._metrics.job_refused(code)
         self._outbox.push(link.ws, proto.encode_error(ref, code, message, retry_after_ms))
-
-    def abandon(self, session_id: str, job_id: str) -> None:
-        """Take back, once Redis answers, a job refused ``UNAVAILABLE`` whose script may have run.
-
-        Bounded: past ``_MAX_ABANDONING`` such jobs at once, the sweep ends
-        them at their deadline instead.
-        """
-        if self._abandoning < _MAX_ABANDONING:
-            self._abandoning += 1
-            self._tasks.spawn(self._abandon(session_id, job_id))
 
     async def _abandon(self, session_id: str, job_id: str) -> None:
         """End a job whose dispatch reply was lost, once Redis answers again (bounded)."""

@@ -499,10 +499,10 @@ async def test_shutdown_answers_waiting_requests(
     make_hub: Callable[..., Awaitable[Hub]], connect: Connect, client: HttpFactory
 ) -> None:
     hub = await make_hub()
-    await open_node(connect, hub, "n1")
+    node = await open_node(connect, hub, "n1")
     http_ = await client(hub)
     send = asyncio.create_task(http_.request("POST", "/v1/jobs?wait_ms=20000", json=job_body()))
-    await wait_for(lambda: hub.jobs._waiters, timeout=2000 * MS)
+    await expect(node, "job")  # the request waits from before its dispatch
     closing = asyncio.create_task(hub.close())
     reply = await send
     assert reply.status == 202
@@ -528,3 +528,22 @@ async def test_hub_serve_answers_the_job_api(
     await result(node, job, result={"loop": "any"})
     assert (await send).json()["result"] == {"loop": "any"}
     assert (await http_get(hub.port, "/readyz"))[0] == 200
+
+
+async def test_a_client_that_leaves_does_not_cancel_its_job(
+    hub: Hub, connect: Connect, client: HttpFactory
+) -> None:
+    node = await open_node(connect, hub, "n1")
+    leaving = await client(hub)
+    body = orjson.dumps(job_body())
+    leaving.writer.write(
+        b"POST /v1/jobs?wait_ms=5000 HTTP/1.1\r\nHost: hub\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await leaving.close()
+    job = await expect(node, "job")
+    await result(node, job, result={"kept": True})
+    http_ = await client(hub)
+    done = await http_.request("GET", f"/v1/jobs/{job['job_id']}?wait_ms=3000")
+    assert done.json()["status"] == "finished"
+    assert done.json()["result"] == {"kept": True}

@@ -1384,8 +1384,8 @@ def test_session_reopens_job_when_resuming():
 
 
 def test_client_posts_json_job_body():
-    body = orjson.dumps({"type": "ignored", "ref": "ignored", "src_lang": "EN",
-                         "tgt_lang": "fr", "payload": {"text": "hi"}, "timeout_ms": 10**9})  # fmt: skip
+    fields = {"type": "ignored", "ref": "ignored", "src_lang": "EN", "tgt_lang": "fr"}
+    body = orjson.dumps(fields | {"payload": {"text": "hi"}, "timeout_ms": 10**9})
     job_frame = parse_job_body(body, "j-1", LIMITS, binary=False)
     assert job_frame == SubmitJob(
         "j-1", "en", "fr", b'{"text":"hi"}', None, LIMITS.max_timeout_ms
@@ -1416,8 +1416,8 @@ def test_client_posts_job_body_when_malformed():
 
 def test_session_admits_job_parsed_elsewhere():
     session = new_session(max_inflight=1, rate_per_s=None)
-    session.admit(parse_job_body(b'{"src_lang":"en","tgt_lang":"fr"}', "a", LIMITS, binary=False),
-                  0.0)  # fmt: skip
+    first = parse_job_body(b'{"src_lang":"en","tgt_lang":"fr"}', "a", LIMITS, binary=False)
+    session.admit(first, 0.0)
     assert session.open_refs == 1
     second = parse_job_body(b'{"src_lang":"en","tgt_lang":"fr"}', "b", LIMITS, binary=False)
     assert refusal(lambda: session.admit(second, 0.0))[0] == "TOO_MANY_JOBS"
