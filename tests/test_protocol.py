@@ -1387,9 +1387,7 @@ def test_client_posts_json_job_body():
     fields = {"type": "ignored", "ref": "ignored", "src_lang": "EN", "tgt_lang": "fr"}
     body = orjson.dumps(fields | {"payload": {"text": "hi"}, "timeout_ms": 10**9})
     job_frame = parse_job_body(body, "j-1", LIMITS, binary=False)
-    assert job_frame == SubmitJob(
-        "j-1", "en", "fr", b'{"text":"hi"}', None, LIMITS.max_timeout_ms
-    )
+    assert job_frame == SubmitJob("j-1", "en", "fr", b'{"text":"hi"}', None, LIMITS.max_timeout_ms)
 
 
 def test_client_posts_binary_job_body():
