@@ -244,7 +244,9 @@ class Hub:
         """Shut down: stop accepting, drain nodes, close everything, release Redis state.
 
         Order:
-        1. stop accepting connections (``/readyz`` answers 503);
+        1. stop accepting connections (``/readyz`` answers 503); answer the
+           HTTP requests waiting for jobs (the jobs run on) and close the HTTP
+           connections;
         2. ask nodes to finish (drain_node), and wait up to ``shutdown_grace_s``
            for their running jobs;
         3. close sessions, then nodes, with 1001 (each node's connection ends
