@@ -79,6 +79,8 @@ here, or this long after its deadline (a result routed to another hub)."""
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _OPEN_ID_RE = re.compile(r"[^A-Za-z0-9._-]")
 _T = TypeVar("_T")
+_METHODS = frozenset(("GET", "HEAD", "POST", "DELETE"))
+"""Methods counted by name in ``hub_http_requests`` (the others as ``other``)."""
 
 _UNAVAILABLE = "the scheduler is unavailable; try again"
 _SHUTTING_DOWN = "the hub is shutting down; try another"
@@ -160,6 +162,12 @@ class JobsApi:
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
         """Answer one request (the :class:`~hub.httpconn.HttpServer` handler)."""
+        response = await self._route(request)
+        method = request.method if request.method in _METHODS else "other"
+        self._metrics.http_requests.labels(method, str(response.status)).inc()
+        return response
+
+    async def _route(self, request: HttpRequest) -> HttpResponse:
         url = urlsplit(request.target)
         path = url.path
         query = parse_qs(url.query)

@@ -69,6 +69,12 @@ class Metrics:
             ["what"],
             registry=r,
         )
+        self.http_requests = Counter(
+            "hub_http_requests",
+            "Requests of the HTTP job API, by method and status",
+            ["method", "status"],
+            registry=r,
+        )
         self.rtt = Histogram(
             "hub_node_ping_rtt_seconds",
             "Ping round trip to nodes",

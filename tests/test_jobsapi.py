@@ -174,6 +174,9 @@ async def test_post_waits_for_the_result(hub: Hub, connect: Connect, client: Htt
     assert again.json()["status"] == "finished"
     assert again.json()["result"] == {"text": "salut"}
     assert again.json()["node_id"] == "n1"
+    _, _, metrics = await http_get(hub.port, "/metrics")
+    assert b'hub_http_requests_total{method="POST",status="200"} 1.0' in metrics
+    assert b'hub_http_requests_total{method="GET",status="200"} 1.0' in metrics
 
 
 async def test_post_answers_202_then_get_follows_the_job(
