@@ -419,7 +419,10 @@ class JobsApi:
             # the wait or the hub shutting down: read the record.
             got = await self._read(job_id, session_id)
             if isinstance(got, HttpResponse):
-                return got
+                if submitted is None:
+                    return got
+                # Accepted all the same: never a refusal, the client looks it up later.
+                return _pending(job_id, record.status if record else submitted)
             record = got
             if fut.done() or deadline - loop.time() <= 0:
                 break
