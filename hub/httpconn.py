@@ -222,7 +222,8 @@ class HttpServer:
         self._per_ip[peer] = self._per_ip.get(peer, 0) + 1
         transport.set_protocol(conn)
         conn.connection_made(transport)
-        conn.data_received(head)
+        if head:  # (empty bytes would mean the end of the stream to h11)
+            conn.data_received(head)
 
     def forget(self, conn: HttpConnection) -> None:
         """Drop a connection that closed."""
@@ -370,6 +371,12 @@ class HttpConnection(asyncio.Protocol):
                 assert isinstance(event, h11.Request)
                 self._request = event
                 self._body.clear()
+                if sum(len(n) + len(v) + 4 for n, v in event.headers) > _MAX_HEAD_BYTES:
+                    # h11 bounds a head that comes in pieces; one read can bring more.
+                    status = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+                    message = "the request head is too large"
+                    self._fail(error_response(Code.TOO_LARGE, message, status=status))
+                    return
                 if self._too_large(_content_length(event.headers)):
                     return
                 if h.they_are_waiting_for_100_continue:

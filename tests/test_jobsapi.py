@@ -20,7 +20,7 @@ import pytest
 from hub.app import Hub
 from hub.auth import mint_session_token
 from hub.errors import Code
-from hub.httpconn import HTTP_STATUS
+from hub.httpconn import HTTP_STATUS, HttpRequest, HttpResponse, HttpServer
 from loadtest.procs import Processes, RedisProcess
 from tests.helpers import MS, wait_for
 from tests.hubtools import (
@@ -550,3 +550,74 @@ async def test_a_client_that_leaves_does_not_cancel_its_job(
     done = await http_.request("GET", f"/v1/jobs/{job['job_id']}?wait_ms=3000")
     assert done.json()["status"] == "finished"
     assert done.json()["result"] == {"kept": True}
+
+
+async def test_pipelined_requests_are_answered_in_order(
+    hub: Hub, connect: Connect, client: HttpFactory
+) -> None:
+    await open_node(connect, hub, "n1", max_jobs=4)
+    http_ = await client(hub)
+    body = orjson.dumps(job_body())
+    post = b"POST /v1/jobs HTTP/1.1\r\nHost: hub\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    http_.writer.write(post + b"GET /v1/jobs/nope HTTP/1.1\r\nHost: hub\r\n\r\n" + post)
+    first, second, third = [await http_.read() for _ in range(3)]
+    assert (first.status, second.status, third.status) == (202, 404, 202)
+    assert first.json()["job_id"] != third.json()["job_id"]
+
+
+async def test_connection_limits_apply_to_http(
+    make_hub: Callable[..., Awaitable[Hub]], client: HttpFactory
+) -> None:
+    hub = await make_hub(max_connections_per_ip=1)
+    first = await client(hub)
+    assert_error(await first.request("GET", "/v1/jobs/abc"), 404, "UNKNOWN_JOB")
+    second = await client(hub)
+    refused = await second.request("GET", "/v1/jobs/abc")
+    assert_error(refused, 429, "RATE_LIMITED")
+    assert await second.closed()
+    await first.close()
+    await wait_for(lambda: not hub.http.connections, timeout=2000 * MS)
+    third = await client(hub)
+    assert_error(await third.request("GET", "/v1/jobs/abc"), 404, "UNKNOWN_JOB")
+
+
+async def test_a_request_head_over_16_kib_gets_431(hub: Hub, client: HttpFactory) -> None:
+    http_ = await client(hub)
+    reply = await http_.request("GET", "/v1/jobs/abc", headers={"X-Big": "x" * 20_000})
+    assert_error(reply, 431, "TOO_LARGE")
+    assert await http_.closed()
+
+
+async def test_a_failing_handler_answers_500(caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(request: HttpRequest) -> HttpResponse:
+        raise RuntimeError("a bug")
+
+    server = HttpServer(
+        broken,
+        max_body_bytes=1024,
+        idle_timeout_s=2,
+        switch_timeout_s=2,
+        max_connections=None,
+        max_connections_per_ip=None,
+    )
+
+    class Accepting(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            server.accept(transport, b"")  # type: ignore[arg-type]
+
+    listener = await asyncio.get_running_loop().create_server(Accepting, "127.0.0.1", 0)
+    try:
+        port = listener.sockets[0].getsockname()[1]
+        http_ = await HttpClient.open(port)
+        assert_error(await http_.request("GET", "/v1/jobs/abc"), 500, "INTERNAL")
+        # The connection goes on: a bug costs one answer.
+        assert_error(await http_.request("GET", "/v1/jobs/abc"), 500, "INTERNAL")
+        await http_.close()
+        assert "HTTP handler failed" in caplog.text
+    finally:
+        listener.close()
+        await server.close(timeout_s=1)
+        await listener.wait_closed()
