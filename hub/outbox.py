@@ -21,6 +21,7 @@ from .bus import Bus, decode_envelope, encode_envelope
 from .events import Dispatch
 from .health import Health
 from .keys import Keys
+from .latency import Latencies
 from .metrics import Metrics
 from .protocol import CloseCode, JobId
 from .registry import NodeLink, Registry, Route, SessionLink
@@ -86,6 +87,8 @@ class Outbox:
         self._send_limit = send_buffer_bytes
         self._max_backlog = max_backlog
         self._too_slow: set[ServerConnection] = set()
+        self.latencies: Latencies | None = None
+        """Measures the jobs' time to accepted and end to end (set by the hub)."""
 
     # Public methods
 
@@ -233,6 +236,8 @@ class Outbox:
                     link.ended_early.add(ended)
             elif ended is not None:
                 link.conn.job_ended(JobId(ended))
+            if jid is not None and self.latencies is not None:
+                self.latencies.sent(link.started, jid, ended=ended is not None)
             self.push(link.ws, frame)
         elif hub:
             meta: dict[str, Any] = {"s": session_id}
