@@ -98,9 +98,23 @@ class Outbox:
         Returns:
             False if the frame was not queued (closing, or too slow).
         """
+        if self.blocked(ws):
+            return False
+        if type(ws) is HubConnection:
+            ws.write_soon(frame)  # with the others due to it in this iteration
+        else:
+            broadcast((ws,), frame)
+        return True
+
+    def blocked(self, ws: ServerConnection) -> bool:
+        """Whether a connection takes no more frames: closing, or too slow.
+
+        A connection whose write buffer is over ``send_buffer_bytes`` is
+        closed (4005) the first time it is found so.
+        """
         transport = ws.transport
         if transport is None or transport.is_closing() or ws in self._too_slow:
-            return False
+            return True
         if transport.get_write_buffer_size() > self._send_limit:
             # Once: the close frame waits behind the full buffer, and frames
             # keep coming meanwhile.
@@ -108,12 +122,8 @@ class Outbox:
             self._metrics.slow_closed.inc()
             logger.warning("! closing a connection whose send buffer is full")
             self._tasks.spawn(self.close(ws, CloseCode.TOO_SLOW, "too slow: send buffer full"))
-            return False
-        if type(ws) is HubConnection:
-            ws.write_soon(frame)  # with the others due to it in this iteration
-        else:
-            broadcast((ws,), frame)
-        return True
+            return True
+        return False
 
     def forget(self, ws: ServerConnection) -> None:
         """Drop what the outbox remembers of a connection that ended."""

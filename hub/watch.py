@@ -10,9 +10,9 @@ Every ``watch_interval_s`` each hub:
    counters with :meth:`~hub.scheduler.Scheduler.status`; every hub's
    record, Redis's ``INFO`` and clock with
    :meth:`~hub.reads.CellReads.hub_view`), builds one snapshot, encodes it
-   once and queues the same bytes on every watcher
-   (:meth:`~hub.outbox.Outbox.push`: a watcher whose send buffer is full is
-   closed 4005, as any connection).
+   once and writes the same bytes to every watcher (websockets'
+   ``broadcast``; a watcher whose send buffer is full is closed 4005, as any
+   connection, :meth:`~hub.outbox.Outbox.blocked`).
 
 So the cost of watching is one snapshot per tick per watched hub, whatever
 the number of watchers (at most ``max_watchers``), and nothing but one small
@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 import orjson
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import ServerConnection, broadcast
 
 from .config import Settings
 from .errors import Code, RedisUnavailable
@@ -91,7 +91,7 @@ class Watch:
         self._health = health
         self.watchers: set[ServerConnection] = set()
         """Open ``/v1/watch`` connections."""
-        self.last: bytes | None = None
+        self.last: str | None = None
         """The latest snapshot sent, for a watcher that connects between ticks."""
         self.snapshots = 0
         """Snapshots built so far (one per tick while anyone watches)."""
@@ -145,12 +145,13 @@ class Watch:
         if not self.watchers:
             self._counters = None  # a rate needs two reads in a row
             return
-        frame = orjson.dumps(await self.snapshot())
+        frame = orjson.dumps(await self.snapshot()).decode()
         self.last = frame
         self.snapshots += 1
-        push = self._outbox.push
-        for ws in list(self.watchers):
-            push(ws, frame)
+        # One text frame encoded once for all (websockets' broadcast); a
+        # watcher too slow for it is closed instead.
+        blocked = self._outbox.blocked
+        broadcast([ws for ws in self.watchers if not blocked(ws)], frame)
 
     async def snapshot(self) -> dict[str, Any]:
         """The deployment now, as a snapshot frame (protocol.md §11)."""

@@ -160,9 +160,11 @@ async def test_rates_count_finished_failed_and_refused_jobs_by_code(
     # Once nothing happens, the rates fall back to zero.
     frame = await snapshot_where(
         watcher,
-        lambda f: not any(f["jobs"]["per_s"].values())
-        and not any(f["jobs"]["refused_per_s"].values())
-        and not any(f["jobs"]["failed_per_s"].values()),
+        lambda f: (
+            not any(f["jobs"]["per_s"].values())
+            and not any(f["jobs"]["refused_per_s"].values())
+            and not any(f["jobs"]["failed_per_s"].values())
+        ),
     )
     assert frame["jobs"]["totals"]["failed"] == 1
 
@@ -176,9 +178,7 @@ async def test_a_lost_node_is_marked_lost_then_leaves_the_table(
     watcher = await connect(hub, "/v1/watch")
     await snapshot_where(watcher, lambda f: len(f["nodes"]) == 2)
     await node.close()
-    frame = await snapshot_where(
-        watcher, lambda f: [(r["node_id"], r["state"]) for r in f["nodes"]][0][1] == "lost"
-    )
+    frame = await snapshot_where(watcher, lambda f: f["nodes"][0]["state"] == "lost")
     assert [(r["node_id"], r["state"]) for r in frame["nodes"]] == [
         ("gpu-1", "lost"),
         ("gpu-2", "live"),
