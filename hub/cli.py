@@ -186,7 +186,8 @@ async def _serve(settings: Settings, redis_wait_s: float) -> None:
             print(
                 f"hub {hub.hub_id} ready: nodes {scheme}://{base}/v1/node, sessions "
                 f"{scheme}://{base}/v1/session, status {web}://{base}/v1/status, "
-                f"demo {web}://{base}/demo; redis: {where}{waiting}",
+                f"demo {web}://{base}/demo, dashboard {web}://{base}/dashboard; "
+                f"redis: {where}{waiting}",
                 flush=True,
             )
             await stop.wait()
