@@ -129,11 +129,12 @@ class Latencies:
         return self._clock()
 
     def sent(self, started: dict[str, float], job_id: str, *, ended: bool) -> None:
-        """Record a frame about a job going to its session.
+        """Record an ``accepted`` or ``result`` frame going to a job's session.
 
         Args:
             started: the session's submit times by job id; an accepted job's
-                entry is negated so that only its first frame counts.
+                entry is negated so that only its first ``accepted`` counts
+                (a re-dispatch announces another).
             job_id: the job.
             ended: whether the frame is the job's result.
         """

@@ -246,7 +246,7 @@ class Outbox:
                     link.ended_early.add(ended)
             elif ended is not None:
                 link.conn.job_ended(JobId(ended))
-            if jid is not None and self.latencies is not None:
+            if jid is not None and (ended is not None or attempt) and self.latencies is not None:
                 self.latencies.sent(link.started, jid, ended=ended is not None)
             self.push(link.ws, frame)
         elif hub:

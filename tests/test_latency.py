@@ -59,14 +59,14 @@ def test_window_forgets_spans_older_than_it() -> None:
     assert window.counts() == {bucket_of(0.030): 1}
 
 
-def test_latencies_count_the_first_frame_as_accepted_and_the_result_as_the_end() -> None:
+def test_latencies_count_the_first_accepted_and_the_result() -> None:
     clock = Clock()
     latencies = Latencies(300.0, clock=clock)
     started = {"j1": clock.now, "j2": clock.now}
     clock.now += 0.005
     latencies.sent(started, "j1", ended=False)  # accepted
     clock.now += 0.100
-    latencies.sent(started, "j1", ended=False)  # a partial: not counted again
+    latencies.sent(started, "j1", ended=False)  # re-dispatched: not counted again
     latencies.sent(started, "j1", ended=True)
     latencies.sent(started, "j2", ended=True)  # ended in its queue: end to end only
     latencies.sent(started, "j3", ended=True)  # submitted elsewhere: nothing
