@@ -129,10 +129,12 @@ async def test_dashboard_shows_jobs_and_nodes_and_a_killed_node_leaving(
         assert await page.evaluate("series.finished.some(v => v > 0)")
 
         # Steady traffic for a few seconds, and the screenshot in the middle of it.
-        batch = [*jobs[:6], ("bad", "xx", "yy")]
+        batch = [*jobs[:4], *jobs[6:], ("bad", "xx", "yy")]
         traffic = asyncio.create_task(_traffic(ws, batch, rounds=8))
         await wait_for(lambda: traffic.done() or page.evaluate(
-            "Number(document.body.dataset.finished) >= 40"), timeout=20_000 * MS)  # fmt: skip
+            "Number(document.body.dataset.finished) >= 30 && "
+            "document.querySelector('#nodes tr[data-node=\"demo-1\"]').dataset.running > 1"),
+            timeout=20_000 * MS, interval=20 * MS)  # fmt: skip
         await page.screenshot(tmp_path / "dashboard.png", 1440, 1000)
         wanted = os.environ.get("HUB_DASHBOARD_SCREENSHOT")
         if wanted:

@@ -251,6 +251,17 @@ async def test_a_watcher_that_sends_anything_is_closed_1008(
     await snapshot(other)  # the others go on
 
 
+async def test_watchers_get_1001_when_the_hub_shuts_down(
+    make_hub: MakeHub, connect: Connect
+) -> None:
+    hub = await make_hub(**FAST)
+    watcher = await connect(hub, "/v1/watch")
+    await snapshot(watcher)
+    await hub.close()
+    await expect_closed(watcher, 1001)
+    assert not hub.watch.watchers
+
+
 async def test_watchers_past_the_cap_are_refused_503(make_hub: MakeHub, connect: Connect) -> None:
     hub = await make_hub(**FAST, max_watchers=2)
     await connect(hub, "/v1/watch")
