@@ -15,6 +15,7 @@ The parts, each in its own module, each given its collaborators here::
     Liveness    Redis watch, heartbeats, sweep
     Reconciler  after a Redis failure: job frames re-sent, a restart settled
     Health      ready and closing flags, shared read-only by the others
+    Watch       this hub's figures to Redis; /v1/watch snapshots of the deployment
 
 Start order: the Redis watch and the bus subscription (in the background,
 so a hub starts while Redis is down), the listening socket, then the
@@ -45,6 +46,7 @@ from .health import Health
 from .httpconn import HttpServer
 from .jobsapi import JobsApi
 from .keys import Keys
+from .latency import Latencies
 from .liveness import Liveness
 from .metrics import Metrics
 from .nodes import Nodes
@@ -58,6 +60,7 @@ from .scheduler import Scheduler
 from .sessions import Sessions
 from .shedding import Shedder
 from .tasks import Tasks
+from .watch import Watch
 
 __all__ = ["Hub"]
 
@@ -116,6 +119,8 @@ class Hub:
             max_backlog=2 * limits.max_jobs_per_node,
         )
         self.router = Router(self.outbox, self.metrics, self.audio, self.scheduler, self.tasks)
+        self.latencies = Latencies(settings.latency_window_s)
+        self.outbox.latencies = self.latencies
         self.shedder = Shedder(
             settings, self.scheduler.batcher, self.registry, self.audio, self.health
         )
@@ -166,6 +171,15 @@ class Hub:
             ),
             restarted=self.reconciler.restarted,
         )
+        self.watch = Watch(
+            self.hub_id,
+            settings,
+            self.scheduler,
+            self.registry,
+            self.outbox,
+            self.latencies,
+            self.health,
+        )
         self.gate = Gate(
             self.hub_id,
             settings,
@@ -176,6 +190,7 @@ class Hub:
             self.sessions,
             self.metrics,
             self.health,
+            self.watch,
         )
         self.server: Server | None = None
         self._loops: list[asyncio.Task[Any]] = []
@@ -227,6 +242,7 @@ class Hub:
         self._loop(self.liveness.sweep(), "sweep")
         self._loop(self.sessions.watch_idle(), "idle")
         self._loop(self.shedder.watch(), "shedder")
+        self._loop(self.watch.run(), "watch")
         logger.info("= hub %s listening on %s:%d", self.hub_id, s.host, self.port)
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
@@ -272,6 +288,8 @@ class Hub:
             await asyncio.sleep(0.05)
         for slink in list(self.registry.sessions.values()):
             self.outbox.shut(slink, CloseCode.GOING_AWAY)
+        for ws in list(self.watch.watchers):
+            self.tasks.spawn(self.outbox.close(ws, CloseCode.GOING_AWAY, "hub shutting down"))
         for link in list(self.registry.nodes.values()):
             self.outbox.shut(link, CloseCode.GOING_AWAY)
         if self.server is not None:

@@ -30,7 +30,14 @@ import jwt
 from .config import Settings
 from .errors import Unauthorized
 
-__all__ = ["Authenticator", "NodeGrant", "SessionGrant", "mint_node_token", "mint_session_token"]
+__all__ = [
+    "Authenticator",
+    "NodeGrant",
+    "SessionGrant",
+    "mint_admin_token",
+    "mint_node_token",
+    "mint_session_token",
+]
 
 TOKEN_LEEWAY_S = 60
 """Clock skew allowed between a token's issuer and the hub, in seconds, when
@@ -85,6 +92,8 @@ class Authenticator:
         """Whether nodes must authenticate."""
         self.session_auth = bool(settings.session_jwt_key)
         """Whether sessions must authenticate."""
+        self.admin_auth = bool(settings.admin_token_key)
+        """Whether the dashboard and ``/v1/watch`` take admin tokens."""
 
     def node(self, headers: Mapping[str, str]) -> NodeGrant:
         """Check a node's handshake.
@@ -132,6 +141,30 @@ class Authenticator:
             # A node token is not a session token, even under a shared key.
             raise Unauthorized("a node token cannot open a session")
         return _session_grant(claims)
+
+    def admin(self, headers: Mapping[str, str], query: Mapping[str, Sequence[str]]) -> None:
+        """Check the admin token of a ``/dashboard`` or ``/v1/watch`` request.
+
+        The token comes in the ``Authorization`` header or, for browsers
+        (which cannot set headers on a WebSocket), the ``token`` query
+        parameter. It must be signed with ``admin_token_key`` and carry
+        ``"admin": true``.
+
+        Raises:
+            Unauthorized: no admin key configured, no token, a bad signature,
+                an expired token, or a token that is not an admin's.
+        """
+        key = self.settings.admin_token_key
+        if not key:
+            raise Unauthorized("admin tokens need admin_token_key")
+        token = _bearer(headers)
+        if token is None:
+            values = query.get("token")
+            token = values[0] if values else None
+        if not token:
+            raise Unauthorized("missing admin token")
+        if _decode(token, key, "HS256").get("admin") is not True:
+            raise Unauthorized("not an admin token")
 
 
 def _bearer(headers: Mapping[str, str]) -> str | None:
@@ -222,3 +255,9 @@ def mint_node_token(key: str, node_ids: Sequence[str], *, ttl_s: int = 30 * 8640
     return jwt.encode(
         {"node_ids": list(node_ids), "exp": now + ttl_s, "iat": now}, key, algorithm="HS256"
     )
+
+
+def mint_admin_token(key: str, *, ttl_s: int = 86400) -> str:
+    """Sign an admin token: ``/dashboard`` and ``/v1/watch`` when auth is on."""
+    now = int(time.time())
+    return jwt.encode({"admin": True, "exp": now + ttl_s, "iat": now}, key, algorithm="HS256")

@@ -186,7 +186,8 @@ async def _serve(settings: Settings, redis_wait_s: float) -> None:
             print(
                 f"hub {hub.hub_id} ready: nodes {scheme}://{base}/v1/node, sessions "
                 f"{scheme}://{base}/v1/session, status {web}://{base}/v1/status, "
-                f"demo {web}://{base}/demo; redis: {where}{waiting}",
+                f"demo {web}://{base}/demo, dashboard {web}://{base}/dashboard; "
+                f"redis: {where}{waiting}",
                 flush=True,
             )
             await stop.wait()
@@ -288,7 +289,7 @@ def _bench(argv: list[str]) -> int:
     except ImportError as exc:
         print(f"hub: error: hub bench needs the loadtest package: {exc}", file=sys.stderr)
         return 2
-    return bench_main(argv, prog="hub bench")
+    return int(bench_main(argv, prog="hub bench"))
 
 
 def _with_logging(args: argparse.Namespace, run: Callable[[], int]) -> int:

@@ -384,11 +384,13 @@ def _render_status(status: dict[str, Any], rate: str) -> str:
 def token_parser(sub: Any) -> None:
     p = sub.add_parser(
         "token",
-        help="mint a development token: a session JWT, or with --node-ids a node token",
+        help="mint a development token: a session JWT, with --node-ids a node token, "
+        "with --admin an admin token (the dashboard)",
     )
     p.add_argument(
         "--key",
-        help="HS256 key (default: HUB_SESSION_JWT_KEY, or HUB_NODE_TOKEN_KEY with --node-ids)",
+        help="HS256 key (default: HUB_SESSION_JWT_KEY, or HUB_NODE_TOKEN_KEY with --node-ids, "
+        "or HUB_ADMIN_TOKEN_KEY with --admin)",
     )
     sid = p.add_mutually_exclusive_group()
     sid.add_argument("--session-id", help="the session id, claim 'sid' (default: random)")
@@ -411,14 +413,25 @@ def token_parser(sub: Any) -> None:
         help="mint a node token for these ids instead (a trailing * is a prefix), e.g. gpu-*",
     )
     p.add_argument(
+        "--admin",
+        action="store_true",
+        help="mint an admin token instead: /dashboard and /v1/watch (signed with admin_token_key)",
+    )
+    p.add_argument(
         "--ttl", type=positive_int, default=3600, help="seconds until it expires (default 3600)"
     )
 
 
 def token(args: argparse.Namespace) -> int:
-    from .auth import mint_node_token, mint_session_token
+    from .auth import mint_admin_token, mint_node_token, mint_session_token
 
     env = Settings.from_env()
+    if args.admin:
+        key = args.key or env.get("admin_token_key")
+        if not key:
+            raise CLIError("hub token --admin needs --key (or HUB_ADMIN_TOKEN_KEY)")
+        print(mint_admin_token(key, ttl_s=args.ttl))
+        return 0
     if args.node_ids:
         key = args.key or env.get("node_token_key")
         if not key:

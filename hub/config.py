@@ -226,10 +226,22 @@ class Settings:
     """Key of the sessions' resume tokens; ``None`` shares a random one through Redis."""
     allowed_origins: tuple[str, ...] | None = None
     """Origin allowlist for browser sessions; ``None`` accepts any origin."""
+    admin_token_key: str | None = dataclasses.field(default=None, repr=False)
+    """HS256 key of admin JWTs (``hub token --admin``), needed by ``/dashboard`` and
+    ``/v1/watch``; ``None``: those answer loopback peers only, and only in open mode."""
 
     # Observability
     log_level: str = "INFO"
     """Log level of the ``hub`` loggers."""
+    watch_interval_s: float = 1.0
+    """How often the hub publishes its own figures to Redis and sends one
+    snapshot to its ``/v1/watch`` watchers, seconds."""
+    max_watchers: int | None = 64
+    """Open ``/v1/watch`` streams per hub; ``None`` is unlimited."""
+    watch_max_nodes: int = 1000
+    """Most nodes listed in a snapshot (the most recently seen first)."""
+    latency_window_s: float = 300.0
+    """The span of the latency percentiles (end to end, time to accepted), seconds."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -254,6 +266,7 @@ class Settings:
             "shed_send_bytes",
             "shed_retry_after_ms",
             "http_max_wait_ms",
+            "watch_max_nodes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), "must be at least 1")
@@ -286,6 +299,11 @@ class Settings:
             and len(self.session_jwt_key.encode()) < 32
         ):
             raise ConfigError("session_jwt_key", "***", "an HS256 key needs at least 32 bytes")
+        if self.admin_token_key is not None and len(self.admin_token_key.encode()) < 32:
+            raise ConfigError("admin_token_key", "***", "an HS256 key needs at least 32 bytes")
+        for name in ("watch_interval_s", "latency_window_s"):
+            if not 0.05 <= getattr(self, name) <= 3600:
+                raise ConfigError(name, getattr(self, name), "must be 0.05..3600 seconds")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert", self.tls_cert, "tls_cert and tls_key go together")
 

@@ -3,11 +3,12 @@
 Every request reaches :meth:`Gate.process_request` first, but those of the
 HTTP job API, which :mod:`hub.httpconn` switches away before websockets
 parses them. Plain HTTP routes
-(``/healthz``, ``/readyz``, ``/metrics``, ``/v1/status``, the demo page) are
-answered there; a WebSocket handshake on ``/v1/node`` or ``/v1/session`` is
-let through only within the connection limits, from an allowed origin, with
-valid credentials. :meth:`Gate.handle` then hands the connection to
-:class:`~hub.nodes.Nodes` or :class:`~hub.sessions.Sessions`, and is the one
+(``/healthz``, ``/readyz``, ``/metrics``, ``/v1/status``, the demo page, the
+dashboard) are answered there; a WebSocket handshake on ``/v1/node``,
+``/v1/session`` or ``/v1/watch`` is let through only within the connection
+limits, from an allowed origin, with valid credentials. :meth:`Gate.handle`
+then hands the connection to :class:`~hub.nodes.Nodes`,
+:class:`~hub.sessions.Sessions` or :class:`~hub.watch.Watch`, and is the one
 catch-all: a bug closes that connection with 1011 and nothing else.
 """
 
@@ -39,6 +40,7 @@ from .protocol import CloseCode
 from .registry import Registry
 from .scheduler import Scheduler
 from .sessions import Sessions
+from .watch import Watch
 
 __all__ = ["Gate", "RedactingLogger", "check_exposure"]
 
@@ -46,6 +48,13 @@ logger = logging.getLogger("hub.gate")
 
 _NODE_PATH = "/v1/node"
 _SESSION_PATH = "/v1/session"
+_WATCH_PATH = "/v1/watch"
+_DASHBOARD_FILES = {
+    "/dashboard/uPlot.iife.min.js": ("uPlot.iife.min.js", "text/javascript; charset=utf-8"),
+    "/dashboard/uPlot.min.css": ("uPlot.min.css", "text/css; charset=utf-8"),
+    "/dashboard/uPlot.LICENSE.txt": ("uPlot.LICENSE.txt", "text/plain; charset=utf-8"),
+}
+"""The vendored charting library of the dashboard: public files, served without a token."""
 
 
 class Gate:
@@ -61,6 +70,7 @@ class Gate:
         sessions: serves admitted session connections.
         metrics: counters, and the ``/metrics`` text.
         health: ready and closing flags.
+        watch: serves ``/v1/watch`` connections.
     """
 
     def __init__(
@@ -74,6 +84,7 @@ class Gate:
         sessions: Sessions,
         metrics: Metrics,
         health: Health,
+        watch: Watch,
     ) -> None:
         self.hub_id = hub_id
         self._settings = settings
@@ -84,6 +95,7 @@ class Gate:
         self._sessions = sessions
         self._metrics = metrics
         self._health = health
+        self._watch = watch
         self._grants: dict[ServerConnection, NodeGrant | SessionGrant] = {}
         self._per_ip: dict[str, int] = {}
         self.connections = 0
@@ -117,13 +129,22 @@ class Gate:
             return await self._status()
         if path in ("/", "/demo", "/demo/"):
             return _static_page()
-        if path not in (_NODE_PATH, _SESSION_PATH):
+        if path in ("/dashboard", "/dashboard/"):
+            return self._admin(ws, request) or _static_page("dashboard.html")
+        if path in _DASHBOARD_FILES:
+            return _static_page(*_DASHBOARD_FILES[path])
+        if path not in (_NODE_PATH, _SESSION_PATH, _WATCH_PATH):
             return respond(http.HTTPStatus.NOT_FOUND, b"not found\n")
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return respond(http.HTTPStatus.UPGRADE_REQUIRED, b"websocket endpoint\n")
         refusal = self._admit(ws, path, request)
         if refusal is not None:
             return refusal
+        if path == _WATCH_PATH:
+            if self._watch.full():
+                self._metrics.job_refused("max_watchers")
+                return respond(http.HTTPStatus.SERVICE_UNAVAILABLE, b"too many watchers\n")
+            return self._admin(ws, request)
         try:
             if path == _NODE_PATH:
                 grant: NodeGrant | SessionGrant = self._auth.node(request.headers)
@@ -150,6 +171,8 @@ class Gate:
             path = urlsplit(ws.request.path if ws.request else "/").path
             if path == _NODE_PATH:
                 await self._nodes.serve(ws, grant if isinstance(grant, NodeGrant) else OPEN_NODE)
+            elif path == _WATCH_PATH:
+                await self._watch.serve(ws)
             else:
                 await self._sessions.serve(
                     ws, grant if isinstance(grant, SessionGrant) else OPEN_SESSION
@@ -191,11 +214,45 @@ class Gate:
             # Nodes are never browsers: a web page must not reach the node endpoint.
             self._metrics.job_refused("ORIGIN")
             return respond(http.HTTPStatus.FORBIDDEN, b"browsers cannot connect as nodes\n")
+        if path == _WATCH_PATH and not _same_origin(request.headers, s.allowed_origins):
+            # Another site's page must not read the stream with the operator's access.
+            self._metrics.job_refused("ORIGIN")
+            return respond(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n")
         if path == _SESSION_PATH and s.allowed_origins is not None:
             origin = request.headers.get("Origin")
             if origin is not None and origin not in s.allowed_origins:
                 self._metrics.job_refused("ORIGIN")
                 return respond(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n")
+        return None
+
+    def _admin(self, ws: ServerConnection, request: Request) -> Response | None:
+        """The dashboard's access rule (SECURITY.md); a refusal, or None to go on.
+
+        An admin token when ``admin_token_key`` is set; else nobody when
+        nodes or sessions authenticate, and only loopback peers in open mode.
+        """
+        if self._auth.admin_auth:
+            try:
+                self._auth.admin(request.headers, parse_qs(urlsplit(request.path).query))
+            except Unauthorized as exc:
+                self._metrics.job_refused(Code.UNAUTHORIZED)
+                return respond(
+                    http.HTTPStatus.UNAUTHORIZED,
+                    f"unauthorized: {exc.message}\n".encode(),
+                    extra=[("WWW-Authenticate", "Bearer")],
+                )
+            return None
+        if self._auth.node_auth or self._auth.session_auth:
+            self._metrics.job_refused("ADMIN")
+            return respond(
+                http.HTTPStatus.FORBIDDEN,
+                b"the dashboard needs admin_token_key when auth is enabled\n",
+            )
+        if not _is_loopback(_peer_ip(ws)):
+            self._metrics.job_refused("ADMIN")
+            return respond(
+                http.HTTPStatus.FORBIDDEN, b"open mode: the dashboard answers loopback only\n"
+            )
         return None
 
     async def _status(self) -> Response:
@@ -358,11 +415,31 @@ def _peer_ip(ws: ServerConnection) -> str:
     return "local"
 
 
-def _static_page() -> Response:
+def _same_origin(headers: Headers, allowed: tuple[str, ...] | None) -> bool:
+    """Whether a request comes from no browser, the hub's own pages, or an allowed origin."""
+    origin = headers.get("Origin")
+    if origin is None:
+        return True
+    host = headers.get("Host", "")
+    if origin in (f"http://{host}", f"https://{host}"):
+        return True
+    return allowed is not None and origin in allowed
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return ip == "local"  # a Unix socket
+
+
+def _static_page(
+    name: str = "demo.html", content_type: str = "text/html; charset=utf-8"
+) -> Response:
     from importlib import resources
 
     try:
-        body = resources.files("hub.static").joinpath("demo.html").read_bytes()
+        body = resources.files("hub.static").joinpath(name).read_bytes()
     except (FileNotFoundError, ModuleNotFoundError):
-        return respond(http.HTTPStatus.NOT_FOUND, b"demo page not installed\n")
-    return respond(http.HTTPStatus.OK, body, "text/html; charset=utf-8")
+        return respond(http.HTTPStatus.NOT_FOUND, b"page not installed\n")
+    return respond(http.HTTPStatus.OK, body, content_type)

@@ -109,6 +109,10 @@ class Keys:
         """Zset of hub id -> last time it was alive."""
         return f"{self.prefix}hubs"
 
+    def hub_record(self, hub_id: str) -> str:
+        """String of a hub's own figures (sessions, latencies), expiring unless renewed."""
+        return f"{self.prefix}hubrec:{hub_id}"
+
     @property
     def stats(self) -> str:
         """Hash of cell-wide counters, added to by each hub from its script replies."""

@@ -21,6 +21,7 @@ from .bus import Bus, decode_envelope, encode_envelope
 from .events import Dispatch
 from .health import Health
 from .keys import Keys
+from .latency import Latencies
 from .metrics import Metrics
 from .protocol import CloseCode, JobId
 from .registry import NodeLink, Registry, Route, SessionLink
@@ -89,6 +90,8 @@ class Outbox:
         self._send_limit = send_buffer_bytes
         self._max_backlog = max_backlog
         self._too_slow: set[ServerConnection] = set()
+        self.latencies: Latencies | None = None
+        """Measures the jobs' time to accepted and end to end (set by the hub)."""
 
     # Public methods
 
@@ -98,9 +101,23 @@ class Outbox:
         Returns:
             False if the frame was not queued (closing, or too slow).
         """
+        if self.blocked(ws):
+            return False
+        if type(ws) is HubConnection:
+            ws.write_soon(frame)  # with the others due to it in this iteration
+        else:
+            broadcast((ws,), frame)
+        return True
+
+    def blocked(self, ws: ServerConnection) -> bool:
+        """Whether a connection takes no more frames: closing, or too slow.
+
+        A connection whose write buffer is over ``send_buffer_bytes`` is
+        closed (4005) the first time it is found so.
+        """
         transport = ws.transport
         if transport is None or transport.is_closing() or ws in self._too_slow:
-            return False
+            return True
         if transport.get_write_buffer_size() > self._send_limit:
             # Once: the close frame waits behind the full buffer, and frames
             # keep coming meanwhile.
@@ -108,12 +125,8 @@ class Outbox:
             self._metrics.slow_closed.inc()
             logger.warning("! closing a connection whose send buffer is full")
             self._tasks.spawn(self.close(ws, CloseCode.TOO_SLOW, "too slow: send buffer full"))
-            return False
-        if type(ws) is HubConnection:
-            ws.write_soon(frame)  # with the others due to it in this iteration
-        else:
-            broadcast((ws,), frame)
-        return True
+            return True
+        return False
 
     def forget(self, ws: ServerConnection) -> None:
         """Drop what the outbox remembers of a connection that ended."""
@@ -238,6 +251,8 @@ class Outbox:
                     link.ended_early.add(ended)
             elif ended is not None:
                 link.conn.job_ended(JobId(ended))
+            if jid is not None and (ended is not None or attempt) and self.latencies is not None:
+                self.latencies.sent(link.started, jid, ended=ended is not None)
             self.push(link.ws, frame)
         elif hub:
             meta: dict[str, Any] = {"s": session_id}

@@ -1,8 +1,9 @@
 """Plain reads of a cell, outside the scheduling scripts.
 
-The status page, the results a reconnected session may still fetch, and the
-key of resume tokens: nothing here changes scheduling state, so these are
-ordinary commands (one pipeline each) rather than scripts.
+The status page, the results a reconnected session may still fetch, the
+key of resume tokens, and the hubs' own figures for the dashboard: nothing
+here changes scheduling state, so these are ordinary commands (one pipeline
+each) rather than scripts.
 :class:`~hub.scheduler.Scheduler` offers them beside its script calls.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import secrets
+import time
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
@@ -22,7 +24,7 @@ from .errors import RedisUnavailable
 from .events import Dispatch, JobEnded, as_text
 from .keys import Keys
 
-__all__ = ["CellReads", "JobRecord", "NodeJobs", "RunningJob", "redis_unavailable_as"]
+__all__ = ["CellReads", "HubView", "JobRecord", "NodeJobs", "RunningJob", "redis_unavailable_as"]
 
 _NODE_FIELDS = (
     "hub",
@@ -128,6 +130,20 @@ _RECORD_FIELDS = (
     "session", "status", "src", "tgt", "node", "attempt", "deadline", "result", "error"
 )  # fmt: skip
 """The job hash fields :meth:`CellReads.job` reads, in :class:`JobRecord`'s order."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HubView:
+    """What :meth:`CellReads.hub_view` reads: the hubs' figures and Redis's health."""
+
+    time_ms: int
+    """Redis's clock (``TIME``)."""
+    records: dict[str, bytes]
+    """Each live hub's published figures, by hub id."""
+    info: dict[str, Any]
+    """Redis ``INFO`` (its default sections)."""
+    rtt_ms: float
+    """The round trip of the pipeline that read these."""
 
 
 def _running_job(job_id: str, f: list[Any], hubs: dict[str, Any]) -> RunningJob:
@@ -363,3 +379,56 @@ class CellReads:
         if not isinstance(value, bytes):
             raise RedisUnavailable("load secret")
         return value
+
+    # The hubs' own figures (hub/watch.py)
+
+    async def publish_hub(self, hub_id: str, record: bytes, ttl_ms: int) -> None:
+        """Write this hub's figures for the dashboards of every hub; they expire unless renewed.
+
+        Like the ``stats`` counters, they schedule nothing, so the hub writes
+        them itself (one pipeline: the record, and its id in ``hubs``).
+
+        Raises:
+            RedisUnavailable: if Redis cannot be reached.
+        """
+        k = self.keys
+        with redis_unavailable_as("publish hub"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(k.hub_record(hub_id), record, px=ttl_ms)
+            pipe.zadd(k.hubs, {hub_id: int(time.time() * 1000)})
+            await pipe.execute()
+
+    async def hub_view(self, *, max_hubs: int = 256) -> HubView:
+        """The live hubs' figures, Redis's health and its clock, in one pipeline.
+
+        A hub whose record expired (it stopped, or lost Redis) leaves ``hubs``
+        here.
+
+        Args:
+            max_hubs: most hubs read (the most recently published first).
+
+        Raises:
+            RedisUnavailable: if Redis cannot be reached.
+        """
+        k = self.keys
+        with redis_unavailable_as("hub view"):
+            started = time.perf_counter()
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.time()
+            pipe.info()
+            pipe.zrevrange(k.hubs, 0, max_hubs - 1)
+            now, info, hub_ids = await pipe.execute()
+            rtt_ms = (time.perf_counter() - started) * 1000
+            records: dict[str, bytes] = {}
+            if hub_ids:
+                values = await self.redis.mget([k.hub_record(as_text(h)) for h in hub_ids])
+                gone = [h for h, v in zip(hub_ids, values, strict=True) if v is None]
+                if gone:
+                    await self.redis.zrem(k.hubs, *gone)
+                records = {
+                    as_text(h): v
+                    for h, v in zip(hub_ids, values, strict=True)
+                    if isinstance(v, bytes)
+                }
+        seconds, micros = now
+        return HubView(int(seconds) * 1000 + int(micros) // 1000, records, info, rtt_ms)

@@ -99,6 +99,8 @@ class SessionLink:
         """Jobs whose dispatch call is in flight (their result may come before its reply)."""
         self.attempts: dict[str, int] = {}
         """The newest attempt announced (``accepted``) for each job not ended yet."""
+        self.started: dict[str, float] = {}
+        """Submit times (monotonic) of open jobs, negated once accepted (hub/latency.py)."""
 
     @property
     def transport(self) -> asyncio.Transport | None:

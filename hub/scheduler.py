@@ -195,6 +195,18 @@ class Scheduler(NodeScripts):
         await self.flush_stats()
         return await super().status(max_nodes=max_nodes)
 
+    def count_refused(self, code: str) -> None:
+        """Count a job refused with ``code`` in the cell's counters (``refused:<code>``).
+
+        For the refusals a session gets without :meth:`dispatch_task`
+        counting them (``OVERLOADED`` at the edge, ``UNAUTHORIZED``,
+        ``UNAVAILABLE``, refusals of other scripts): the cell's counters
+        then hold every refusal, whichever hub made it.
+        """
+        name = "refused:" + code
+        if name not in _REFUSALS_COUNTED.values():
+            self._count(name)
+
     def _count(self, name: str, n: int = 1, *, flush: bool = True) -> None:
         """Count ``n`` of ``name`` for the cell's counters; flush in the background."""
         counts = self._counts

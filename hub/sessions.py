@@ -46,6 +46,9 @@ _UNAVAILABLE = "the scheduler is unavailable; try again"
 _MAX_ABANDONING = 1000
 """Most jobs being taken back after a lost dispatch reply; past it, the sweep ends them."""
 
+_MAX_TIMED = 1024
+"""Most open jobs per session whose latency is measured (``SessionLink.started``)."""
+
 
 class Sessions:
     """Serves session connections and keeps their jobs' outcomes for resume.
@@ -233,6 +236,7 @@ class Sessions:
             frame = link.conn.receive(message, now)
         except ClientError as exc:
             self._metrics.bad_frames.labels("session", exc.code).inc()
+            self._scheduler.count_refused(exc.code)
             self._outbox.push(link.ws, proto.encode_error(exc.ref, exc.code, exc.message))
             return
         kind = type(frame)
@@ -279,6 +283,8 @@ class Sessions:
             return
         started = time.monotonic()
         link.submitting.add(jid)
+        if len(link.started) < _MAX_TIMED:
+            link.started[jid] = started
         try:
             reply = await self._scheduler.dispatch_task(
                 link.session_id,
@@ -292,11 +298,13 @@ class Sessions:
             )
         except SchedulingError as exc:
             link.submitting.discard(jid)
+            link.started.pop(jid, None)
             self._audio.drop(jid)
             self._refuse(link, ref, exc.code, exc.message)
             return
         except RedisUnavailable:
             link.submitting.discard(jid)
+            link.started.pop(jid, None)
             # The audio stays until the job is taken back or expires: it may have started.
             self._refuse(link, ref, Code.UNAVAILABLE, _UNAVAILABLE)
             # The script may have run before the connection failed: take the job back.
@@ -309,6 +317,7 @@ class Sessions:
         if jid in link.ended_early:
             # Its result is already sent; protocol.md §9.2 wants nothing after it.
             link.ended_early.discard(jid)
+            link.started.pop(jid, None)
             link.conn.job_refused(ref)
             return
         link.conn.job_started(ref, jid)
@@ -344,6 +353,7 @@ class Sessions:
     ) -> None:
         link.conn.job_refused(ref)
         self._metrics.job_refused(code)
+        self._scheduler.count_refused(code)
         self._outbox.push(link.ws, proto.encode_error(ref, code, message, retry_after_ms))
 
     async def _abandon(self, session_id: str, job_id: str) -> None:

@@ -464,7 +464,7 @@ class ReadyLine:
     """What the line ``hub serve`` prints once it listens tells.
 
     The line reads ``hub <id> ready: nodes ws://<host>:<port>/v1/node,
-    sessions ..., status ..., demo ...; redis: <where>``, with
+    sessions ..., status ..., demo ..., dashboard ...; redis: <where>``, with
     `` (not reachable yet: retrying)`` at the end while Redis is out of reach.
     """
 

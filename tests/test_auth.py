@@ -973,3 +973,17 @@ async def test_node_token_cannot_open_a_session() -> None:
     with pytest.raises(Unauthorized) as info:
         auth.session({"Authorization": f"Bearer {token}"}, {})
     assert info.value.message == "a node token cannot open a session"
+
+
+def test_admin_token_key_and_watch_settings_are_checked() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings(admin_token_key="short")
+    assert str(info.value) == (
+        "invalid setting admin_token_key='***': an HS256 key needs at least 32 bytes"
+    )
+    for name, value in (("watch_interval_s", 0.0), ("latency_window_s", 7200.0)):
+        with pytest.raises(ConfigError) as info:
+            Settings(**{name: value})
+        assert info.value.name == name
+    with pytest.raises(ConfigError):
+        Settings(watch_max_nodes=0)

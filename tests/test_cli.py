@@ -360,3 +360,20 @@ def test_token_mints_a_session_token_that_the_hub_accepts() -> None:
     assert grant.allows_pair("zh", "en")
     assert not grant.allows_pair("en", "zh")
     assert grant.rate_per_s == 5.0
+
+
+def test_token_mints_an_admin_token_that_the_hub_accepts() -> None:
+    key = "a" * 32
+    done = hub_cli("token", "--admin", "--ttl", "60", env={**CLI_ENV, "HUB_ADMIN_TOKEN_KEY": key})
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    claims = jwt.decode(token, key, algorithms=["HS256"])
+    assert claims["admin"] is True
+    assert claims["exp"] - claims["iat"] == 60
+    Authenticator(Settings(admin_token_key=key)).admin({"Authorization": f"Bearer {token}"}, {})
+
+
+def test_token_admin_needs_a_key() -> None:
+    done = hub_cli("token", "--admin")
+    assert done.returncode == 2
+    assert "hub token --admin needs --key (or HUB_ADMIN_TOKEN_KEY)" in done.stderr

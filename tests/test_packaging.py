@@ -217,6 +217,9 @@ def test_wheel_carries_every_lua_script(wheel: Path) -> None:
     assert not any(n.startswith("lua/") for n in names)
     # The demo page served at /demo (hub/gate.py reads it from hub.static).
     assert "hub/static/demo.html" in names
+    # The dashboard and its vendored charting library, with its licence.
+    for name in ("dashboard.html", "uPlot.iife.min.js", "uPlot.min.css", "uPlot.LICENSE.txt"):
+        assert f"hub/static/{name}" in names
     # The hub package and the harness of hub bench: tests stay out.
     top_level = {n.split("/", 1)[0] for n in names}
     assert {t for t in top_level if not t.endswith(".dist-info")} == {"hub", "loadtest"}
