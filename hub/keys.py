@@ -94,6 +94,10 @@ class Keys:
         """Zset of the session's ended jobs -> end time, kept for the resume window."""
         return f"{self.prefix}session:{session_id}:done"
 
+    def session_cells(self, session_id: str) -> str:
+        """Set of the other cells where the session may have jobs (spilled there)."""
+        return f"{self.prefix}session:{session_id}:cells"
+
     # Hubs
     @property
     def resume_secret(self) -> str:

@@ -78,6 +78,7 @@ from .frames import (
     ToNodeFrame,
     ToSessionFrame,
     Welcome,
+    is_cell,
     join_binary,
     split_binary,
 )
@@ -138,6 +139,7 @@ __all__ = [
     "encode_submit_job",
     "encode_submit_job_audio",
     "encode_welcome",
+    "is_cell",
     "join_binary",
     "parse_node_frame",
     "parse_session_frame",
