@@ -33,7 +33,7 @@ import jwt
 
 from .config import Settings
 from .errors import Unauthorized
-from .protocol import is_cell
+from .keys import is_cell
 
 __all__ = ["Authenticator", "NodeGrant", "SessionGrant", "mint_node_token", "mint_session_token"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from .protocol.frames import is_cell
+from .keys import is_cell
 
 __all__ = ["ConfigError", "RedisDSN", "Settings"]
 

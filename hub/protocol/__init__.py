@@ -78,7 +78,6 @@ from .frames import (
     ToNodeFrame,
     ToSessionFrame,
     Welcome,
-    is_cell,
     join_binary,
     split_binary,
 )
@@ -139,7 +138,6 @@ __all__ = [
     "encode_submit_job",
     "encode_submit_job_audio",
     "encode_welcome",
-    "is_cell",
     "join_binary",
     "parse_node_frame",
     "parse_session_frame",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import TYPE_CHECKING, Any, Final, Literal, NewType, TypeAlias, TypeGuard
+from typing import TYPE_CHECKING, Any, Final, Literal, NewType, TypeAlias
 
 import orjson
 
@@ -51,7 +51,6 @@ __all__ = [
     "ToNodeFrame",
     "ToSessionFrame",
     "Welcome",
-    "is_cell",
     "join_binary",
     "load_object",
     "split_binary",
@@ -357,18 +356,6 @@ ToSessionFrame: TypeAlias = (
 _HEADER_LENGTH_BYTES: Final = 4
 _SHORT_BINARY: Final = "binary frame shorter than its 4-byte header length"
 _HEADER_PAST_END: Final = "binary header length past end of frame"
-
-
-_CELL_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-
-
-def is_cell(value: object) -> TypeGuard[str]:
-    """Whether ``value`` can name a cell (protocol.md §5): 1 to 64 letters, digits, ``_``, ``-``.
-
-    Never ``.``, which separates a job id's cell from the rest (protocol.md §8, Cells),
-    nor a brace of the hash tag.
-    """
-    return type(value) is str and 0 < len(value) <= 64 and _CELL_CHARS.issuperset(value)
 
 
 def split_binary(message: bytes) -> tuple[bytes, bytes]:

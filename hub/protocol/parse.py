@@ -16,6 +16,7 @@ from typing import Any, Final, cast
 import orjson
 
 from hub.errors import Code, ProtocolError
+from hub.keys import is_cell
 
 from .frames import (
     DEFAULT_POOL,
@@ -33,7 +34,6 @@ from .frames import (
     Register,
     SessionFrame,
     SubmitJob,
-    is_cell,
     load_object,
     split_binary,
     unknown_type,
