@@ -149,7 +149,7 @@ class Hub:
             self.hub_id,
             settings,
             self.auth,
-            self.scheduler,
+            self.cells,
             self.registry,
             self.nodes,
             self.sessions,

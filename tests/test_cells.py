@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection
@@ -25,6 +26,7 @@ from tests.hubtools import (
     expect,
     expect_closed,
     expect_silence,
+    http_get,
     job_record,
     node_hash,
     register,
@@ -450,3 +452,23 @@ async def test_cells_share_one_client_and_batcher_and_name_job_ids(redis: Redis)
     assert single.spill_order("a", "en:fr") == []
     await cells.close()
     await single.close()
+
+
+async def test_status_shows_each_cell_served(
+    make_hub: MakeHub, connect: Connect, keys: Keys, other_cells: tuple[str, str]
+) -> None:
+    b, c = other_cells
+    hub = await make_hub(cells=(keys.cell, b))
+    await open_node(connect, hub, "n-b", cell=b)
+
+    async def status(query: str) -> tuple[int, dict[str, Any]]:
+        code, _, body = await http_get(hub.port, "/v1/status" + query)
+        return code, orjson.loads(body)
+
+    code, body = await status("")
+    assert code == 200
+    assert (body["cell"], body["cells"], body["nodes"]) == (keys.cell, [keys.cell, b], [])
+    code, body = await status(f"?cell={b}")
+    assert code == 200 and [n["node_id"] for n in body["nodes"]] == ["n-b"]
+    code, body = await status(f"?cell={c}")
+    assert (code, body["error"]) == (404, "UNKNOWN_CELL")
