@@ -339,11 +339,14 @@ def test_token_without_a_session_id_gives_each_connection_its_own() -> None:
 
 def test_token_mints_a_node_token_that_the_hub_accepts() -> None:
     key = "n" * 32
-    done = hub_cli("token", "--key", key, "--node-ids", "gpu-1,gpu-eu-*", "--ttl", "60")
+    done = hub_cli(
+        "token", "--key", key, "--node-ids", "gpu-1,gpu-eu-*", "--ttl", "60", "--cell", "eu"
+    )
     assert done.returncode == 0, done.stderr
     grant = Authenticator(Settings(node_token_key=key)).node(
         {"Authorization": f"Bearer {done.stdout.strip()}"}
     )
+    assert grant.cell == "eu"
     assert grant.allows("gpu-1")
     assert grant.allows("gpu-eu-7")
     assert not grant.allows("gpu-2")
@@ -357,6 +360,7 @@ def test_token_mints_a_session_token_that_the_hub_accepts() -> None:
         {"Authorization": f"Bearer {done.stdout.strip()}"}, {}
     )
     assert grant.session_id == "s-9"
+    assert grant.cell is None
     assert grant.allows_pair("zh", "en")
     assert not grant.allows_pair("en", "zh")
     assert grant.rate_per_s == 5.0
