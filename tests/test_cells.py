@@ -472,3 +472,20 @@ async def test_status_shows_each_cell_served(
     assert code == 200 and [n["node_id"] for n in body["nodes"]] == ["n-b"]
     code, body = await status(f"?cell={c}")
     assert (code, body["error"]) == (404, "UNKNOWN_CELL")
+
+
+async def test_hubs_with_different_default_cells_reach_each_other(
+    make_hub: MakeHub, connect: Connect, keys: Keys, other_cells: tuple[str, str]
+) -> None:
+    b, _ = other_cells
+    first = await make_hub(cell=keys.cell, cells=(keys.cell, b))
+    second = await make_hub(cell=b, cells=(keys.cell, b))
+    # A node of cell a on the second hub, a session of cell a on the first:
+    # job frames and results cross over the bus both ways.
+    node = await open_node(connect, second, "n-a", cell=keys.cell)
+    session, _ = await open_session(connect, first)
+    await submit(session, "r1")
+    accepted = await expect(session, "accepted", ref="r1", node_id="n-a")
+    job = await expect(node, "job", job_id=accepted["job_id"])
+    await result(node, job, result={"via": "bus"})
+    await expect(session, "result", ref="r1", status="finished", result={"via": "bus"})
