@@ -511,8 +511,16 @@ class Sessions:
         )
         if cell == link.cell:
             return await dispatch
-        # The record first, in the same pipeline on a single Redis.
-        _, reply = await asyncio.gather(self._note_cell(link, cell), dispatch)
+        # The record first, in the same pipeline on a single Redis. Without it a
+        # resume would miss the job: a failed record fails the submit, which then
+        # takes the job back like any whose reply was lost.
+        noted, reply = await asyncio.gather(
+            self._note_cell(link, cell), dispatch, return_exceptions=True
+        )
+        if isinstance(reply, BaseException):
+            raise reply
+        if isinstance(noted, BaseException):
+            raise noted
         return reply
 
     async def _note_cell(self, link: SessionLink, cell: str) -> None:
