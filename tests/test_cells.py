@@ -34,6 +34,7 @@ from tests.hubtools import (
     send,
     submit,
 )
+from tests.test_shedding import called_scripts
 
 MakeHub = Callable[..., Awaitable[Hub]]
 Connect = Callable[..., Awaitable[ClientConnection]]
@@ -489,3 +490,43 @@ async def test_hubs_with_different_default_cells_reach_each_other(
     job = await expect(node, "job", job_id=accepted["job_id"])
     await result(node, job, result={"via": "bus"})
     await expect(session, "result", ref="r1", status="finished", result={"via": "bus"})
+
+
+@pytest.mark.parametrize("cells", [None, "two"])
+async def test_submit_without_spill_is_one_dispatch_call(
+    make_hub: MakeHub, connect: Connect, keys: Keys, other_cells: tuple[str, str], cells: Any
+) -> None:
+    served = (keys.cell,) if cells is None else (keys.cell, other_cells[0])
+    # A single cell ignores spill: there is nowhere to spill to.
+    hub = await make_hub(cells=served, spill=3 if cells is None else 0)
+    await open_node(connect, hub, "n-a", max_jobs=1)
+    session, _ = await open_session(connect, hub)
+    scripts = called_scripts(hub)
+    await submit(session, "r1")
+    await expect(session, "accepted", ref="r1")
+    await submit(session, "r2")
+    await expect(session, "queued", ref="r2")
+    assert [n for n in scripts if n in ("dispatch_task", "add_session_cell")] == [
+        "dispatch_task",
+        "dispatch_task",
+    ]
+
+
+async def test_spilled_submit_is_one_call_per_cell_tried_and_one_record(
+    make_hub: MakeHub, connect: Connect, keys: Keys, other_cells: tuple[str, str]
+) -> None:
+    b, c = other_cells
+    hub = await make_hub(cells=(keys.cell, b, c), spill=1)
+    await open_node(connect, hub, "n-a", max_jobs=1)
+    await open_node(connect, hub, "n-b", cell=b, max_jobs=2)
+    await open_node(connect, hub, "n-c", cell=c, max_jobs=2)
+    session, _ = await open_session(connect, hub)
+    await submit(session, "r1")
+    await expect(session, "accepted", ref="r1", node_id="n-a")
+    scripts = called_scripts(hub)
+    for ref in ("r2", "r3", "r4"):
+        await submit(session, ref)
+        await expect(session, "accepted", ref=ref)
+    spills = [n for n in scripts if n in ("dispatch_task", "add_session_cell")]
+    # Per job: its own cell, then one other (K=1), in turn b, c, b: each cell recorded once.
+    assert spills.count("dispatch_task") == 6 and spills.count("add_session_cell") == 2
