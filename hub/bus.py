@@ -12,6 +12,11 @@ job frame; the frame part is the job's payload) or ``C`` (control: close a
 node connection with the code in meta ``c``, 4004 lost, else 4002 replaced).
 Delivery is at most once: a message for a hub that is down is lost, which
 is why results also stay in Redis for the session's resume (protocol.md §8).
+
+A hub's channel is named in a cell (``hub:v1:{cell}:hub:<hub_id>``). A hub
+publishes on the channel in its own default cell and listens on its channel
+in every cell it serves, so hubs whose default cells differ reach each other
+when they serve the same cells (:mod:`hub.cells`).
 """
 
 from __future__ import annotations
