@@ -241,6 +241,7 @@ async def test_job_spills_to_a_cell_with_a_free_node_and_queues_when_none(
     home_counts = (await hub.cells[keys.cell].status())["counters"]
     assert "refused:NO_AVAILABLE_NODE" not in home_counts and home_counts["dispatched"] == 2
     assert (await hub.cells[b].status())["counters"]["dispatched"] == 1
+    assert hub.metrics.snapshot()["hub_jobs_spilled_total"] == 1
 
 
 async def test_spill_0_queues_in_its_own_cell(
