@@ -40,6 +40,7 @@ from . import protocol as proto
 from .audio import AudioStore
 from .auth import Authenticator
 from .bus import Bus
+from .cells import Cells
 from .config import RedisDSN, Settings
 from .gate import Gate, RedactingLogger
 from .health import Health
@@ -56,7 +57,6 @@ from .reconcile import Reconciler
 from .redisconn import redis_client
 from .registry import Registry
 from .router import Router
-from .scheduler import Scheduler
 from .sessions import Sessions
 from .shedding import Shedder
 from .tasks import Tasks
@@ -91,7 +91,9 @@ class Hub:
         self.keys = Keys(settings.cell)
         self.redis = redis_client(url, settings)
         self.subscriber = redis_client(url, settings, pubsub=True)
-        self.scheduler = Scheduler(self.redis, settings, hub_id=self.hub_id, keys=self.keys)
+        self.cells = Cells(settings, self.redis, hub_id=self.hub_id)
+        """The cells served: each one's Redis client and scheduler."""
+        self.scheduler = self.cells.main
         self.metrics = Metrics(self.hub_id)
         self.auth = Authenticator(settings)
         self.health = Health()
@@ -105,6 +107,7 @@ class Hub:
             self.keys.channel(self.hub_id),
             lambda message: self.outbox.receive_bus(message),
             ping_timeout_s=settings.redis_reply_timeout_s,
+            also=[Keys(cell).channel(self.hub_id) for cell in settings.served_cells[1:]],
         )
         self.outbox = Outbox(
             self.hub_id,
@@ -118,13 +121,13 @@ class Hub:
             send_buffer_bytes=settings.send_buffer_bytes,
             max_backlog=2 * limits.max_jobs_per_node,
         )
-        self.router = Router(self.outbox, self.metrics, self.audio, self.scheduler, self.tasks)
+        self.router = Router(self.outbox, self.metrics, self.audio, self.cells, self.tasks)
         self.latencies = Latencies(settings.latency_window_s)
         self.outbox.latencies = self.latencies
         self.shedder = Shedder(
             settings, self.scheduler.batcher, self.registry, self.audio, self.health
         )
-        parts = (self.scheduler, self.registry, self.outbox, self.router)
+        parts = (self.cells, self.registry, self.outbox, self.router)
         common = (self.metrics, self.health, self.tasks)
         self.nodes = Nodes(self.hub_id, settings, limits, *parts, *common)
         self.sessions = Sessions(
@@ -136,7 +139,7 @@ class Hub:
             settings,
             limits,
             self.auth,
-            self.scheduler,
+            self.cells,
             self.router,
             self.sessions,
             self.audio,
@@ -166,7 +169,7 @@ class Hub:
             *common,
             prepare=(
                 self.sessions.load_secret,
-                self.scheduler.load_scripts,
+                self.cells.load_scripts,
                 self.reconciler.reconcile,
             ),
             restarted=self.reconciler.restarted,
@@ -184,7 +187,7 @@ class Hub:
             self.hub_id,
             settings,
             self.auth,
-            self.scheduler,
+            self.cells,
             self.registry,
             self.nodes,
             self.sessions,
@@ -303,7 +306,7 @@ class Hub:
         await asyncio.gather(*self._loops, return_exceptions=True)
         await self.tasks.close(timeout_s=3)
         await self.bus.close()
-        await self.scheduler.close()
+        await self.cells.close()
         await self.redis.aclose()
         await self.subscriber.aclose()
         logger.info("= hub %s stopped", self.hub_id)

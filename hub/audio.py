@@ -64,6 +64,12 @@ class AudioStore:
         entry = self._audio.get(job_id)
         return None if entry is None else entry[0]
 
+    def rename(self, old: str, new: str) -> None:
+        """Keep a job's audio under its new id (it tries another cell); nothing if not kept."""
+        entry = self._audio.pop(old, None)
+        if entry is not None:
+            self._audio[new] = entry
+
     def drop(self, job_id: str) -> None:
         """Forget a job's audio (it ended, or was refused); nothing if not kept."""
         entry = self._audio.pop(job_id, None)

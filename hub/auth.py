@@ -14,7 +14,11 @@ Claims of a session token:
 ``rate``          jobs per second (optional: the hub's ``session_rate_per_s``)
 ``burst``         token bucket size (optional)
 ``max_inflight``  unfinished jobs (optional)
+``cell``          the session's cell (optional: ``?cell=``, else the hub's default)
 ``exp``           expiry, required
+
+A node token may also name a ``cell``: the node joins it, and may not name
+another in its ``register``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import jwt
 
 from .config import Settings
 from .errors import Unauthorized
+from .keys import is_cell
 
 __all__ = [
     "Authenticator",
@@ -50,6 +55,8 @@ class NodeGrant:
 
     any_id: bool
     node_ids: tuple[str, ...] = ()
+    cell: str | None = None
+    """The cell the token puts the node in; ``None``: its register's, else the hub's."""
 
     def allows(self, node_id: str) -> bool:
         """Whether the connection may register as ``node_id``."""
@@ -73,6 +80,8 @@ class SessionGrant:
     rate_per_s: float | None = None
     burst: int | None = None
     max_inflight: int | None = None
+    cell: str | None = None
+    """The session's cell; ``None``: the URL's ``?cell=``, else the hub's default."""
 
     def allows_pair(self, src: str, tgt: str) -> bool:
         """Whether the session may submit jobs for ``src`` -> ``tgt``."""
@@ -113,8 +122,11 @@ class Authenticator:
         if s.node_token_key:
             claims = _decode(token, s.node_token_key, "HS256")
             ids = claims.get("node_ids")
+            cell = claims.get("cell")
+            if cell is not None and not is_cell(cell):
+                raise Unauthorized("invalid cell claim")
             if isinstance(ids, list) and ids and all(isinstance(i, str) and i for i in ids):
-                return NodeGrant(any_id=False, node_ids=tuple(ids))
+                return NodeGrant(any_id=False, node_ids=tuple(ids), cell=cell)
             raise Unauthorized("node token has no node_ids")
         raise Unauthorized("invalid token")
 
@@ -219,7 +231,12 @@ def _session_grant(claims: Mapping[str, Any]) -> SessionGrant:
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise Unauthorized(f"invalid {claim} claim")
         numbers[claim] = kind(value)
-    return SessionGrant(sid, pairs, numbers["rate"], numbers["burst"], numbers["max_inflight"])
+    cell = claims.get("cell")
+    if cell is not None and not is_cell(cell):
+        raise Unauthorized("invalid cell claim")
+    return SessionGrant(
+        sid, pairs, numbers["rate"], numbers["burst"], numbers["max_inflight"], cell
+    )
 
 
 def _valid_id(value: str) -> bool:
@@ -233,6 +250,7 @@ def mint_session_token(
     pairs: Sequence[str] | None = None,
     rate: float | None = None,
     max_inflight: int | None = None,
+    cell: str | None = None,
     ttl_s: int = 3600,
     algorithm: str = "HS256",
 ) -> str:
@@ -246,15 +264,21 @@ def mint_session_token(
         claims["rate"] = rate
     if max_inflight is not None:
         claims["max_inflight"] = max_inflight
+    if cell is not None:
+        claims["cell"] = cell
     return jwt.encode(claims, key, algorithm=algorithm)
 
 
-def mint_node_token(key: str, node_ids: Sequence[str], *, ttl_s: int = 30 * 86400) -> str:
-    """Sign a per-node token naming the ids (or ``prefix*`` patterns) it may register as."""
+def mint_node_token(
+    key: str, node_ids: Sequence[str], *, ttl_s: int = 30 * 86400, cell: str | None = None
+) -> str:
+    """Sign a per-node token naming the ids (or ``prefix*`` patterns) it may register as,
+    and optionally the cell it joins."""
     now = int(time.time())
-    return jwt.encode(
-        {"node_ids": list(node_ids), "exp": now + ttl_s, "iat": now}, key, algorithm="HS256"
-    )
+    claims: dict[str, Any] = {"node_ids": list(node_ids), "exp": now + ttl_s, "iat": now}
+    if cell is not None:
+        claims["cell"] = cell
+    return jwt.encode(claims, key, algorithm="HS256")
 
 
 def mint_admin_token(key: str, *, ttl_s: int = 86400) -> str:

@@ -12,6 +12,11 @@ job frame; the frame part is the job's payload) or ``C`` (control: close a
 node connection with the code in meta ``c``, 4004 lost, else 4002 replaced).
 Delivery is at most once: a message for a hub that is down is lost, which
 is why results also stay in Redis for the session's resume (protocol.md §8).
+
+A hub's channel is named in a cell (``hub:v1:{cell}:hub:<hub_id>``). A hub
+publishes on the channel in its own default cell and listens on its channel
+in every cell it serves, so hubs whose default cells differ reach each other
+when they serve the same cells (:mod:`hub.cells`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -80,6 +85,9 @@ class Bus:
             is replaced. A subscription only reads: without its pings, a
             connection that a partition left half-open (Redis closed it, the
             FIN was lost) would stay silent for ever.
+        also: more channels of this hub, listened on too (its channel in
+            the other cells it serves: another hub publishes in its own
+            default cell, :mod:`hub.cells`).
     """
 
     def __init__(
@@ -92,10 +100,13 @@ class Bus:
         max_outbox: int = 10000,
         ping_interval_s: float = 1.0,
         ping_timeout_s: float = 2.0,
+        also: Sequence[str] = (),
     ) -> None:
         self.redis = redis
         self.subscriber = subscriber
         self.channel = channel
+        self.channels = (channel, *also)
+        """Every channel listened on: this hub's in each cell it serves."""
         self.on_message = on_message
         self.max_outbox = max_outbox
         self.ping_interval_s = ping_interval_s
@@ -208,12 +219,15 @@ class Bus:
         while not self._closed:
             pubsub = self.subscriber.pubsub()
             try:
-                await pubsub.subscribe(self.channel)
-                # Live once Redis confirms it (a refusal, e.g. NOPERM, raises here).
-                for _ in range(10):
+                await pubsub.subscribe(*self.channels)
+                # Live once Redis confirms each (a refusal, e.g. NOPERM, raises here).
+                confirmed = 0
+                for _ in range(10 * len(self.channels)):
                     msg = await pubsub.get_message(timeout=1.0)
                     if msg is not None and msg.get("type") == "subscribe":
-                        break
+                        confirmed += 1
+                        if confirmed == len(self.channels):
+                            break
                 else:
                     raise redis_errors.TimeoutError("no subscription confirmed in 10 s")
                 self.subscriptions += 1

@@ -49,7 +49,20 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--data-dir", help="embedded Redis data directory (default ./.hub-data)")
     p.add_argument("--config", help="TOML file with settings (a [hub] table or top level)")
     p.add_argument("--hub-id", help="this hub's id (default: random)")
-    p.add_argument("--cell", help="scheduling cell (Redis hash tag)")
+    p.add_argument("--cell", help="scheduling cell (Redis hash tag): the hub's default cell")
+    p.add_argument(
+        "--cells",
+        metavar="A,B,...",
+        help="every cell this hub serves, comma-separated (--cell included); nodes and "
+        "sessions join one by register/token/?cell= (default: --cell only)",
+    )
+    p.add_argument(
+        "--spill",
+        type=int,
+        metavar="K",
+        help="a job whose cell has no free node for its pair tries up to K other cells "
+        "served here before it queues (default 0)",
+    )
     p.add_argument("--tls-cert", help="PEM certificate: serve wss:// directly")
     p.add_argument("--tls-key", help="PEM private key for --tls-cert")
     p.add_argument(
@@ -92,6 +105,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         "data_dir",
         "hub_id",
         "cell",
+        "cells",
+        "spill",
         "tls_cert",
         "tls_key",
         "insecure",

@@ -81,6 +81,7 @@ def node_parser(sub: Any) -> None:
         help="time per job: 200, or a range 50..300 drawn uniformly (default 200)",
     )
     p.add_argument("--pools", type=csv_list, help="operator pools to join (default: default)")
+    p.add_argument("--cell", help="the cell to join, one the hubs serve (default: the hub's)")
     p.add_argument(
         "--services", type=csv_list, default=["asr", "nmt", "tts"], help="default asr,nmt,tts"
     )
@@ -102,6 +103,7 @@ async def node(args: argparse.Namespace) -> int:
             services=args.services,
             max_jobs=args.max_jobs,
             pools=args.pools,
+            cell=args.cell,
             token=args.token,
             handler=demo_handler(node_id, args.service_time_ms),
         )
@@ -412,6 +414,7 @@ def token_parser(sub: Any) -> None:
         type=csv_list,
         help="mint a node token for these ids instead (a trailing * is a prefix), e.g. gpu-*",
     )
+    p.add_argument("--cell", help="the cell the session or node joins, claim 'cell'")
     p.add_argument(
         "--admin",
         action="store_true",
@@ -436,7 +439,7 @@ def token(args: argparse.Namespace) -> int:
         key = args.key or env.get("node_token_key")
         if not key:
             raise CLIError("hub token --node-ids needs --key (or HUB_NODE_TOKEN_KEY)")
-        print(mint_node_token(key, args.node_ids, ttl_s=args.ttl))
+        print(mint_node_token(key, args.node_ids, ttl_s=args.ttl, cell=args.cell))
         return 0
     key = args.key or env.get("session_jwt_key")
     if not key:
@@ -450,6 +453,7 @@ def token(args: argparse.Namespace) -> int:
             pairs=[f"{s}:{t}" for s, t in args.pairs] if args.pairs else None,
             rate=args.rate,
             max_inflight=args.max_inflight,
+            cell=args.cell,
             ttl_s=args.ttl,
         )
     )

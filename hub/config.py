@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from .keys import is_cell
+
 __all__ = ["ConfigError", "RedisDSN", "Settings"]
 
 
@@ -121,7 +123,14 @@ class Settings:
     data_dir: str = ".hub-data"
     """Directory of the embedded Redis server (socket, append-only file)."""
     cell: str = "0"
-    """Scheduling cell: the hash tag shared by every key (``hub:v1:{cell}:``)."""
+    """Scheduling cell: the hash tag shared by every key (``hub:v1:{cell}:``). The hub's
+    default cell: its nodes' and sessions' unless they name another it serves."""
+    cells: tuple[str, ...] = ()
+    """Every cell this hub serves (``--cells a,b``), ``cell`` included whether listed or
+    not; empty: ``cell`` only. Hubs sharing a Redis deployment should list the same cells."""
+    spill: int = 0
+    """Other cells a job may try, one dispatch call each, when its cell has no free node
+    for its pair, before it queues in its own cell; 0: never leaves its cell."""
     redis_timeout_s: float = 2.0
     """Timeout of one Redis command (connect and read), seconds."""
     redis_reply_timeout_s: float = 10.0
@@ -286,6 +295,13 @@ class Settings:
             raise ConfigError(
                 "cell", self.cell, "must be non-empty without braces, colons or spaces"
             )
+        for cell in self.cells:
+            if not is_cell(cell):
+                raise ConfigError("cells", cell, "a cell is 1-64 letters, digits, '_' or '-'")
+        if len(self.served_cells) > 1 and not is_cell(self.cell):
+            raise ConfigError("cell", self.cell, "a cell is 1-64 letters, digits, '_' or '-'")
+        if self.spill < 0:
+            raise ConfigError("spill", self.spill, "must not be negative")
         if self.session_jwt_algorithm not in ("HS256", "EdDSA"):
             raise ConfigError(
                 "session_jwt_algorithm", self.session_jwt_algorithm, "must be HS256 or EdDSA"
@@ -308,6 +324,11 @@ class Settings:
             raise ConfigError("tls_cert", self.tls_cert, "tls_cert and tls_key go together")
 
     # Derived values
+
+    @property
+    def served_cells(self) -> tuple[str, ...]:
+        """The cells this hub serves: ``cell`` first, then the others of ``cells``."""
+        return (self.cell, *dict.fromkeys(c for c in self.cells if c != self.cell))
 
     @property
     def lease_ms(self) -> int:

@@ -77,6 +77,7 @@ class Code(enum.StrEnum):
     OVERLOADED = "OVERLOADED"
     AUDIO_LOST = "AUDIO_LOST"
     JOB_LOST = "JOB_LOST"
+    UNKNOWN_CELL = "UNKNOWN_CELL"
 
 
 class ErrorCode(enum.IntEnum):

@@ -31,6 +31,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from .auth import OPEN_NODE, OPEN_SESSION, Authenticator, NodeGrant, SessionGrant
+from .cells import Cells
 from .config import ConfigError, Settings
 from .errors import Code, RedisUnavailable, Unauthorized
 from .health import Health
@@ -38,7 +39,6 @@ from .metrics import Metrics, Snapshot
 from .nodes import Nodes
 from .protocol import CloseCode
 from .registry import Registry
-from .scheduler import Scheduler
 from .sessions import Sessions
 from .watch import Watch
 
@@ -64,7 +64,7 @@ class Gate:
         hub_id: this hub's id, in ``/v1/status``.
         settings: connection limits and allowed origins.
         auth: checks node and session credentials.
-        scheduler: reads the deployment's state for ``/v1/status``.
+        cells: the cells served: each one's state for ``/v1/status?cell=``.
         registry: connection counts.
         nodes: serves admitted node connections.
         sessions: serves admitted session connections.
@@ -78,7 +78,7 @@ class Gate:
         hub_id: str,
         settings: Settings,
         auth: Authenticator,
-        scheduler: Scheduler,
+        cells: Cells,
         registry: Registry,
         nodes: Nodes,
         sessions: Sessions,
@@ -89,7 +89,8 @@ class Gate:
         self.hub_id = hub_id
         self._settings = settings
         self._auth = auth
-        self._scheduler = scheduler
+        self._cells = cells
+        self._scheduler = cells.main
         self._registry = registry
         self._nodes = nodes
         self._sessions = sessions
@@ -126,7 +127,7 @@ class Gate:
             body, content_type = self._metrics.render(self.snapshot())
             return respond(http.HTTPStatus.OK, body, content_type)
         if path == "/v1/status":
-            return await self._status()
+            return await self._status(parse_qs(urlsplit(request.path).query).get("cell"))
         if path in ("/", "/demo", "/demo/"):
             return _static_page()
         if path in ("/dashboard", "/dashboard/"):
@@ -255,9 +256,16 @@ class Gate:
             )
         return None
 
-    async def _status(self) -> Response:
+    async def _status(self, wanted: list[str] | None) -> Response:
+        cell = wanted[0] if wanted else self._cells.default
+        if cell not in self._cells:
+            return respond(
+                http.HTTPStatus.NOT_FOUND,
+                orjson.dumps({"hub_id": self.hub_id, "error": Code.UNKNOWN_CELL}),
+                "application/json",
+            )
         try:
-            state = await self._scheduler.status()
+            state = await self._cells[cell].status()
         except RedisUnavailable:
             return respond(
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
@@ -266,6 +274,8 @@ class Gate:
             )
         body = {
             "hub_id": self.hub_id,
+            "cell": cell,
+            "cells": list(self._cells.names),
             "ready": self._health.ready,
             "connections": {
                 "nodes": len(self._registry.nodes),

@@ -73,6 +73,7 @@ HTTP_STATUS: dict[Code, http.HTTPStatus] = {
     Code.TOO_LARGE: http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     Code.UNAUTHORIZED: http.HTTPStatus.UNAUTHORIZED,
     Code.UNKNOWN_JOB: http.HTTPStatus.NOT_FOUND,
+    Code.UNKNOWN_CELL: http.HTTPStatus.NOT_FOUND,
     Code.NO_POOL_FOR_LANG_PAIR: http.HTTPStatus.UNPROCESSABLE_ENTITY,
     # The state of the job or of the client's connection forbids it.
     Code.STALE_ATTEMPT: http.HTTPStatus.CONFLICT,

@@ -42,6 +42,7 @@ import orjson
 from . import protocol as proto
 from .audio import AudioStore
 from .auth import OPEN_SESSION, Authenticator, SessionGrant
+from .cells import Cells
 from .config import Settings
 from .errors import (
     ClientError,
@@ -58,7 +59,7 @@ from .metrics import Metrics
 from .protocol import JobId
 from .reads import JobRecord
 from .router import Router
-from .scheduler import Scheduler, new_job_id
+from .scheduler import new_job_id
 from .sessions import Sessions
 from .shedding import Shedder
 from .tasks import Tasks
@@ -118,7 +119,8 @@ class JobsApi:
         settings: limits, waits, job timeouts.
         limits: frame limits (the body of a job).
         auth: checks session tokens.
-        scheduler: the script calls and the job records.
+        cells: the script calls and job records of each cell served (a
+            client's jobs run in its token's cell, else the hub's default).
         router: starts accepted jobs on their node; routes cancel events.
         sessions: takes back a job whose dispatch reply was lost.
         audio: where the audio of jobs accepted here is kept.
@@ -134,7 +136,7 @@ class JobsApi:
         settings: Settings,
         limits: proto.Limits,
         auth: Authenticator,
-        scheduler: Scheduler,
+        cells: Cells,
         router: Router,
         sessions: Sessions,
         audio: AudioStore,
@@ -147,7 +149,7 @@ class JobsApi:
         self._settings = settings
         self._limits = limits
         self._auth = auth
-        self._scheduler = scheduler
+        self._cells = cells
         self._router = router
         self._sessions = sessions
         self._audio = audio
@@ -221,7 +223,12 @@ class JobsApi:
         try:
             session_id, grant, client = self._client(request)
             wait_s = self._wait_s(query)
-            jid = new_job_id()
+            cell = grant.cell or self._cells.default
+            if cell not in self._cells:
+                raise ProtocolError(
+                    f"this hub does not serve cell {cell!r}", code=Code.UNKNOWN_CELL
+                )
+            jid = self._cells.job_id(cell, new_job_id())
             binary = _media_type(request) == "application/octet-stream"
             frame = proto.parse_job_body(request.body, jid, self._limits, binary=binary)
         except ClientError as exc:
@@ -260,6 +267,8 @@ class JobsApi:
             A refusal, or the job's status: ``running`` or ``queued``.
         """
         jid = JobId(frame.ref)
+        scheduler = self._cells.for_job(jid)
+        assert scheduler is not None  # its id names a cell served here (_submit)
         if not grant.allows_pair(frame.src_lang, frame.tgt_lang):
             return self._refused(
                 Code.UNAUTHORIZED,
@@ -278,7 +287,7 @@ class JobsApi:
         client.ends[jid] = time.monotonic() + timeout_ms / 1000 + _END_GRACE_S
         started = time.monotonic()
         try:
-            reply = await self._scheduler.dispatch_task(
+            reply = await scheduler.dispatch_task(
                 session_id,
                 frame.src_lang,
                 frame.tgt_lang,
@@ -347,7 +356,10 @@ class JobsApi:
     async def _end(self, job_id: str, session_id: str) -> HttpResponse:
         """Cancel a job (cancel_task.lua) and route what it caused."""
         try:
-            done = await self._scheduler.cancel_task(job_id, session_id)
+            scheduler = self._cells.for_job(job_id)
+            if scheduler is None:
+                return _refusal(Code.UNKNOWN_JOB, "no such job")
+            done = await scheduler.cancel_task(job_id, session_id)
         except SchedulingError as exc:
             message = "the job has already ended" if exc.code is Code.STALE_ATTEMPT else exc.message
             return _refusal(exc.code, message)
@@ -438,7 +450,8 @@ class JobsApi:
     async def _read(self, job_id: str, session_id: str) -> JobRecord | HttpResponse:
         """The job's record if it is the client's; else a refusal (404, or 503)."""
         try:
-            record = await self._scheduler.job(job_id)
+            scheduler = self._cells.for_job(job_id)
+            record = None if scheduler is None else await scheduler.job(job_id)
         except RedisUnavailable:
             return _refusal(Code.UNAVAILABLE, _UNAVAILABLE)
         if record is None or record.session_id != session_id:

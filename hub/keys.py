@@ -8,9 +8,22 @@ with the same suffixes as the methods below.
 
 from __future__ import annotations
 
-__all__ = ["Keys"]
+from typing import Final, TypeGuard
+
+__all__ = ["Keys", "is_cell"]
 
 VERSION = "v1"
+
+_CELL_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def is_cell(value: object) -> TypeGuard[str]:
+    """Whether ``value`` can name a cell (protocol.md §5): 1 to 64 letters, digits, ``_``, ``-``.
+
+    Never ``.``, which separates a job id's cell from the rest (protocol.md §8, Cells),
+    nor a brace of the hash tag.
+    """
+    return type(value) is str and 0 < len(value) <= 64 and _CELL_CHARS.issuperset(value)
 
 
 class Keys:
@@ -93,6 +106,10 @@ class Keys:
     def session_done(self, session_id: str) -> str:
         """Zset of the session's ended jobs -> end time, kept for the resume window."""
         return f"{self.prefix}session:{session_id}:done"
+
+    def session_cells(self, session_id: str) -> str:
+        """Set of the other cells where the session may have jobs (spilled there)."""
+        return f"{self.prefix}session:{session_id}:cells"
 
     # Hubs
     @property

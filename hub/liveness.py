@@ -19,16 +19,16 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
 
+from .cells import Cells
 from .config import Settings
 from .errors import ErrorCode, RedisUnavailable
-from .events import Beat
+from .events import Beat, Event, Heartbeats
 from .health import Health
 from .metrics import Metrics
 from .outbox import Outbox
 from .protocol import CloseCode
 from .registry import NodeLink, Registry
 from .router import Router
-from .scheduler import Scheduler
 from .tasks import Tasks
 
 __all__ = ["Liveness"]
@@ -46,7 +46,7 @@ class Liveness:
         settings: intervals and the lease.
         redis: the command client (for pings).
         redis_name: the Redis address with the password redacted, for logs.
-        scheduler: the script calls.
+        cells: the cells served, each with its scheduler: the script calls.
         registry: the nodes to ping.
         outbox: closes nodes whose heartbeat was refused.
         router: acts on the events of heartbeat and sweep replies.
@@ -64,7 +64,7 @@ class Liveness:
         settings: Settings,
         redis: Redis,
         redis_name: str,
-        scheduler: Scheduler,
+        cells: Cells,
         registry: Registry,
         outbox: Outbox,
         router: Router,
@@ -77,7 +77,8 @@ class Liveness:
         self._settings = settings
         self._redis = redis
         self._redis_name = redis_name
-        self._scheduler = scheduler
+        self._cells = cells
+        self._scheduler = cells.main
         self._registry = registry
         self._outbox = outbox
         self._router = router
@@ -150,16 +151,48 @@ class Liveness:
             # No heartbeat could be recorded while Redis was away: the nodes
             # get one lease to send one before any is expired.
             grace = time.monotonic() - self._health.ready_at < self._settings.lease_ms / 1000
-            try:
-                for _ in range(16):  # bounded catch-up after an outage
-                    report = await self._scheduler.sweep(expire_nodes=not grace)
-                    self._router.route(report.events)
-                    if not report.ran or len(report.events) == 0:
-                        break
-            except RedisUnavailable:
-                continue
+            # Each cell has its own sweep lease: the hubs serving a cell share its sweep.
+            for scheduler in self._cells:
+                try:
+                    for _ in range(16):  # bounded catch-up after an outage
+                        report = await scheduler.sweep(expire_nodes=not grace)
+                        self._router.route(report.events)
+                        if not report.ran or len(report.events) == 0:
+                            break
+                except RedisUnavailable:
+                    break
 
     # Private methods
+
+    async def _beat_cells(self, beats: list[Beat]) -> tuple[list[Beat], Heartbeats]:
+        """Record beats of nodes of several cells: one heartbeat call per cell, at once.
+
+        Returns:
+            The beats recorded and their codes, in the same order (a cell that
+            Redis did not answer for leaves its beats out: their leases run).
+        """
+        by_cell: dict[str, list[Beat]] = {}
+        for beat in beats:
+            link = self._registry.node_link(beat.node_id, beat.epoch)
+            if link is not None:
+                by_cell.setdefault(link.cell, []).append(beat)
+        cells = list(by_cell)
+        replies = await asyncio.gather(
+            *(self._cells[cell].heartbeat(by_cell[cell]) for cell in cells),
+            return_exceptions=True,
+        )
+        done: list[Beat] = []
+        codes: list[int] = []
+        events: list[Event] = []
+        for cell, reply in zip(cells, replies, strict=True):
+            if isinstance(reply, RedisUnavailable):
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            done += by_cell[cell]
+            codes += reply
+            events += reply.events
+        return done, Heartbeats(codes, tuple(events))
 
     def _ping(self, link: NodeLink) -> None:
         if link.ping_at is not None:
@@ -193,10 +226,15 @@ class Liveness:
         self._beats = {}
         if not beats:
             return
-        try:
-            codes = await self._scheduler.heartbeat(beats)
-        except RedisUnavailable:
-            return
+        if self._cells.several:
+            beats, codes = await self._beat_cells(beats)
+            if not beats:
+                return
+        else:
+            try:
+                codes = await self._scheduler.heartbeat(beats)
+            except RedisUnavailable:
+                return
         self._router.route(codes.events)
         if any(code < 0 for code in codes) and self._restarted is not None:
             try:

@@ -35,6 +35,9 @@ class Metrics:
             "hub_jobs_dispatched", "Job attempts started on a node", registry=r
         )
         self.queued = Counter("hub_jobs_queued", "Jobs that waited for a slot", registry=r)
+        self.spilled = Counter(
+            "hub_jobs_spilled", "Jobs another cell than their session's took (--spill)", registry=r
+        )
         self.ended = Counter(
             "hub_jobs_ended",
             "Jobs that ended, by status and error code",

@@ -17,6 +17,7 @@ from websockets.asyncio.server import ServerConnection
 
 from . import protocol as proto
 from .auth import NodeGrant
+from .cells import Cells
 from .config import Settings
 from .errors import ClientError, Code, RedisUnavailable, SchedulingError
 from .events import NodeReplaced
@@ -26,7 +27,6 @@ from .outbox import Outbox
 from .protocol import CloseCode, JobId
 from .registry import NodeLink, Registry, Route
 from .router import Router
-from .scheduler import Scheduler
 from .tasks import Tasks
 from .wsconn import HubConnection
 
@@ -47,7 +47,7 @@ class Nodes:
         hub_id: this hub's id, sent in ``registered``.
         settings: register timeout and heartbeat interval.
         limits: frame limits for the node state machines.
-        scheduler: the script calls.
+        cells: the cells served, each with its scheduler: the script calls.
         registry: where connections are recorded.
         outbox: sending and closing.
         router: acts on the events of script replies.
@@ -61,7 +61,7 @@ class Nodes:
         hub_id: str,
         settings: Settings,
         limits: proto.Limits,
-        scheduler: Scheduler,
+        cells: Cells,
         registry: Registry,
         outbox: Outbox,
         router: Router,
@@ -72,7 +72,7 @@ class Nodes:
         self.hub_id = hub_id
         self._settings = settings
         self._limits = limits
-        self._scheduler = scheduler
+        self._cells = cells
         self._registry = registry
         self._outbox = outbox
         self._router = router
@@ -84,7 +84,7 @@ class Nodes:
 
     async def serve(self, ws: ServerConnection, grant: NodeGrant) -> None:
         """Serve one node connection until it closes, then release its jobs."""
-        link = NodeLink(ws, self._limits)
+        link = NodeLink(ws, self._limits, self._cells.default)
         try:
             if not await self._register(link, grant):
                 return
@@ -101,7 +101,7 @@ class Nodes:
         for link in list(self._registry.nodes.values()):
             if link.node_id is not None:
                 try:
-                    await self._scheduler.drain_node(link.node_id, epoch=link.epoch)
+                    await self._cells[link.cell].drain_node(link.node_id, epoch=link.epoch)
                 except (RedisUnavailable, SchedulingError):
                     continue
 
@@ -136,6 +136,10 @@ class Nodes:
             )
             await ws.close(CloseCode.POLICY_VIOLATION, "unauthorized node id")
             return False
+        cell = await self._cell(link, frame, grant)
+        if cell is None:
+            return False
+        link.cell = cell
         if not self._health.ready:
             self._outbox.push(
                 ws, proto.encode_error(None, Code.UNAVAILABLE, "redis is unavailable")
@@ -144,7 +148,7 @@ class Nodes:
             return False
         self._registry.begin_registering(frame.node_id, link)
         try:
-            reg = await self._scheduler.register_node(
+            reg = await self._cells[cell].register_node(
                 frame.node_id,
                 services=frame.services,
                 lang_pairs=frame.lang_pairs,
@@ -189,6 +193,29 @@ class Nodes:
             e for e in reg.events if not (type(e) is NodeReplaced and e.hub == self.hub_id)
         )
         return True
+
+    async def _cell(self, link: NodeLink, frame: proto.Register, grant: NodeGrant) -> str | None:
+        """The node's cell: its register's, its token's, else the hub's; None after closing."""
+        cell = frame.cell or grant.cell or self._cells.default
+        if grant.cell is not None and cell != grant.cell:
+            # protocol.md §10: a token that names a cell puts the node there.
+            self._metrics.job_refused(Code.UNAUTHORIZED)
+            self._outbox.push(
+                link.ws,
+                proto.encode_error(None, Code.UNAUTHORIZED, "the token does not allow this cell"),
+            )
+            await link.ws.close(CloseCode.POLICY_VIOLATION, "unauthorized cell")
+            return None
+        if cell not in self._cells:
+            # protocol.md §6: a cell this hub does not serve.
+            self._metrics.job_refused(Code.UNKNOWN_CELL)
+            self._outbox.push(
+                link.ws,
+                proto.encode_error(None, Code.UNKNOWN_CELL, "this hub does not serve the cell"),
+            )
+            await link.ws.close(CloseCode.UNKNOWN_CELL, "unknown cell")
+            return None
+        return cell
 
     async def _receive_frames(self, link: NodeLink) -> None:
         """Handle the node's messages until its connection closes.
@@ -241,7 +268,7 @@ class Nodes:
         give_up = time.monotonic() + self._settings.max_job_timeout_ms / 1000
         while True:
             try:
-                done = await self._scheduler.complete_task(
+                done = await self._cells[link.cell].complete_task(
                     frame.job_id,
                     link.node_id,
                     frame.attempt,
@@ -296,7 +323,9 @@ class Nodes:
         reconnection, or one that is not (or no longer) this node's (protocol.md §6)."""
         assert link.node_id is not None
         try:
-            found = await self._scheduler.route_partial(frame.job_id, link.node_id, frame.attempt)
+            found = await self._cells[link.cell].route_partial(
+                frame.job_id, link.node_id, frame.attempt
+            )
         except SchedulingError as exc:
             self._outbox.push(link.ws, proto.encode_error(frame.job_id, exc.code, exc.message))
             return
@@ -310,7 +339,7 @@ class Nodes:
     async def _drain(self, link: NodeLink) -> None:
         assert link.node_id is not None
         try:
-            running = await self._scheduler.drain_node(link.node_id, epoch=link.epoch)
+            running = await self._cells[link.cell].drain_node(link.node_id, epoch=link.epoch)
         except (SchedulingError, RedisUnavailable):
             return
         logger.info("= node %s draining (%d jobs left)", link.node_id, running)
@@ -325,7 +354,7 @@ class Nodes:
         self._registry.remove_node(link)
         logger.info("= node %s disconnected", node_id)
         try:
-            events = await self._scheduler.node_lost(node_id, epoch=link.epoch)
+            events = await self._cells[link.cell].node_lost(node_id, epoch=link.epoch)
         except SchedulingError:
             return  # replaced by a newer connection, or already lost
         except RedisUnavailable:

@@ -432,3 +432,13 @@ class CellReads:
                 }
         seconds, micros = now
         return HubView(int(seconds) * 1000 + int(micros) // 1000, records, info, rtt_ms)
+
+    async def session_cells(self, session_id: str) -> tuple[str, ...]:
+        """The other cells where a session of this cell may have jobs (add_session_cell.lua).
+
+        Raises:
+            RedisUnavailable: if Redis cannot be reached.
+        """
+        with redis_unavailable_as("session cells"):
+            members = await self.redis.smembers(self.keys.session_cells(session_id))
+        return tuple(sorted(as_text(m) for m in members))

@@ -55,6 +55,7 @@ from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 from . import protocol as proto
+from .cells import Cells
 from .config import Settings
 from .errors import Code, RedisUnavailable
 from .events import JobEnded, NodeReplaced
@@ -65,7 +66,6 @@ from .protocol import JobId
 from .reads import NodeJobs, RunningJob
 from .registry import NodeLink, Registry, Route, SessionLink
 from .router import Router
-from .scheduler import Scheduler
 from .tasks import Tasks
 
 __all__ = ["Reconciler"]
@@ -101,7 +101,7 @@ class Reconciler:
     Args:
         hub_id: this hub's id.
         settings: limits (jobs per node).
-        scheduler: the reads and script calls.
+        cells: the cells served, each with its scheduler: the reads and script calls.
         registry: the connections here.
         outbox: frames to nodes and sessions.
         router: acts on the events of script replies; sends job frames.
@@ -114,7 +114,7 @@ class Reconciler:
         self,
         hub_id: str,
         settings: Settings,
-        scheduler: Scheduler,
+        cells: Cells,
         registry: Registry,
         outbox: Outbox,
         router: Router,
@@ -124,7 +124,8 @@ class Reconciler:
     ) -> None:
         self.hub_id = hub_id
         self._max_jobs = settings.max_jobs_per_node
-        self._scheduler = scheduler
+        self._cells = cells
+        self._scheduler = cells.main
         self._registry = registry
         self._outbox = outbox
         self._router = router
@@ -210,24 +211,33 @@ class Reconciler:
             if not self._again or self._health.stopping:
                 return
 
-    def _node_links(self) -> list[NodeLink]:
+    def _node_links(self, cell: str) -> list[NodeLink]:
+        """The registered nodes here of one cell (each cell's reads go to its Redis)."""
         return [
             link
             for link in self._registry.nodes.values()
-            if link.node_id is not None and not link.closing and link.registration is not None
+            if link.node_id is not None
+            and not link.closing
+            and link.registration is not None
+            and link.cell == cell
         ]
 
     def _current(self, link: NodeLink) -> bool:
         return link.node_id is not None and self._registry.nodes.get(link.node_id) is link
 
     async def _restarted(self) -> None:
-        for chunk in _chunks(self._node_links()):
-            seen = await self._scheduler.node_jobs(
-                [(link.node_id or "", list(link.jobs)) for link in chunk], max_jobs=self._max_jobs
-            )
-            await asyncio.gather(
-                *(self._register_again(link, jobs) for link, jobs in zip(chunk, seen, strict=True))
-            )
+        for scheduler in self._cells:
+            for chunk in _chunks(self._node_links(scheduler.keys.cell)):
+                seen = await scheduler.node_jobs(
+                    [(link.node_id or "", list(link.jobs)) for link in chunk],
+                    max_jobs=self._max_jobs,
+                )
+                await asyncio.gather(
+                    *(
+                        self._register_again(link, jobs)
+                        for link, jobs in zip(chunk, seen, strict=True)
+                    )
+                )
         sessions = [
             s for s in self._registry.sessions.values() if s.conn.open_refs and not s.closing
         ]
@@ -243,7 +253,7 @@ class Reconciler:
         if seen.epoch == link.epoch and seen.hub == self.hub_id:
             return  # Redis kept this registration: its jobs are settled by _resend
         resume = list(dict.fromkeys([*seen.jobs, *link.jobs]))[: self._max_jobs]
-        reg = await self._scheduler.register_node(
+        reg = await self._cells[link.cell].register_node(
             link.node_id,
             services=frame.services,
             lang_pairs=frame.lang_pairs,
@@ -284,7 +294,7 @@ class Reconciler:
         else:
             link.jobs.pop(jid, None)  # resumed: its attempt is unknown here
         if reason == Code.JOB_LOST and route.session_id:
-            ended = await self._scheduler.end_lost_job(
+            ended = await self._cells[link.cell].end_lost_job(
                 jid, route.session_id, route.ref, session_hub=route.session_hub
             )
             if ended is not None:
@@ -298,10 +308,15 @@ class Reconciler:
     async def _check_session(self, link: SessionLink) -> None:
         """Check a session's unfinished jobs against Redis: send results, end lost jobs."""
         session_id = link.session_id
-        # Records this hub as the session's (the hash may be lost) and reads its jobs.
-        _, open_jobs, missed = await self._scheduler.resume_session(session_id)
+        # Records this hub as the session's (the hash may be lost) and reads its jobs,
+        # in each cell where it has some.
+        replies = await asyncio.gather(
+            *(self._cells[cell].resume_session(session_id) for cell in link.all_cells())
+        )
         if self._registry.sessions.get(session_id) is not link:
             return
+        open_jobs = [job for reply in replies for job in reply[1]]
+        missed = [e for reply in replies for e in reply[2]]
         known = {jid for jid, _, _ in open_jobs}
         for e in missed:
             known.add(e.job_id)
@@ -310,23 +325,26 @@ class Reconciler:
                 frame = proto.encode_result(e.ref, jid, e.status, e.result, e.error)
                 self._outbox.push(link.ws, frame)
         for jid, ref in link.conn.open_jobs():
-            if jid in known:
+            scheduler = self._cells.for_job(jid)
+            if jid in known or scheduler is None:
                 continue
-            ended = await self._scheduler.end_lost_job(jid, session_id, ref)
+            ended = await scheduler.end_lost_job(jid, session_id, ref)
             if ended is not None:
                 self._ended_lost(ended)
 
     async def _resend(self) -> None:
         """Re-send the attempts Redis gives each node here that its socket never carried."""
-        for chunk in _chunks(self._node_links()):
-            carried = [dict(link.jobs) for link in chunk]
-            asked = [
-                (link.node_id or "", list(jobs)) for link, jobs in zip(chunk, carried, strict=True)
-            ]
-            seen = await self._scheduler.node_jobs(asked, max_jobs=self._max_jobs)
-            for link, jobs, redis in zip(chunk, carried, seen, strict=True):
-                if self._current(link) and not link.closing:
-                    await self._settle_node(link, jobs, redis)
+        for scheduler in self._cells:
+            for chunk in _chunks(self._node_links(scheduler.keys.cell)):
+                carried = [dict(link.jobs) for link in chunk]
+                asked = [
+                    (link.node_id or "", list(jobs))
+                    for link, jobs in zip(chunk, carried, strict=True)
+                ]
+                seen = await scheduler.node_jobs(asked, max_jobs=self._max_jobs)
+                for link, jobs, redis in zip(chunk, carried, seen, strict=True):
+                    if self._current(link) and not link.closing:
+                        await self._settle_node(link, jobs, redis)
 
     async def _settle_node(self, link: NodeLink, carried: dict[str, Route], seen: NodeJobs) -> None:
         node_id = link.node_id or ""

@@ -39,9 +39,11 @@ Backlog = tuple[str | bytes, tuple[str, Route] | None, str | None]
 class NodeLink:
     """One node connection on this hub."""
 
-    def __init__(self, ws: ServerConnection, limits: proto.Limits) -> None:
+    def __init__(self, ws: ServerConnection, limits: proto.Limits, cell: str = "0") -> None:
         self.ws = ws
         self.conn = proto.NodeConnection(limits)
+        self.cell = cell
+        """The node's cell (set when it registers): its script calls go there."""
         self.node_id: NodeId | None = None
         self.epoch = 0
         self.max_jobs = 0
@@ -77,10 +79,16 @@ class SessionLink:
         settings: Settings,
         limits: proto.Limits,
         grant: SessionGrant,
+        cell: str = "0",
     ) -> None:
         self.ws = ws
         self.session_id = session_id
         self.grant = grant
+        self.cell = cell
+        """The session's cell: its record, and its jobs unless they spilled."""
+        self.cells: dict[str, float] = {}
+        """Other cells where the session may have jobs -> when (``time.monotonic()``)
+        this connection last recorded that in its cell (``-inf``: learned on resume)."""
         self.conn = proto.SessionConnection(
             limits,
             max_inflight=grant.max_inflight or settings.max_inflight_per_session,
@@ -106,6 +114,10 @@ class SessionLink:
     def transport(self) -> asyncio.Transport | None:
         """The socket's transport (``Tasks.start`` pauses its reading)."""
         return self.ws.transport
+
+    def all_cells(self) -> list[str]:
+        """The session's cell, then each other cell where it may have jobs."""
+        return [self.cell, *self.cells]
 
 
 Link = NodeLink | SessionLink

@@ -20,13 +20,13 @@ from collections.abc import Iterable
 
 from . import protocol as proto
 from .audio import AudioStore
+from .cells import Cells
 from .errors import Code, RedisUnavailable, SchedulingError
 from .events import CancelAttempt, Dispatch, Event, JobEnded, NodeLost, NodeReplaced
 from .metrics import Metrics
 from .outbox import Outbox
 from .protocol import CloseCode, JobId, NodeId, SessionId
 from .registry import Route
-from .scheduler import Scheduler
 from .tasks import Tasks
 
 __all__ = ["Router"]
@@ -41,7 +41,7 @@ class Router:
         outbox: where frames and closes go.
         metrics: counts dispatched and ended jobs.
         audio: the audio of the jobs this hub accepted.
-        scheduler: ends a job whose audio is lost.
+        cells: the cells served, each with its scheduler: ends a job whose audio is lost.
         tasks: owner of those calls.
     """
 
@@ -50,14 +50,14 @@ class Router:
         outbox: Outbox,
         metrics: Metrics,
         audio: AudioStore,
-        scheduler: Scheduler,
+        cells: Cells,
         tasks: Tasks,
     ) -> None:
         self.hub_id = outbox.hub_id
         self._outbox = outbox
         self._metrics = metrics
         self._audio = audio
-        self._scheduler = scheduler
+        self._cells = cells
         self._tasks = tasks
         outbox.on_dispatch = self.send_job
 
@@ -138,7 +138,10 @@ class Router:
         """End a job whose attempt cannot be sent: its audio is gone (``AUDIO_LOST``)."""
         logger.warning("! job %s started but its audio is not kept here", d.job_id)
         try:
-            done = await self._scheduler.cancel_task(d.job_id, d.session_id, reason=Code.AUDIO_LOST)
+            scheduler = self._cells.for_job(d.job_id)
+            if scheduler is None:
+                return
+            done = await scheduler.cancel_task(d.job_id, d.session_id, reason=Code.AUDIO_LOST)
         except (SchedulingError, RedisUnavailable):
             return  # ended meanwhile, or its deadline ends it (the sweep)
         self.ended(done.ended)

@@ -89,6 +89,8 @@ class Scheduler(NodeScripts):
             flight, calls waiting).
         stats_interval_s: least time between two additions of this hub's
             counts to the cell's counters.
+        batcher: the pipelines to send the calls through, shared by the cells
+            of one Redis server (:class:`~hub.cells.Cells`); default: a new one.
     """
 
     def __init__(
@@ -103,11 +105,12 @@ class Scheduler(NodeScripts):
         max_pipelines: int = 4,
         max_pending: int = 20000,
         stats_interval_s: float = 0.05,
+        batcher: Batcher | None = None,
     ) -> None:
         super().__init__(redis, keys if keys is not None else Keys(settings.cell))
         self.settings = settings
         self.hub_id = hub_id
-        self.batcher = Batcher(
+        self.batcher = batcher or Batcher(
             redis,
             load_script_sources() if sources is None else sources,
             max_batch=max_batch,
@@ -269,6 +272,7 @@ class Scheduler(NodeScripts):
         job_id: str | None = None,
         session_hub: str | None = None,
         now_ms: int = 0,
+        spill_try: bool = False,
     ) -> Accepted | Queued:
         """Run a session's job on the least-loaded free node, or queue it (dispatch_task.lua).
 
@@ -277,6 +281,11 @@ class Scheduler(NodeScripts):
         pair, queue heads. ARGV: prefix, job id, session, src, tgt, payload, has audio,
         timeout, queue wait, queue max, seed, session hub, ref, now, max queued
         per session, session TTL.
+
+        Args:
+            spill_try: only a free node will do (a queue wait of 0): the job
+                tries this cell before it queues in its own (:mod:`hub.cells`);
+                its NO_AVAILABLE_NODE is not counted as a refusal.
 
         Raises:
             SchedulingError: NO_POOL_FOR_LANG_PAIR, EMPTY_POOL, NO_AVAILABLE_NODE,
@@ -311,17 +320,17 @@ class Scheduler(NodeScripts):
                 payload,
                 b"1" if has_audio else b"",
                 timeout_ms if timeout_ms is not None else s.job_timeout_ms,
-                s.queue_wait_ms,
+                0 if spill_try else s.queue_wait_ms,
                 s.queue_max,
                 self._seed(),
                 session_hub or self.hub_id,
                 ref,
                 now_ms,
                 s.max_queued_per_session,
-                self._session_ttl_ms(),
+                self.session_ttl_ms(),
             ],
         )
-        if isinstance(reply, int) and reply in _REFUSALS_COUNTED:
+        if isinstance(reply, int) and reply in _REFUSALS_COUNTED and not spill_try:
             self._count(_REFUSALS_COUNTED[reply])
         raise_refusal(reply, ref=ref or None)
         if int(reply[0]) == 1:
@@ -524,7 +533,7 @@ class Scheduler(NodeScripts):
         reply = await self._call(
             "resume_session",
             [k.session(session_id), k.session_jobs(session_id), k.session_done(session_id)],
-            [k.prefix, session_id, self.hub_id, self._session_ttl_ms(), max_results],
+            [k.prefix, session_id, self.hub_id, self.session_ttl_ms(), max_results],
         )
         open_jobs = tuple((as_text(j[0]), as_text(j[1]), as_text(j[2])) for j in reply[1])
         ended = tuple(parse_ended(e, "resume_session") for e in reply[2])
@@ -569,6 +578,24 @@ class Scheduler(NodeScripts):
         self._count_ended(ended)
         return ended
 
+    async def add_session_cell(self, session_id: str, cell: str) -> bool:
+        """Record that a session of this cell may have jobs in ``cell`` (add_session_cell.lua).
+
+        KEYS: session's other cells. ARGV: cell, session TTL.
+
+        Called before the session's first job goes to another cell, so a
+        resume finds that cell's jobs (:meth:`session_cells`).
+
+        Returns:
+            Whether ``cell`` was new to the session's record.
+        """
+        reply = await self._call(
+            "add_session_cell",
+            [self.keys.session_cells(session_id)],
+            [cell, self.session_ttl_ms()],
+        )
+        return bool(int(reply))
+
     async def ack_results(self, session_id: str, job_ids: Sequence[str]) -> int:
         """Forget acknowledged results of a session (ack_results.lua).
 
@@ -582,7 +609,8 @@ class Scheduler(NodeScripts):
         )
         return int(reply)
 
-    def _session_ttl_ms(self) -> int:
+    def session_ttl_ms(self) -> int:
+        """How long a session's records live after its last activity, ms."""
         s = self.settings
         return 2 * max(s.job_ttl_ms, int(s.resume_window_s * 1000), s.max_job_timeout_ms)
 

@@ -34,6 +34,7 @@ SCRIPT_NAMES = (
     "ack_results",
     "route_partial",
     "end_lost_job",
+    "add_session_cell",
 )
 """Every script, by file name without ``.lua`` (also its Scheduler method's name)."""
 

@@ -22,16 +22,17 @@ from websockets.asyncio.server import ServerConnection
 from . import protocol as proto
 from .audio import AudioStore
 from .auth import SessionGrant
+from .cells import Cells
 from .config import Settings
-from .errors import ClientError, Code, RedisUnavailable, SchedulingError
-from .events import Dispatch, JobEnded, Queued
+from .errors import ClientError, Code, ErrorCode, RedisUnavailable, SchedulingError
+from .events import Accepted, Dispatch, JobEnded, Queued
 from .health import Health
 from .metrics import Metrics
 from .outbox import Outbox
 from .protocol import CloseCode, JobId, SessionId
 from .registry import Registry, SessionLink
 from .router import Router
-from .scheduler import Scheduler, new_job_id
+from .scheduler import new_job_id
 from .shedding import Shedder
 from .tasks import Tasks
 from .wsconn import HubConnection
@@ -49,6 +50,18 @@ _MAX_ABANDONING = 1000
 _MAX_TIMED = 1024
 """Most open jobs per session whose latency is measured (``SessionLink.started``)."""
 
+_SPILLS = (Code.NO_AVAILABLE_NODE, Code.EMPTY_POOL, Code.NO_POOL_FOR_LANG_PAIR)
+"""Refusals of a free-node-only dispatch after which a job tries another cell."""
+
+
+class _Spilled(Exception):
+    """A spill-over try took the job: its id (in the cell that took it) and the reply."""
+
+    def __init__(self, job_id: JobId, reply: Accepted | Queued) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+        self.reply = reply
+
 
 class Sessions:
     """Serves session connections and keeps their jobs' outcomes for resume.
@@ -57,7 +70,7 @@ class Sessions:
         hub_id: this hub's id (the session's hub, for results).
         settings: limits, resume window, idle timeout, resume secret.
         limits: frame limits for the session state machines.
-        scheduler: the script calls.
+        cells: the cells served, each with its scheduler: the script calls.
         registry: where connections are recorded.
         outbox: sending and closing.
         router: acts on the events of script replies.
@@ -73,7 +86,7 @@ class Sessions:
         hub_id: str,
         settings: Settings,
         limits: proto.Limits,
-        scheduler: Scheduler,
+        cells: Cells,
         registry: Registry,
         outbox: Outbox,
         router: Router,
@@ -86,7 +99,8 @@ class Sessions:
         self.hub_id = hub_id
         self._settings = settings
         self._limits = limits
-        self._scheduler = scheduler
+        self._cells = cells
+        self._scheduler = cells.main
         self._registry = registry
         self._outbox = outbox
         self._router = router
@@ -95,7 +109,9 @@ class Sessions:
         self._tasks = tasks
         self._audio = audio
         self._shedder = shedder
-        self._secret = settings.resume_secret.encode() if settings.resume_secret else b""
+        secret = settings.resume_secret.encode() if settings.resume_secret else b""
+        self._secrets = {cell: secret for cell in cells.names}
+        """Cell -> the key of its sessions' resume tokens (each cell's, from its Redis)."""
         self._gone: dict[str, asyncio.TimerHandle] = {}
         self._abandoning = 0
         self._inflight_limit = 2 * settings.max_inflight_per_session
@@ -114,9 +130,10 @@ class Sessions:
             self._outbox.forget(ws)
 
     async def load_secret(self) -> None:
-        """Load the key of resume tokens (shared by every hub through Redis)."""
-        if not self._secret:
-            self._secret = await self._scheduler.resume_secret()
+        """Load the keys of resume tokens, one per cell (shared by every hub through Redis)."""
+        for cell, secret in self._secrets.items():
+            if not secret:
+                self._secrets[cell] = await self._cells[cell].resume_secret()
 
     async def watch_idle(self) -> None:
         """Close sessions silent for longer than ``session_idle_timeout_s`` (4006)."""
@@ -154,14 +171,16 @@ class Sessions:
     # Connection
 
     async def _serve(self, ws: ServerConnection, grant: SessionGrant) -> None:
-        session_id, resumed = await self._welcome(ws, grant)
+        session_id, resumed, cell = await self._welcome(ws, grant)
         if session_id is None:
             return
-        link = SessionLink(ws, session_id, self._settings, self._limits, grant)
+        link = SessionLink(ws, session_id, self._settings, self._limits, grant, cell)
         # Every session is recorded when it opens (its hub, for results), so a
         # resume can tell an expired session from one that never sent a job.
         try:
-            known, open_jobs, missed = await self._scheduler.resume_session(session_id)
+            known, open_jobs, missed = await self._cells[cell].resume_session(session_id)
+            if resumed and known and self._cells.several:
+                open_jobs, missed = await self._resume_spilled(link, open_jobs, missed)
         except RedisUnavailable:
             await ws.close(CloseCode.TRY_AGAIN_LATER, "redis unavailable")
             return
@@ -178,7 +197,8 @@ class Sessions:
         if handle is not None:
             handle.cancel()
         push = self._outbox.push
-        push(ws, proto.encode_welcome(session_id, self.hub_id, self._resume_token(session_id)))
+        token = self._resume_token(session_id, cell)
+        push(ws, proto.encode_welcome(session_id, self.hub_id, token))
         for e in missed:
             push(ws, proto.encode_result(e.ref, JobId(e.job_id), e.status, e.result, e.error))
         try:
@@ -186,31 +206,84 @@ class Sessions:
         finally:
             link.conn.close()
             if self._registry.remove_session(link) and not self._health.closing:
-                self._start_resume_window(session_id)
+                self._start_resume_window(session_id, link.all_cells())
+
+    async def _resume_spilled(
+        self,
+        link: SessionLink,
+        open_jobs: tuple[tuple[str, str, str], ...],
+        missed: tuple[JobEnded, ...],
+    ) -> tuple[tuple[tuple[str, str, str], ...], tuple[JobEnded, ...]]:
+        """Resume the session in the other cells its jobs spilled to, too.
+
+        Its cell records those cells (add_session_cell.lua) before a job
+        goes there; resume_session in each routes their results here and
+        gives their open jobs and missed results.
+
+        Raises:
+            RedisUnavailable: if Redis cannot be reached.
+        """
+        others = [
+            c
+            for c in await self._cells[link.cell].session_cells(link.session_id)
+            if c in self._cells
+        ]
+        if not others:
+            return open_jobs, missed
+        replies = await asyncio.gather(
+            *(self._cells[c].resume_session(link.session_id) for c in others)
+        )
+        for c in others:
+            link.cells[c] = -float("inf")
+        more_open = [job for reply in replies for job in reply[1]]
+        more_missed = [e for reply in replies for e in reply[2]]
+        return (*open_jobs, *more_open), (*missed, *more_missed)
 
     async def _welcome(
         self, ws: ServerConnection, grant: SessionGrant
-    ) -> tuple[SessionId | None, bool]:
-        """The session's id, and whether it resumes one; None after closing the socket."""
+    ) -> tuple[SessionId | None, bool, str]:
+        """The session's id, whether it resumes one, and its cell; None after closing the socket."""
         query = parse_qs(urlsplit(ws.request.path if ws.request else "").query)
+        cell = await self._session_cell(ws, grant, query.get("cell", [None])[0])
+        if cell is None:
+            return None, False, ""
         wanted = query.get("session_id", [None])[0]
         if grant.session_id is not None:
             # The token names the session: presenting it again resumes it.
             if wanted is not None and wanted != grant.session_id:
                 await ws.close(CloseCode.POLICY_VIOLATION, "session_id differs from the token")
-                return None, False
-            return SessionId(grant.session_id), True
+                return None, False, ""
+            return SessionId(grant.session_id), True, cell
         if wanted is None:
-            return SessionId(secrets.token_urlsafe(12)), False
+            return SessionId(secrets.token_urlsafe(12)), False, cell
         token = query.get("resume_token", [""])[0]
         # Bytes: compare_digest raises TypeError on non-ASCII str.
-        if not hmac.compare_digest(token.encode(), self._resume_token(wanted).encode()):
+        if not hmac.compare_digest(token.encode(), self._resume_token(wanted, cell).encode()):
             await ws.close(CloseCode.BAD_RESUME_TOKEN, "bad resume token")
-            return None, False
-        return SessionId(wanted), True
+            return None, False, ""
+        return SessionId(wanted), True, cell
 
-    def _resume_token(self, session_id: str) -> str:
-        return hmac.new(self._secret, session_id.encode(), hashlib.sha256).hexdigest()[:32]
+    async def _session_cell(
+        self, ws: ServerConnection, grant: SessionGrant, wanted: str | None
+    ) -> str | None:
+        """The session's cell: its token's, its URL's (``?cell=``), else the hub's.
+
+        None after closing the socket: 1008 when the URL names another cell
+        than the token, 4008 when this hub does not serve it (protocol.md §7).
+        """
+        if grant.cell is not None and wanted is not None and wanted != grant.cell:
+            await ws.close(CloseCode.POLICY_VIOLATION, "cell differs from the token")
+            return None
+        cell = grant.cell or wanted or self._cells.default
+        if cell not in self._cells:
+            self._metrics.job_refused(Code.UNKNOWN_CELL)
+            await ws.close(CloseCode.UNKNOWN_CELL, "unknown cell")
+            return None
+        return cell
+
+    def _resume_token(self, session_id: str, cell: str) -> str:
+        secret = self._secrets[cell]
+        return hmac.new(secret, session_id.encode(), hashlib.sha256).hexdigest()[:32]
 
     async def _receive_frames(self, link: SessionLink) -> None:
         """Handle the session's messages until its connection closes.
@@ -258,8 +331,23 @@ class Sessions:
             self._tasks.start(link, limit, self._ack(link.session_id, frame.job_ids))
 
     async def _ack(self, session_id: str, job_ids: tuple[JobId, ...]) -> None:
-        with contextlib.suppress(RedisUnavailable):
-            await self._scheduler.ack_results(session_id, job_ids)
+        cells = self._cells
+        if not cells.several:
+            with contextlib.suppress(RedisUnavailable):
+                await self._scheduler.ack_results(session_id, job_ids)
+            return
+        # Each job's result waits in the cell the job ran in (its id says which).
+        by_cell: dict[str, list[str]] = {}
+        for jid in job_ids:
+            cell = cells.job_cell(jid)
+            if cell is not None:
+                by_cell.setdefault(cell, []).append(jid)
+
+        async def ack(cell: str, ids: list[str]) -> None:
+            with contextlib.suppress(RedisUnavailable):
+                await cells[cell].ack_results(session_id, ids)
+
+        await asyncio.gather(*(ack(cell, ids) for cell, ids in by_cell.items()))
 
     # Jobs
 
@@ -273,7 +361,8 @@ class Sessions:
         if not self._health.ready:
             self._refuse(link, ref, Code.UNAVAILABLE, _UNAVAILABLE)
             return
-        jid = JobId(new_job_id())
+        token = new_job_id()
+        jid = JobId(self._cells.job_id(link.cell, token))
         audio = frame.audio
         timeout_ms = frame.timeout_ms or self._settings.job_timeout_ms
         if audio and not self._audio.put(jid, audio, timeout_ms):
@@ -283,10 +372,15 @@ class Sessions:
             return
         started = time.monotonic()
         link.submitting.add(jid)
+        cell = link.cell
+        ids = [jid]  # the id of the job's last try: it changes with the cell tried
         if len(link.started) < _MAX_TIMED:
             link.started[jid] = started
         try:
-            reply = await self._scheduler.dispatch_task(
+            if self._cells.spill:
+                cell = await self._spill(link, frame, ids, token, timeout_ms)
+                jid = self._move(link, ids, JobId(self._cells.job_id(cell, token)))
+            reply = await self._cells[cell].dispatch_task(
                 link.session_id,
                 frame.src_lang,
                 frame.tgt_lang,
@@ -296,13 +390,17 @@ class Sessions:
                 timeout_ms=timeout_ms,
                 job_id=jid,
             )
+        except _Spilled as spilled:
+            jid, reply = spilled.job_id, spilled.reply
         except SchedulingError as exc:
+            jid = ids[0]
             link.submitting.discard(jid)
             link.started.pop(jid, None)
             self._audio.drop(jid)
             self._refuse(link, ref, exc.code, exc.message)
             return
         except RedisUnavailable:
+            jid = ids[0]
             link.submitting.discard(jid)
             link.started.pop(jid, None)
             # The audio stays until the job is taken back or expires: it may have started.
@@ -313,6 +411,19 @@ class Sessions:
             self.abandon(link.session_id, jid)
             return
         link.submitting.discard(jid)
+        self._complete_submit(link, frame, jid, reply, started)
+
+    def _complete_submit(
+        self,
+        link: SessionLink,
+        frame: proto.SubmitJob,
+        jid: JobId,
+        reply: Accepted | Queued,
+        started: float,
+    ) -> None:
+        """Tell the session its job is accepted (and send it to its node) or queued."""
+        ref = frame.ref
+        audio = frame.audio
         self._shedder.dispatched(time.monotonic() - started)
         if jid in link.ended_early:
             # Its result is already sent; protocol.md §9.2 wants nothing after it.
@@ -343,6 +454,114 @@ class Sessions:
             )
         )
 
+    async def _spill(
+        self,
+        link: SessionLink,
+        frame: proto.SubmitJob,
+        ids: list[JobId],
+        token: str,
+        timeout_ms: int,
+    ) -> str:
+        """Try the job's cell, then up to ``spill`` others, on a free node only.
+
+        Each try is one dispatch_task call in one cell, with a queue wait of 0.
+
+        Args:
+            ids: ``ids[0]`` is the job's id in the cell tried last.
+
+        Returns:
+            The cell whose plain dispatch (which queues) the job gets next:
+            its own, or, when its own has no live node for the pair, the
+            first other that has.
+
+        Raises:
+            _Spilled: a cell took the job on a free node (its id and reply).
+            SchedulingError: a refusal that no other cell changes.
+            RedisUnavailable: Redis did not answer (the job, under ``ids[0]``,
+                may or may not exist).
+        """
+        cells = self._cells
+        home = link.cell
+        pair = f"{frame.src_lang.lower()}:{frame.tgt_lang.lower()}"
+        try:
+            reply = await self._try_cell(link, frame, home, ids[0], timeout_ms)
+        except SchedulingError as exc:
+            if exc.code not in _SPILLS:
+                raise
+            refusal = exc
+        else:
+            raise _Spilled(ids[0], reply)
+        queue_in = home if refusal.code == Code.NO_AVAILABLE_NODE else None
+        for cell in cells.spill_order(home, pair):
+            jid = self._move(link, ids, JobId(cells.job_id(cell, token)))
+            try:
+                reply = await self._try_cell(link, frame, cell, jid, timeout_ms)
+            except SchedulingError as exc:
+                if exc.code == Code.NO_AVAILABLE_NODE:
+                    queue_in = queue_in or cell
+                elif exc.code in _SPILLS:
+                    cells.lacks(cell, pair)
+                else:
+                    raise
+            else:
+                self._metrics.spilled.inc()
+                raise _Spilled(jid, reply)
+        if queue_in is None:
+            raise refusal
+        return queue_in
+
+    async def _try_cell(
+        self, link: SessionLink, frame: proto.SubmitJob, cell: str, jid: JobId, timeout_ms: int
+    ) -> Accepted | Queued:
+        """One spill-over try: dispatch_task in ``cell`` on a free node only."""
+        dispatch = self._cells[cell].dispatch_task(
+            link.session_id,
+            frame.src_lang,
+            frame.tgt_lang,
+            frame.payload,
+            ref=frame.ref,
+            has_audio=bool(frame.audio),
+            timeout_ms=timeout_ms,
+            job_id=jid,
+            spill_try=True,
+        )
+        if cell == link.cell:
+            return await dispatch
+        # The record first, in the same pipeline on a single Redis. Without it a
+        # resume would miss the job: a failed record fails the submit, which then
+        # takes the job back like any whose reply was lost.
+        noted, reply = await asyncio.gather(
+            self._note_cell(link, cell), dispatch, return_exceptions=True
+        )
+        if isinstance(reply, BaseException):
+            raise reply
+        if isinstance(noted, BaseException):
+            raise noted
+        return reply
+
+    async def _note_cell(self, link: SessionLink, cell: str) -> None:
+        """Record in the session's cell that it may have jobs in ``cell`` (for its resume).
+
+        Once per connection and cell, again when half the record's TTL passed.
+        """
+        now = time.monotonic()
+        if now - link.cells.get(cell, -float("inf")) < self._scheduler.session_ttl_ms() / 2000:
+            return
+        await self._cells[link.cell].add_session_cell(link.session_id, cell)
+        link.cells[cell] = now
+
+    def _move(self, link: SessionLink, ids: list[JobId], new: JobId) -> JobId:
+        """Give the job being submitted its id in another cell: audio and tracking move."""
+        old, ids[0] = ids[0], new
+        if old != new:
+            link.submitting.discard(old)
+            link.submitting.add(new)
+            self._audio.rename(old, new)
+            started = link.started.pop(old, None)
+            if started is not None:
+                link.started[new] = started
+        return new
+
     def _refuse(
         self,
         link: SessionLink,
@@ -364,10 +583,12 @@ class Sessions:
             self._abandoning -= 1
 
     async def _take_back(self, session_id: str, job_id: str) -> None:
+        scheduler = self._cells.for_job(job_id)
+        assert scheduler is not None  # an id this hub made
         delay = 0.1
         for _ in range(40):
             try:
-                done = await self._scheduler.cancel_task(job_id, session_id, reason="UNAVAILABLE")
+                done = await scheduler.cancel_task(job_id, session_id, reason="UNAVAILABLE")
             except SchedulingError:
                 pass  # it never ran (UNKNOWN_JOB) or already ended
             except RedisUnavailable:
@@ -380,7 +601,7 @@ class Sessions:
                 # ended past their deadline included.
                 self._router.route(done.events)
             with contextlib.suppress(RedisUnavailable):
-                await self._scheduler.ack_results(session_id, [job_id])
+                await scheduler.ack_results(session_id, [job_id])
             return
         logger.warning("! could not take back job %s after a Redis failure", job_id)
 
@@ -393,7 +614,10 @@ class Sessions:
             )
             return
         try:
-            done = await self._scheduler.cancel_task(jid, link.session_id)
+            scheduler = self._cells.for_job(jid)
+            if scheduler is None:
+                raise SchedulingError(ErrorCode.UNKNOWN_JOB)
+            done = await scheduler.cancel_task(jid, link.session_id)
         except SchedulingError as exc:
             self._outbox.push(link.ws, proto.encode_error(frame.ref, exc.code, exc.message))
             return
@@ -408,23 +632,24 @@ class Sessions:
 
     # Gone
 
-    def _start_resume_window(self, session_id: str) -> None:
+    def _start_resume_window(self, session_id: str, cells: list[str]) -> None:
         """The session may resume within ``resume_window_s``; then its jobs are cancelled."""
         window = self._settings.resume_window_s
 
         def expire() -> None:
             self._gone.pop(session_id, None)
-            self._tasks.spawn(self._close_session_jobs(session_id))
+            for cell in cells:
+                self._tasks.spawn(self._close_session_jobs(session_id, cell))
 
         if window <= 0:
             expire()
         else:
             self._gone[session_id] = asyncio.get_running_loop().call_later(window, expire)
 
-    async def _close_session_jobs(self, session_id: str) -> None:
+    async def _close_session_jobs(self, session_id: str, cell: str) -> None:
         for _ in range(64):  # bounded: 256 jobs per call
             try:
-                done, events = await self._scheduler.session_closed(session_id)
+                done, events = await self._cells[cell].session_closed(session_id)
             except RedisUnavailable:
                 logger.warning("! could not cancel jobs of gone session %s", session_id)
                 return
@@ -442,15 +667,17 @@ class Sessions:
         for session_id, link in list(self._registry.sessions.items()):
             if link.conn.open_refs == 0:
                 continue
-            # Bounded: the pool may still hold connections that died with Redis.
-            for delay in (0.05, 0.1, 0.2, 0.5, 1.0, 0):
-                try:
-                    ended = await self._scheduler.ended_results(session_id)
-                    break
-                except RedisUnavailable:
-                    if not delay:
-                        return  # Redis is gone again: the next subscription retries
-                    await asyncio.sleep(delay)
+            ended: list[JobEnded] = []
+            for cell in link.all_cells():
+                # Bounded: the pool may still hold connections that died with Redis.
+                for delay in (0.05, 0.1, 0.2, 0.5, 1.0, 0):
+                    try:
+                        ended.extend(await self._cells[cell].ended_results(session_id))
+                        break
+                    except RedisUnavailable:
+                        if not delay:
+                            return  # Redis is gone again: the next subscription retries
+                        await asyncio.sleep(delay)
             for e in ended:
                 jid = JobId(e.job_id)
                 if (

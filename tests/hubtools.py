@@ -175,6 +175,7 @@ async def register(
     services: Sequence[str] = ("asr", "nmt"),
     pools: Sequence[str] | None = None,
     resume: Sequence[str] | None = None,
+    cell: str | None = None,
 ) -> Frame:
     """Send ``register`` and expect ``registered`` for ``node_id``."""
     frame: dict[str, Any] = {
@@ -191,6 +192,8 @@ async def register(
         frame["pools"] = list(pools)
     if resume is not None:
         frame["resume"] = list(resume)
+    if cell is not None:
+        frame["cell"] = cell
     await send(ws, **frame)
     return await expect(ws, "registered", node_id=node_id)
 

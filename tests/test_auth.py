@@ -402,6 +402,9 @@ async def test_session_claims_with_bad_values_are_refused(
         {"rate": True},
         {"burst": "9"},
         {"max_inflight": 0},
+        {"cell": "a.b"},
+        {"cell": ""},
+        {"cell": ["a"]},
     ):
         token = session_token(SESSION_KEY, **claims)
         exc = await refused(connect, hub, "/v1/session", **bearer(token))
@@ -987,3 +990,19 @@ def test_admin_token_key_and_watch_settings_are_checked() -> None:
         assert info.value.name == name
     with pytest.raises(ConfigError):
         Settings(watch_max_nodes=0)
+
+
+async def test_cell_claims_are_read_and_checked() -> None:
+    auth = Authenticator(Settings(node_token_key=NODE_KEY, session_jwt_key=SESSION_KEY))
+    node = mint_node_token(NODE_KEY, ["gpu-1"], cell="eu")
+    assert auth.node({"Authorization": f"Bearer {node}"}).cell == "eu"
+    plain = mint_node_token(NODE_KEY, ["gpu-1"])
+    assert auth.node({"Authorization": f"Bearer {plain}"}).cell is None
+    bad = jwt.encode({"node_ids": ["gpu-1"], "cell": "e{u}", "exp": int(time.time()) + 60},
+                     NODE_KEY, algorithm="HS256")  # fmt: skip
+    with pytest.raises(Unauthorized) as info:
+        auth.node({"Authorization": f"Bearer {bad}"})
+    assert info.value.message == "invalid cell claim"
+    session = mint_session_token(SESSION_KEY, cell="eu")
+    assert auth.session({}, {"token": [session]}).cell == "eu"
+    assert auth.session({}, {"token": [mint_session_token(SESSION_KEY)]}).cell is None

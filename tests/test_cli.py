@@ -339,11 +339,14 @@ def test_token_without_a_session_id_gives_each_connection_its_own() -> None:
 
 def test_token_mints_a_node_token_that_the_hub_accepts() -> None:
     key = "n" * 32
-    done = hub_cli("token", "--key", key, "--node-ids", "gpu-1,gpu-eu-*", "--ttl", "60")
+    done = hub_cli(
+        "token", "--key", key, "--node-ids", "gpu-1,gpu-eu-*", "--ttl", "60", "--cell", "eu"
+    )
     assert done.returncode == 0, done.stderr
     grant = Authenticator(Settings(node_token_key=key)).node(
         {"Authorization": f"Bearer {done.stdout.strip()}"}
     )
+    assert grant.cell == "eu"
     assert grant.allows("gpu-1")
     assert grant.allows("gpu-eu-7")
     assert not grant.allows("gpu-2")
@@ -357,6 +360,7 @@ def test_token_mints_a_session_token_that_the_hub_accepts() -> None:
         {"Authorization": f"Bearer {done.stdout.strip()}"}, {}
     )
     assert grant.session_id == "s-9"
+    assert grant.cell is None
     assert grant.allows_pair("zh", "en")
     assert not grant.allows_pair("en", "zh")
     assert grant.rate_per_s == 5.0
@@ -377,3 +381,45 @@ def test_token_admin_needs_a_key() -> None:
     done = hub_cli("token", "--admin")
     assert done.returncode == 2
     assert "hub token --admin needs --key (or HUB_ADMIN_TOKEN_KEY)" in done.stderr
+
+
+async def test_serve_with_cells_spills_a_job_to_a_node_command_of_another_cell(
+    tmp_path: Path,
+) -> None:
+    async with hub_child(
+        *SERVE,
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--cell",
+        "eu",
+        "--cells",
+        "eu,us",
+        "--spill",
+        "1",
+        stderr=tmp_path / "serve.log",
+    ) as served:
+        ready = parse_ready_line(await served.read_line())
+        assert ready is not None
+        async with hub_child(
+            "node",
+            "--url",
+            f"ws://127.0.0.1:{ready.port}",
+            "--node-id",
+            "us-node",
+            "--cell",
+            "us",
+            "--languages",
+            "zh,en",
+            "--service-time-ms",
+            "10..20",
+            stderr=tmp_path / "node.log",
+        ) as node:
+            line = await node.read_line()
+            assert line.startswith("node us-node registered with hub "), line
+            # A session of the default cell (eu, no node) gets the us node.
+            async with SessionClient(f"ws://127.0.0.1:{ready.port}") as session:
+                events = [e async for e in session.stream("zh", "en", {"text": "hi"})]
+        final = events[-1]
+        assert not isinstance(final, Partial)
+        assert final.node_id == "us-node" and final.job_id.startswith("us.")
+        assert await served.stop(20) == 0

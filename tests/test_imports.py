@@ -85,7 +85,7 @@ def test_find_cycle_reports_a_cycle() -> None:
 
 def test_import_graph_sees_relative_imports() -> None:
     graph = import_graph()
-    assert "hub.scheduler" in graph["hub.app"]
+    assert "hub.cells" in graph["hub.app"]
     assert "hub.protocol" in graph["hub.router"]
 
 

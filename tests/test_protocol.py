@@ -383,6 +383,7 @@ def test_node_sends_register_when_every_option_is_given() -> None:
             resume=["j-1", "j-2"],
             services=["asr", "asr"],
             max_jobs=256,
+            cell="eu-west_1",
         )
     )
     assert parse_node_frame(message, LIMITS) == Register(
@@ -392,6 +393,7 @@ def test_node_sends_register_when_every_option_is_given() -> None:
         256,
         ("premium", "default"),
         (JobId("j-1"), JobId("j-2")),
+        "eu-west_1",
     )
 
 
@@ -415,13 +417,14 @@ def test_node_sends_register_when_null_options_mean_defaults() -> None:
         LIMITS,
     )
     assert isinstance(frame, Register)
-    assert (frame.pools, frame.resume) == (("default",), ())
+    assert (frame.pools, frame.resume, frame.cell) == (("default",), (), None)
 
 
 LANGS = "'languages' must list 2 to 32 distinct language codes"
 PAIRS = "'lang_pairs' must be a list of 1 to 1024 [src, tgt] language code pairs"
 BOTH = "register needs exactly one of 'languages' and 'lang_pairs'"
 MAX_JOBS = "'max_jobs' must be an integer from 1 to 256"
+CELL = "'cell' must be 1 to 64 letters, digits, '_' or '-'"
 
 
 @pytest.mark.parametrize(
@@ -458,6 +461,11 @@ MAX_JOBS = "'max_jobs' must be an integer from 1 to 256"
         ({"pools": ["a b"]}, f"'pools' must be a list of 1 to 8 ids {ID_RULE}"),
         ({"resume": ["j"] * 257}, f"'resume' must be a list of 0 to 256 ids {ID_RULE}"),
         ({"resume": "j-1"}, f"'resume' must be a list of 0 to 256 ids {ID_RULE}"),
+        ({"cell": "eu.west"}, CELL),
+        ({"cell": ""}, CELL),
+        ({"cell": "c" * 65}, CELL),
+        ({"cell": "{eu}"}, CELL),
+        ({"cell": 7}, CELL),
     ],
 )
 def test_node_sends_register_when_a_field_is_invalid(changes: dict[str, Any], message: str) -> None:
@@ -810,10 +818,10 @@ def test_node_encodes_register_when_it_serves_languages() -> None:
 
 def test_node_encodes_register_when_it_serves_pairs_and_resumes() -> None:
     frame = encode_register(
-        "gpu-1", ["asr"], 2, lang_pairs=[("en", "zh")], pools=["p"], resume=["j-1"]
+        "gpu-1", ["asr"], 2, lang_pairs=[("en", "zh")], pools=["p"], resume=["j-1"], cell="eu"
     )
     assert parse_node_frame(frame.decode(), LIMITS) == Register(
-        NodeId("gpu-1"), ("asr",), (("en", "zh"),), 2, ("p",), (JobId("j-1"),)
+        NodeId("gpu-1"), ("asr",), (("en", "zh"),), 2, ("p",), (JobId("j-1"),), "eu"
     )
 
 

@@ -37,7 +37,12 @@ from .transport import auth_headers, close_of, handshake_status, hub_order
 __all__ = ["FAILOVER_CLOSE_CODES", "FATAL_CLOSE_CODES", "Link"]
 
 FATAL_CLOSE_CODES = frozenset(
-    {CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG, CloseCode.REPLACED}
+    {
+        CloseCode.POLICY_VIOLATION,
+        CloseCode.MESSAGE_TOO_BIG,
+        CloseCode.REPLACED,
+        CloseCode.UNKNOWN_CELL,
+    }
 )
 """protocol.md §7: do not reconnect unchanged after these."""
 FAILOVER_CLOSE_CODES = frozenset(

@@ -104,6 +104,8 @@ class NodeClient(Link[ToNodeFrame]):
         services: services it runs.
         max_jobs: jobs it runs at once; the hub sends no more than this.
         pools: operator pools to join; ``None`` means the hub's default pool.
+        cell: the cell to join (one the hubs serve); ``None``: the token's,
+            else the hub's default cell.
         token: sent as ``Authorization: Bearer <token>`` when not ``None``.
         handler: the job handler; or set it later with :meth:`handler`.
         backoff: delays between reconnection attempts (default :class:`Backoff`()).
@@ -131,6 +133,7 @@ class NodeClient(Link[ToNodeFrame]):
         services: Sequence[str] = ("asr", "nmt", "tts"),
         max_jobs: int = 1,
         pools: Sequence[str] | None = None,
+        cell: str | None = None,
         token: str | None = None,
         handler: Handler | None = None,
         backoff: Backoff | None = None,
@@ -164,6 +167,8 @@ class NodeClient(Link[ToNodeFrame]):
         self.max_jobs = max_jobs
         """Jobs run at once."""
         self.pools = None if pools is None else list(pools)
+        self.cell = cell
+        """The cell named in ``register``."""
         self.register_timeout_s = register_timeout_s
         self._handler = handler
         self._jobs: dict[str, _Running] = {}
@@ -325,6 +330,7 @@ class NodeClient(Link[ToNodeFrame]):
             lang_pairs=self.lang_pairs,
             pools=self.pools,
             resume=resume,
+            cell=self.cell,
         )
         await ws.send(frame, text=True)
         async with asyncio.timeout(self.register_timeout_s):

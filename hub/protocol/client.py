@@ -71,6 +71,7 @@ def encode_register(
     lang_pairs: Sequence[Sequence[str]] | None = None,
     pools: Sequence[str] | None = None,
     resume: Sequence[str] = (),
+    cell: str | None = None,
 ) -> bytes:
     """Encode a node's ``register`` (protocol.md §3.1).
 
@@ -82,6 +83,7 @@ def encode_register(
         lang_pairs: ``(src, tgt)`` pairs served, instead of ``languages``.
         pools: pools to join; ``None`` for the hub's default pool.
         resume: jobs still running from a previous connection.
+        cell: the cell to join; ``None`` for its token's, else the hub's default.
 
     Returns:
         The text frame.
@@ -101,6 +103,8 @@ def encode_register(
         frame["pools"] = list(pools)
     if resume:
         frame["resume"] = list(resume)
+    if cell is not None:
+        frame["cell"] = cell
     return orjson.dumps(frame)
 
 

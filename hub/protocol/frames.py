@@ -87,6 +87,7 @@ class CloseCode(enum.IntEnum):
     TOO_SLOW = 4005
     IDLE_TIMEOUT = 4006
     BAD_RESUME_TOKEN = 4007
+    UNKNOWN_CELL = 4008
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,6 +160,8 @@ class Register:
     """Operator pools it joins."""
     resume: tuple[JobId, ...] = ()
     """Jobs it is still running from a previous connection and wants to keep."""
+    cell: str | None = None
+    """The cell it joins, one its hub serves; ``None``: its token's, else the hub's."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from typing import Any, Final, cast
 import orjson
 
 from hub.errors import Code, ProtocolError
+from hub.keys import is_cell
 
 from .frames import (
     DEFAULT_POOL,
@@ -153,6 +154,9 @@ def _parse_register(frame: dict[str, Any], limits: Limits) -> Register:
         raise ProtocolError(f"'max_jobs' must be an integer from 1 to {limits.max_jobs_per_node}")
     pools = frame.get("pools")
     resume = frame.get("resume")
+    cell = frame.get("cell")
+    if cell is not None and not is_cell(cell):
+        raise ProtocolError("'cell' must be 1 to 64 letters, digits, '_' or '-'")
     return Register(
         cast(NodeId, node_id),
         services,
@@ -160,6 +164,7 @@ def _parse_register(frame: dict[str, Any], limits: Limits) -> Register:
         max_jobs,
         (DEFAULT_POOL,) if pools is None else _ids(pools, "pools", 1, limits.max_pools, limits),
         () if resume is None else _job_ids(resume, "resume", 0, limits.max_jobs_per_node, limits),
+        cell,
     )
 
 

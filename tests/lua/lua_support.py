@@ -201,6 +201,7 @@ WORKLOAD_STEPS = (
     "ack_results",
     "route_partial",
     "end_lost_job",
+    "add_session_cell",
 )
 """The scripts :func:`run_every_script` calls, in order."""
 
@@ -246,4 +247,5 @@ async def run_every_script(scheduler: Scheduler) -> None:
             assert route.session_id == session_id
     await register(scheduler, "n4", pairs=(("de", "en"),), now_ms=t + 20_003)
     assert await scheduler.end_lost_job("lost-1", "s5", "r-lost", now_ms=t + 20_004)
+    assert await scheduler.add_session_cell("s5", "other")
     await scheduler.flush_stats()  # the stats hash too

@@ -68,7 +68,7 @@ async def test_dispatch_task_accepted_takes_a_slot(scheduler, redis, keys):
     assert await free(redis, keys, POOL) == {"n1": 0.5}
     assert await smembers(redis, keys.session_jobs("s1")) == {"j1"}
     session = await redis.hgetall(keys.session("s1"))
-    ttl = scheduler._session_ttl_ms()
+    ttl = scheduler.session_ttl_ms()
     assert session == {
         b"hub": b"hs",
         b"pool": POOL.encode(),
@@ -228,7 +228,7 @@ async def test_dispatch_task_queued_when_every_node_is_busy(scheduler, redis, ke
 
 async def test_dispatch_task_renews_the_session_ttls_when_half_has_passed(scheduler, redis, keys):
     await register(scheduler, "n1", max_jobs=4)
-    ttl = scheduler._session_ttl_ms()
+    ttl = scheduler.session_ttl_ms()
     await dispatch(scheduler, "s1", job_id="j1", now_ms=T0)
     # Shortened by hand, to tell a renewal from no renewal.
     await redis.pexpire(keys.session("s1"), 50_000)
@@ -250,7 +250,7 @@ async def test_dispatch_task_leaves_a_recreated_jobs_set_to_the_next_renewal(
     scheduler, redis, keys
 ):
     await register(scheduler, "n1", max_jobs=4)
-    ttl = scheduler._session_ttl_ms()
+    ttl = scheduler.session_ttl_ms()
     await dispatch(scheduler, "s1", job_id="j1", now_ms=T0)
     await scheduler.complete_task("j1", "n1", 1, "finished", now_ms=T0 + 1)
     assert await redis.exists(keys.session_jobs("s1")) == 0  # gone when empty
@@ -307,7 +307,7 @@ async def test_dispatch_task_queued_tracks_the_session(scheduler, redis, keys):
     assert await smembers(redis, keys.session_jobs("s1")) == {"j1"}
     assert await redis.hgetall(keys.session("s1")) == {
         b"hub": b"hs",
-        b"renew": str(T0 + scheduler._session_ttl_ms() // 2).encode(),
+        b"renew": str(T0 + scheduler.session_ttl_ms() // 2).encode(),
     }
     assert await redis.pttl(keys.session("s1")) > 0
     assert await redis.pttl(keys.session_jobs("s1")) > 0
