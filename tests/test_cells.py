@@ -34,6 +34,7 @@ from tests.hubtools import (
     send,
     submit,
 )
+from tests.test_jobsapi import HttpClient
 from tests.test_shedding import called_scripts
 
 MakeHub = Callable[..., Awaitable[Hub]]
@@ -531,3 +532,30 @@ async def test_spilled_submit_is_one_call_per_cell_tried_and_one_record(
     spills = [n for n in scripts if n in ("dispatch_task", "add_session_cell")]
     # Per job: its own cell, then one other (K=1), in turn b, c, b: each cell recorded once.
     assert spills.count("dispatch_task") == 6 and spills.count("add_session_cell") == 2
+
+
+async def test_http_jobs_run_in_the_token_cell_and_an_unserved_one_is_404(
+    make_hub: MakeHub, connect: Connect, keys: Keys, other_cells: tuple[str, str]
+) -> None:
+    b, c = other_cells
+    hub = await make_hub(cells=(keys.cell, b), session_jwt_key=SESSION_KEY)
+    node = await open_node(connect, hub, "n-b", cell=b)
+    http_ = await HttpClient.open(hub.port)
+    try:
+        token = mint_session_token(SESSION_KEY, session_id="dana", cell=b)
+        body = {"src_lang": "en", "tgt_lang": "fr", "payload": {"text": "hi"}}
+        reply = await http_.request("POST", "/v1/jobs", json=body, token=token)
+        assert reply.status == 202, reply
+        jid = reply.json()["job_id"]
+        assert jid.startswith(b + ".")
+        job = await expect(node, "job", job_id=jid, session_id="dana")
+        await result(node, job, result={"cell": b})
+        done = await http_.request("GET", f"/v1/jobs/{jid}?wait_ms=3000", token=token)
+        assert done.status == 200 and done.json()["result"] == {"cell": b}, done
+        elsewhere = mint_session_token(SESSION_KEY, session_id="erin", cell=c)
+        refused = await http_.request("POST", "/v1/jobs", json=body, token=elsewhere)
+        assert refused.status == 404 and refused.json()["code"] == "UNKNOWN_CELL", refused
+        unknown = await http_.request("GET", f"/v1/jobs/{c}.abc", token=token)
+        assert unknown.status == 404 and unknown.json()["code"] == "UNKNOWN_JOB", unknown
+    finally:
+        await http_.close()
