@@ -16,6 +16,7 @@ The parts, each in its own module, each given its collaborators here::
     Reconciler  after a Redis failure: job frames re-sent, a restart settled
     Health      ready and closing flags, shared read-only by the others
     Watch       this hub's figures to Redis; /v1/watch snapshots of the deployment
+    Siblings    a worker's metrics to Redis; its siblings' for /metrics
 
 Start order: the Redis watch and the bus subscription (in the background,
 so a hub starts while Redis is down), the listening socket, then the
@@ -59,6 +60,7 @@ from .registry import Registry
 from .router import Router
 from .sessions import Sessions
 from .shedding import Shedder
+from .siblings import Siblings
 from .tasks import Tasks
 from .watch import Watch
 
@@ -73,13 +75,24 @@ class Hub:
     Args:
         settings: everything configurable.
         redis_url: the Redis server (``settings.redis_url`` when omitted).
+        siblings: the ids of every worker of the ``hub serve --workers`` this
+            hub is one of (its ``/metrics`` includes theirs); empty for a hub
+            of its own.
+        group: the id of that ``hub serve`` (shown in ``/v1/status``).
 
     Raises:
         ValueError: if there is no Redis URL.
         ConfigError: if the Redis URL is malformed.
     """
 
-    def __init__(self, settings: Settings, redis_url: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redis_url: str | None = None,
+        *,
+        siblings: tuple[str, ...] = (),
+        group: str | None = None,
+    ) -> None:
         url = redis_url or settings.redis_url
         if url is None:
             raise ValueError("Hub needs a Redis URL (hub.cli starts an embedded server)")
@@ -182,6 +195,15 @@ class Hub:
             self.outbox,
             self.latencies,
             self.health,
+            group=group,
+        )
+        self.siblings = Siblings(
+            self.cells.client(settings.cell),
+            self.keys,
+            self.hub_id,
+            siblings,
+            interval_s=settings.watch_interval_s,
+            render_metrics=lambda: self.metrics.render(self.gate.snapshot())[0],
         )
         self.gate = Gate(
             self.hub_id,
@@ -194,6 +216,7 @@ class Hub:
             self.metrics,
             self.health,
             self.watch,
+            self.siblings,
         )
         self.server: Server | None = None
         self._loops: list[asyncio.Task[Any]] = []
@@ -235,6 +258,7 @@ class Hub:
             open_timeout=s.register_timeout_s,
             close_timeout=2,
             ssl=ssl_context,
+            reuse_port=s.reuse_port or None,
             server_header=None,
             logger=RedactingLogger(logging.getLogger("websockets.server")),
         )
@@ -246,6 +270,8 @@ class Hub:
         self._loop(self.sessions.watch_idle(), "idle")
         self._loop(self.shedder.watch(), "shedder")
         self._loop(self.watch.run(), "watch")
+        if self.siblings.ids:
+            self._loop(self.siblings.run(), "siblings")
         logger.info("= hub %s listening on %s:%d", self.hub_id, s.host, self.port)
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
@@ -271,7 +297,8 @@ class Hub:
         3. close sessions, then nodes, with 1001 (each node's connection ends
            with node_lost, which hands back whatever still runs);
         4. wait for the connections to end, then stop the background loops;
-        5. wait briefly for background tasks, cancel the rest, close Redis.
+        5. wait briefly for background tasks, cancel the rest, delete a
+           worker's metrics from Redis, close Redis.
         """
         health = self.health
         if health.closing:
@@ -305,6 +332,7 @@ class Hub:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         await self.tasks.close(timeout_s=3)
+        await self.siblings.remove()
         await self.bus.close()
         await self.cells.close()
         await self.redis.aclose()

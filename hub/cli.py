@@ -63,6 +63,12 @@ def _serve_parser(sub: Any) -> None:
         help="a job whose cell has no free node for its pair tries up to K other cells "
         "served here before it queues (default 0)",
     )
+    p.add_argument(
+        "--workers",
+        metavar="N",
+        help="hub processes on the port (SO_REUSEPORT), each with its own id <hub-id>-w<k>, "
+        "under a supervisor that restarts them: a number, or auto for one per CPU (default 1)",
+    )
     p.add_argument("--tls-cert", help="PEM certificate: serve wss:// directly")
     p.add_argument("--tls-key", help="PEM private key for --tls-cert")
     p.add_argument(
@@ -104,6 +110,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "redis_url",
         "data_dir",
         "hub_id",
+        "workers",
         "cell",
         "cells",
         "spill",
@@ -158,7 +165,13 @@ def _use_loop(choice: str) -> str:
     return "uvloop"
 
 
-async def _serve(settings: Settings, redis_wait_s: float) -> None:
+async def _serve(
+    settings: Settings,
+    redis_wait_s: float,
+    *,
+    siblings: tuple[str, ...] = (),
+    group: str | None = None,
+) -> None:
     from .app import Hub
     from .gate import check_exposure
 
@@ -173,7 +186,7 @@ async def _serve(settings: Settings, redis_wait_s: float) -> None:
         embedded.start()
         redis_url = embedded.url
     try:
-        hub = Hub(settings, redis_url)
+        hub = Hub(settings, redis_url, siblings=siblings, group=group)
         stop = asyncio.Event()
         hub.install_signal_handlers(stop)
         try:
@@ -225,6 +238,8 @@ def _check_port(settings: Settings) -> None:
     with socket.socket(family, kind, proto) as probe:
         # As asyncio's create_server does: a port in TIME_WAIT is free.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if settings.reuse_port:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             probe.bind(address)
         except OSError as exc:
@@ -271,8 +286,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": lambda a: run_command(commands.status(a)),
         "token": commands.token,
     }
+    return _one_line_errors(lambda: runners[args.command](args))
+
+
+def _one_line_errors(run: Callable[[], int]) -> int:
+    """Run a command; its errors become ``hub: error: …`` and an exit status."""
     try:
-        return runners[args.command](args)
+        return run()
     except (CLIError, ConfigError) as exc:
         print(f"hub: error: {exc}", file=sys.stderr)
         return 2
@@ -284,12 +304,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log_level)
+    if settings.worker_count() > 1:
+        from .gate import check_exposure
+        from .supervisor import Supervisor
+
+        check_exposure(settings)
+        supervisor = Supervisor(settings, redis_wait_s=args.redis_wait_s, loop=args.loop)
+        return run_command(supervisor.run())
     _use_loop(args.loop)
     return run_command(_serve_and_exit(settings, args.redis_wait_s))
 
 
-async def _serve_and_exit(settings: Settings, redis_wait_s: float) -> int:
-    await _serve(settings, redis_wait_s)
+async def _serve_and_exit(settings: Settings, redis_wait_s: float, **options: Any) -> int:
+    await _serve(settings, redis_wait_s, **options)
     return 0
 
 
@@ -305,6 +332,28 @@ def _bench(argv: list[str]) -> int:
         print(f"hub: error: hub bench needs the loadtest package: {exc}", file=sys.stderr)
         return 2
     return int(bench_main(argv, prog="hub bench"))
+
+
+def serve_worker(
+    settings: Settings,
+    *,
+    loop: str,
+    redis_wait_s: float,
+    siblings: tuple[str, ...],
+    group: str,
+) -> int:
+    """Run one worker of ``hub serve --workers`` (hub/worker.py) until SIGTERM.
+
+    Returns:
+        The exit status, as ``hub serve``'s; errors are one line on stderr.
+    """
+
+    def run() -> int:
+        configure_logging(settings.log_level)
+        _use_loop(loop)
+        return run_command(_serve_and_exit(settings, redis_wait_s, siblings=siblings, group=group))
+
+    return _one_line_errors(run)
 
 
 def _with_logging(args: argparse.Namespace, run: Callable[[], int]) -> int:

@@ -19,7 +19,10 @@ from urllib.parse import unquote, urlsplit
 
 from .keys import is_cell
 
-__all__ = ["ConfigError", "RedisDSN", "Settings"]
+__all__ = ["MAX_WORKERS", "ConfigError", "RedisDSN", "Settings"]
+
+MAX_WORKERS = 1024
+"""Most hub processes one ``hub serve --workers`` runs."""
 
 
 class ConfigError(ValueError):
@@ -116,6 +119,14 @@ class Settings:
     """PEM private key for ``tls_cert``."""
     insecure: bool = False
     """Allow open mode (no auth) on a non-loopback address."""
+    workers: str = "1"
+    """Hub processes ``hub serve`` runs on the port (``SO_REUSEPORT``), each with
+    its own id (``<hub_id>-w<k>``), under a supervisor: a number, or ``auto``
+    for one per CPU this process may run on. 1 runs the hub in this process."""
+    reuse_port: bool = False
+    """Bind the port with ``SO_REUSEPORT``, so that several hub processes of
+    this user listen on it at once and the kernel spreads connections over
+    them (the workers of ``hub serve --workers`` always do)."""
 
     # Redis
     redis_url: str | None = dataclasses.field(default=None, repr=False)
@@ -291,6 +302,7 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(name, getattr(self, name), "must not be negative")
+        self.worker_count()
         if not self.cell or any(c in self.cell for c in "{}: \t\r\n"):
             raise ConfigError(
                 "cell", self.cell, "must be non-empty without braces, colons or spaces"
@@ -336,6 +348,20 @@ class Settings:
         if self.node_lease_ms is not None:
             return self.node_lease_ms
         return 3 * self.heartbeat_interval_ms
+
+    def worker_count(self) -> int:
+        """The number of hub processes ``workers`` asks for (``auto``: usable CPUs).
+
+        Raises:
+            ConfigError: if ``workers`` is neither ``auto`` nor 1 to 1024.
+        """
+        text = self.workers.strip().lower()
+        if text == "auto":
+            # The CPUs this process may run on (taskset, cpusets), not every CPU.
+            return max(1, len(os.sched_getaffinity(0)))
+        if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+            raise ConfigError("workers", self.workers, f"must be auto or 1..{MAX_WORKERS}")
+        return int(text)
 
     # Loading
 

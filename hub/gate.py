@@ -35,11 +35,12 @@ from .cells import Cells
 from .config import ConfigError, Settings
 from .errors import Code, RedisUnavailable, Unauthorized
 from .health import Health
-from .metrics import Metrics, Snapshot
+from .metrics import Metrics, Snapshot, merge_expositions
 from .nodes import Nodes
 from .protocol import CloseCode
 from .registry import Registry
 from .sessions import Sessions
+from .siblings import Siblings
 from .watch import Watch
 
 __all__ = ["Gate", "RedactingLogger", "check_exposure"]
@@ -71,6 +72,7 @@ class Gate:
         metrics: counters, and the ``/metrics`` text.
         health: ready and closing flags.
         watch: serves ``/v1/watch`` connections.
+        siblings: a worker's siblings' metrics, for ``/metrics``.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class Gate:
         metrics: Metrics,
         health: Health,
         watch: Watch,
+        siblings: Siblings,
     ) -> None:
         self.hub_id = hub_id
         self._settings = settings
@@ -97,6 +100,7 @@ class Gate:
         self._metrics = metrics
         self._health = health
         self._watch = watch
+        self._siblings = siblings
         self._grants: dict[ServerConnection, NodeGrant | SessionGrant] = {}
         self._per_ip: dict[str, int] = {}
         self.connections = 0
@@ -124,8 +128,7 @@ class Gate:
                 return respond(http.HTTPStatus.OK, b"ready\n")
             return respond(http.HTTPStatus.SERVICE_UNAVAILABLE, b"not ready\n")
         if path == "/metrics":
-            body, content_type = self._metrics.render(self.snapshot())
-            return respond(http.HTTPStatus.OK, body, content_type)
+            return await self._render_metrics()
         if path == "/v1/status":
             return await self._status(parse_qs(urlsplit(request.path).query).get("cell"))
         if path in ("/", "/demo", "/demo/"):
@@ -256,6 +259,18 @@ class Gate:
             )
         return None
 
+    async def _render_metrics(self) -> Response:
+        """This hub's metrics; a worker's merged with its siblings' (hub/siblings.py)."""
+        body, content_type = self._metrics.render(self.snapshot())
+        if self._siblings.ids:
+            try:
+                others = await self._siblings.metrics()
+            except RedisUnavailable as exc:
+                logger.warning("! /metrics without the sibling workers': %s", exc)
+                others = []
+            body = merge_expositions(sorted([(self.hub_id, body), *others]))
+        return respond(http.HTTPStatus.OK, body, content_type)
+
     async def _status(self, wanted: list[str] | None) -> Response:
         cell = wanted[0] if wanted else self._cells.default
         if cell not in self._cells:
@@ -266,6 +281,7 @@ class Gate:
             )
         try:
             state = await self._cells[cell].status()
+            view = await self._cells[cell].hub_view()
         except RedisUnavailable:
             return respond(
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
@@ -282,9 +298,23 @@ class Gate:
                 "sessions": len(self._registry.sessions),
             },
             **state,
+            "hubs": [_hub_entry(h, r) for h, r in sorted(view.records.items())],
             "hub_counters": self._metrics.snapshot(),
         }
         return respond(http.HTTPStatus.OK, orjson.dumps(body), "application/json")
+
+
+def _hub_entry(hub_id: str, record: bytes) -> dict[str, Any]:
+    """One live hub in ``/v1/status``, from its record (hub/watch.py)."""
+    figures = orjson.loads(record)
+    return {
+        "hub_id": hub_id,
+        "group": figures.get("group", hub_id),
+        "pid": figures.get("pid"),
+        "nodes": figures.get("nodes", 0),
+        "sessions": figures.get("sessions", 0),
+        "ready": bool(figures.get("ready")),
+    }
 
 
 def check_exposure(settings: Settings) -> None:

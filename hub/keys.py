@@ -123,12 +123,16 @@ class Keys:
 
     @property
     def hubs(self) -> str:
-        """Zset of hub id -> last time it was alive."""
+        """Set of the ids of the hubs alive (each has a record, :meth:`hub_record`)."""
         return f"{self.prefix}hubs"
 
     def hub_record(self, hub_id: str) -> str:
         """String of a hub's own figures (sessions, latencies), expiring unless renewed."""
         return f"{self.prefix}hubrec:{hub_id}"
+
+    def hub_metrics(self, hub_id: str) -> str:
+        """String of a worker's ``/metrics`` text, for its siblings' (hub/siblings.py)."""
+        return f"{self.prefix}hubmetrics:{hub_id}"
 
     @property
     def stats(self) -> str:

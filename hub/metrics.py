@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
-__all__ = ["Metrics", "Snapshot"]
+__all__ = ["HUB_LABEL", "Metrics", "Snapshot", "merge_expositions"]
+
+HUB_LABEL = "hub"
+"""The label naming the worker of each sample in a merged ``/metrics``."""
 
 _MAX_CACHED_CHILDREN = 256
 """Most labelled children cached per counter (node error texts are open-ended)."""
@@ -140,3 +147,43 @@ class Metrics:
                     name = sample.name + (f"{{{label}}}" if label else "")
                     out[name] = sample.value
         return out
+
+
+def merge_expositions(parts: Sequence[tuple[str, bytes]]) -> bytes:
+    """One text exposition of several hubs' ``/metrics``, each sample labelled by its hub.
+
+    The workers of one ``hub serve --workers`` answer ``/metrics`` with this
+    (hub/siblings.py): a family appears once, with one series per worker,
+    ``hub="<worker id>"``. Sums over the label give the server's totals.
+
+    Args:
+        parts: (hub id, that hub's ``/metrics`` text), in the order to list them.
+
+    Returns:
+        The merged text, in the format of :data:`CONTENT_TYPE_LATEST`.
+    """
+    families: dict[str, Metric] = {}
+    for hub_id, text in parts:
+        for family in text_string_to_metric_families(text.decode()):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(
+                    family.name, family.documentation, family.type, family.unit
+                )
+            merged.samples.extend(
+                Sample(s.name, {HUB_LABEL: hub_id, **s.labels}, s.value, s.timestamp)
+                for s in family.samples
+            )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Families:
+    """A collector of metric families already built (the merged ones)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)

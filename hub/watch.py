@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -70,6 +71,8 @@ class Watch:
         outbox: queues snapshots on watchers; closes slow ones.
         latencies: this hub's latency buckets.
         health: whether the hub is ready.
+        group: the ``hub serve --workers`` this hub is a worker of (its own
+            id for a hub of its own), in its record.
     """
 
     def __init__(
@@ -81,8 +84,11 @@ class Watch:
         outbox: Outbox,
         latencies: Latencies,
         health: Health,
+        *,
+        group: str | None = None,
     ) -> None:
         self.hub_id = hub_id
+        self.group = group or hub_id
         self._settings = settings
         self._scheduler = scheduler
         self._registry = registry
@@ -189,6 +195,8 @@ class Watch:
                 "nodes": len(self._registry.nodes),
                 "watchers": len(self.watchers),
                 "ready": self._health.ready,
+                "pid": os.getpid(),
+                "group": self.group,
                 "accepted": sorted(lat.accepted.counts().items()),
                 "ended": sorted(lat.ended.counts().items()),
             }

@@ -4,7 +4,7 @@ Usage::
 
     python -m loadtest [--sessions 1000] [--nodes 40] [--duration 30]
         [--scenario steady|burst|overload|churn|chaos|soak] [--url ws://HOST:PORT ...]
-        [--hubs N] [--service-time-ms 50..300] [--job-interval-ms 1000]
+        [--hubs N] [--workers N] [--service-time-ms 50..300] [--job-interval-ms 1000]
         [--max-jobs 8] [--audio-bytes 16000] [--processes K] [--out DIR]
         [--uvloop | --no-uvloop] ...
     hub bench --url wss://hub.example:443 --token-file FILE [--sessions 1000] [--nodes 50] ...
@@ -176,6 +176,12 @@ def build_parser(prog: str = "python -m loadtest") -> argparse.ArgumentParser:
     )
     p.add_argument("--hub-pid", type=int, action="append", default=[], help="external hub pid")
     p.add_argument("--hubs", type=int, help="hub processes to start (default 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="workers of each started hub (hub serve --workers N, one port); its CPU "
+        "counts the supervisor's and its workers' (default 1: no supervisor)",
+    )
     p.add_argument("--redis-url", help="Redis for the started hubs (default: embedded)")
     p.add_argument(
         "--redis-aof",
@@ -350,6 +356,7 @@ async def run(args: argparse.Namespace) -> int:
                 redis_url=args.redis_url,
                 redis_aof=args.redis_aof,
                 cprofile=args.hub_cprofile,
+                workers=args.workers,
             )
             await fleet.start()
             hubs = fleet.hubs
@@ -469,6 +476,7 @@ async def run(args: argparse.Namespace) -> int:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "hubs": len(hubs),
+        "workers_per_hub": args.workers if fleet is not None else None,
         "hub_pids": [h.pid for h in hubs],
         "hub_urls": urls,
         "hub_loop": ("uvloop" if args.uvloop and _has_uvloop() else "asyncio")
@@ -546,6 +554,7 @@ def _check_args(args: argparse.Namespace) -> None:
         # Settings of the hubs the harness starts: a deployment has its own.
         started_only = {
             "hubs": args.hubs is not None,
+            "workers": args.workers is not None,
             "redis_url": args.redis_url is not None,
             "hub_set": bool(args.hub_set),
             "hub_cprofile": args.hub_cprofile,
@@ -557,7 +566,11 @@ def _check_args(args: argparse.Namespace) -> None:
                 )
     if args.hubs is None:
         args.hubs = 1
-    for name in ("sessions", "nodes", "max_jobs", "inflight", "hubs"):
+    if args.workers is None:
+        args.workers = 1
+    if args.hub_cprofile and args.workers > 1:
+        raise ValueError("--hub-cprofile profiles one process: use it without --workers")
+    for name in ("sessions", "nodes", "max_jobs", "inflight", "hubs", "workers"):
         low = 0 if name == "sessions" or (name == "nodes" and args.url) else 1
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}")

@@ -420,6 +420,9 @@ class ChaosConfig:
     hub_kills: int | None = None
     """How many hub kills; ``None``: one per 40 s of load (at least one)."""
     hub_down_s: float = 5.0
+    workers: int = 1
+    """Workers per hub process (``hub serve --workers``); above 1 a hub fault
+    SIGKILLs one worker, which its supervisor restarts (:meth:`ChaosRun._kill_worker`)."""
     redis_restart: bool = True
     redis_down_s: float = 2.0
     redis_kills: int = 1
@@ -586,6 +589,7 @@ class ChaosRun:
             "max_connections_per_ip": None,
             "shutdown_grace_s": 2,
             "redis_timeout_s": 1,
+            **({"workers": c.workers, "watch_interval_s": 0.5} if c.workers > 1 else {}),
             **c.hub_settings,
         }
         self.hubs = [
@@ -734,6 +738,9 @@ class ChaosRun:
         fault.back_at = _now()
 
     async def _kill_hub(self, at: float) -> None:
+        if self.config.workers > 1:
+            await self._kill_worker(self.rng.choice([h for h in self.hubs if h.alive]))
+            return
         live = [h for h in self.hubs if h.alive]
         if len(live) < 2:
             return  # keep one hub up: the sessions need somewhere to go
@@ -748,6 +755,37 @@ class ChaosRun:
         await hub.wait_ready()
         fault.back_at = _now()
         self.log(f"hub {hub.hub_id} is back")
+
+    async def _kill_worker(self, hub: HubProcess) -> None:
+        """SIGKILL one worker of ``hub``; wait (bounded) until its supervisor brought it back.
+
+        Back means: a new worker process under the same supervisor, listed
+        with the killed worker's id, its new pid, and ready in ``/v1/status``.
+        """
+        workers: dict[int, str] = {}
+        for _ in range(100):  # bounded: 10 s for every worker to be listed ready
+            workers = await _live_workers(hub)
+            if len(workers) == self.config.workers:
+                break
+            await asyncio.sleep(0.1)
+        if not workers:
+            self.log(f"no worker of hub {hub.hub_id} is ready: none killed")
+            return
+        pid = self.rng.choice(sorted(workers))
+        target = workers[pid]
+        fault = Fault(_now(), "hub", target)
+        self.faults.append(fault)
+        os.kill(pid, signal.SIGKILL)
+        self.log(f"killed worker {target} of hub {hub.hub_id} (pid {pid})")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            now = await _live_workers(hub)
+            if any(p != pid and w == target for p, w in now.items()):
+                fault.back_at = _now()
+                self.log(f"worker {target} is back")
+                return
+            await asyncio.sleep(0.1)
+        self.log(f"worker {target} did not come back")
 
     def _hub_to_kill(self, live: list[HubProcess]) -> HubProcess:
         """Which of the live hubs a hub fault kills."""
@@ -1121,6 +1159,19 @@ class ChaosRun:
         }
 
 
+async def _live_workers(hub: HubProcess) -> dict[int, str]:
+    """pid -> id of each worker of ``hub`` that runs and is ready in ``/v1/status``."""
+    pids = set(hub.worker_pids())
+    status, body = await http_get(hub.port, "/v1/status")
+    if status != 200:
+        return {}
+    return {
+        h["pid"]: h["hub_id"]
+        for h in orjson.loads(body).get("hubs", [])
+        if h["pid"] in pids and h["ready"]
+    }
+
+
 async def _restarts_reconciled(hub: HubProcess) -> int:
     """How many Redis restarts the hub reconciled (``/v1/status``); -1 when it does not answer."""
     status, body = await http_get(hub.port, "/v1/status")
@@ -1221,6 +1272,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--node-kill-every-s", type=float, default=7.0, help="default 7")
     p.add_argument("--hub-kills", type=int, default=None, help="default: one per 40 s")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="workers per hub (hub serve --workers); above 1 a hub fault kills one worker",
+    )
     p.add_argument("--no-redis-restart", action="store_true", help="no SIGTERM restart of Redis")
     p.add_argument(
         "--redis-kills",
@@ -1238,7 +1295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["node-worker"]:
         return asyncio.run(_node_worker(json.loads(args[1])))
     ns = build_parser().parse_args(args)
-    if ns.hubs < 2:
+    if ns.hubs < 2 and ns.workers < 2:
         print("chaos: error: --hubs must be at least 2 (one stays up)", file=sys.stderr)
         return 2
     config = ChaosConfig(
@@ -1251,6 +1308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         job_interval_s=ns.job_interval_s,
         node_kill_every_s=ns.node_kill_every_s,
         hub_kills=ns.hub_kills,
+        workers=ns.workers,
         redis_restart=not ns.no_redis_restart,
         redis_kills=ns.redis_kills,
         out_dir=ns.out,

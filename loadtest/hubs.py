@@ -81,6 +81,8 @@ class Fleet:
         redis_url: a Redis to use instead of an embedded one.
         redis_aof: the embedded Redis keeps an append-only file, as ``hub serve`` does.
         cprofile: run each hub under cProfile (CPU clock), stats in ``hub-<i>.pstats``.
+        workers: worker processes of each hub (``hub serve --workers``); a
+            hub's CPU and memory are then its supervisor's plus its workers'.
     """
 
     def __init__(
@@ -93,11 +95,17 @@ class Fleet:
         redis_url: str | None = None,
         redis_aof: bool = True,
         cprofile: bool = False,
+        workers: int = 1,
     ) -> None:
         self.count = hubs
+        self.workers = workers
         self.cprofile = cprofile
         self.out_dir = out_dir
-        self.settings = {**LOAD_SETTINGS, **(settings or {})}
+        self.settings = {
+            **LOAD_SETTINGS,
+            **({"workers": str(workers)} if workers > 1 else {}),
+            **(settings or {}),
+        }
         self.uvloop = uvloop
         self.redis_url = redis_url
         self.redis_aof = redis_aof
@@ -144,10 +152,7 @@ class Fleet:
     def sample(self) -> dict[str, Any]:
         """CPU seconds and RSS of each hub and of Redis, right now."""
         return {
-            "hubs": [
-                {"cpu_s": cpu_seconds(h.pid), "rss_kb": rss_kb(h.pid)} if h.pid else {}
-                for h in self.hubs
-            ],
+            "hubs": [_usage([h.pid, *h.worker_pids()]) if h.pid else {} for h in self.hubs],
             "redis": (
                 {"cpu_s": cpu_seconds(self.redis_pid), "rss_kb": rss_kb(self.redis_pid)}
                 if self.redis_pid
@@ -177,3 +182,13 @@ class Fleet:
             name=f"hub-{i}",
             launcher=launcher,
         )
+
+
+def _usage(pids: list[int]) -> dict[str, Any]:
+    """CPU seconds and RSS of a hub: its process and its workers' (``--workers``), summed."""
+    cpu = [cpu_seconds(p) for p in pids]
+    rss = [rss_kb(p) for p in pids]
+    return {
+        "cpu_s": None if cpu[0] is None else sum(c or 0.0 for c in cpu),
+        "rss_kb": None if rss[0] is None else sum(r or 0 for r in rss),
+    }

@@ -5,6 +5,9 @@ on asyncio's own loop on a machine that has uvloop, this launcher makes
 ``import uvloop`` fail (``sys.modules["uvloop"] = None``) before running
 :func:`hub.cli.main` unchanged. ``--uvloop`` (the default) changes nothing.
 
+With ``--no-uvloop`` a ``serve`` command also gets ``--loop asyncio``, which
+the workers of ``hub serve --workers`` (fresh processes) follow too.
+
 ``--cprofile PATH`` runs the hub under :mod:`cProfile` with a CPU-time clock
 (``time.process_time``: time spent waiting for a core or for the network is
 not counted) and writes the stats to PATH when the hub exits (SIGTERM).
@@ -31,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
             use_uvloop = option == "--uvloop"
     if not use_uvloop:
         sys.modules["uvloop"] = None  # type: ignore[assignment]
+        if args[:1] == ["serve"]:
+            args[1:1] = ["--loop", "asyncio"]
     from hub.cli import main as hub_main
 
     if profile_path is None:

@@ -54,6 +54,7 @@ __all__ = [
     "RedisProcess",
     "aof_mark",
     "child_env",
+    "child_pids",
     "cpu_seconds",
     "cut_aof",
     "free_port",
@@ -239,6 +240,37 @@ def cpu_seconds(pid: int) -> float | None:
         return None
     values = fields.split()
     return (int(values[11]) + int(values[12])) / _CLK_TCK
+
+
+def child_pids(pid: int) -> list[int]:
+    """The children of ``pid`` now (``/proc/<pid>/task/*/children``); empty when it is gone.
+
+    Args:
+        pid: the parent.
+
+    Returns:
+        Their pids, in ascending order.
+    """
+    found: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found.update(int(p) for p in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return sorted(found)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
 
 
 def process_gone(pid: int) -> bool:
@@ -1062,6 +1094,12 @@ class HubProcess(ChildProcess):
             raise RuntimeError(
                 f"hub {self.hub_id} not ready in {timeout_s:g} s: {log_tail(self.log_path)}"
             ) from None
+
+    def worker_pids(self) -> list[int]:
+        """The pids of its workers (``hub serve --workers``): children running ``hub.worker``."""
+        if self.pid is None:
+            return []
+        return [p for p in child_pids(self.pid) if "hub.worker" in _cmdline(p)]
 
     def __repr__(self) -> str:
         return f"<HubProcess {self.hub_id} {self.url} pid={self.pid}>"

@@ -281,7 +281,9 @@ def table(report: dict[str, Any]) -> str:
     m = report["meta"]
     lines.append(
         f"scenario {p['scenario']}: {p['sessions']} sessions, {p['nodes']} nodes x "
-        f"{p['max_jobs']} slots, {m.get('hubs')} hub(s) ({m.get('hub_loop')}), "
+        f"{p['max_jobs']} slots, {m.get('hubs')} hub(s)"
+        + (f" x {m['workers_per_hub']} workers" if (m.get("workers_per_hub") or 1) > 1 else "")
+        + f" ({m.get('hub_loop')}), "
         f"{p['duration_s']:g} s, service {p['service_time']} ms, "
         + (
             f"1 job / {p['job_interval_ms']:g} ms / session"
