@@ -24,6 +24,7 @@ from .cliargs import (
     Unreachable,
     configure_logging,
     non_negative_float,
+    ready_line,
     run_command,
     start_hub,
 )
@@ -207,17 +208,7 @@ async def _serve(
                         f"cannot reach Redis at {where} within {redis_wait_s:g} s "
                         f"(--redis-wait-s 0 starts anyway and keeps retrying)"
                     ) from None
-            scheme = "wss" if settings.tls_cert else "ws"
-            web = "https" if settings.tls_cert else "http"
-            base = f"{settings.host}:{hub.port}"
-            waiting = "" if hub.ready else " (not reachable yet: retrying)"
-            print(
-                f"hub {hub.hub_id} ready: nodes {scheme}://{base}/v1/node, sessions "
-                f"{scheme}://{base}/v1/session, status {web}://{base}/v1/status, "
-                f"demo {web}://{base}/demo, dashboard {web}://{base}/dashboard; "
-                f"redis: {where}{waiting}",
-                flush=True,
-            )
+            print(ready_line(hub.hub_id, settings, hub.port, where, hub.ready), flush=True)
             await stop.wait()
         finally:
             await hub.close()

@@ -9,7 +9,7 @@ import errno
 import logging
 import math
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn
 
 from .config import Settings
@@ -26,6 +26,7 @@ __all__ = [
     "non_negative_float",
     "positive_float",
     "positive_int",
+    "ready_line",
     "run_command",
     "service_time",
     "start_hub",
@@ -131,6 +132,37 @@ def service_time(text: str) -> Any:
         return ServiceTime.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def ready_line(
+    hub_id: str,
+    settings: Settings,
+    port: int,
+    redis: str,
+    reachable: bool,
+    workers: Sequence[str] = (),
+) -> str:
+    """The line ``hub serve`` prints once it listens (tools parse it: keep its shape).
+
+    Args:
+        hub_id: the hub's id (the supervisor's, with ``--workers``).
+        settings: where it listens, and whether with TLS.
+        port: the port it listens on.
+        redis: where its Redis is, for people (a redacted URL).
+        reachable: whether Redis answered.
+        workers: the workers' ids, with ``--workers``.
+    """
+    scheme = "wss" if settings.tls_cert else "ws"
+    web = "https" if settings.tls_cert else "http"
+    base = f"{settings.host}:{port}"
+    waiting = "" if reachable else " (not reachable yet: retrying)"
+    ids = f", workers {len(workers)} ({', '.join(workers)})" if workers else ""
+    return (
+        f"hub {hub_id} ready: nodes {scheme}://{base}/v1/node, sessions "
+        f"{scheme}://{base}/v1/session, status {web}://{base}/v1/status, "
+        f"demo {web}://{base}/demo, dashboard {web}://{base}/dashboard{ids}; "
+        f"redis: {redis}{waiting}"
+    )
 
 
 async def start_hub(hub: Any, settings: Settings) -> None:

@@ -50,7 +50,7 @@ from typing import Any
 
 import orjson
 
-from .cliargs import CLIError, Unreachable
+from .cliargs import CLIError, Unreachable, ready_line
 from .config import RedisDSN, Settings
 from .embedded import EmbeddedRedis, kill_on_parent_death
 
@@ -298,18 +298,9 @@ class Supervisor:
         return False
 
     def _print_ready(self, where: str) -> None:
-        s = self.settings
-        scheme = "wss" if s.tls_cert else "ws"
-        web = "https" if s.tls_cert else "http"
-        base = f"{s.host}:{self.port}"
-        waiting = "" if all(w.reachable for w in self.workers) else " (not reachable yet: retrying)"
-        ids = ", ".join(w.hub_id for w in self.workers)
-        print(
-            f"hub {self.hub_id} ready: nodes {scheme}://{base}/v1/node, sessions "
-            f"{scheme}://{base}/v1/session, status {web}://{base}/v1/status, "
-            f"demo {web}://{base}/demo, workers {self.count} ({ids}); redis: {where}{waiting}",
-            flush=True,
-        )
+        reachable = all(w.reachable for w in self.workers)
+        ids = [w.hub_id for w in self.workers]
+        print(ready_line(self.hub_id, self.settings, self.port, where, reachable, ids), flush=True)
 
     async def _supervise(self, redis_url: str) -> None:
         """Restart each worker that dies until SIGTERM (or one keeps failing to start)."""
