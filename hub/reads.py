@@ -386,7 +386,10 @@ class CellReads:
         """Write this hub's figures for the dashboards of every hub; they expire unless renewed.
 
         Like the ``stats`` counters, they schedule nothing, so the hub writes
-        them itself (one pipeline: the record, and its id in ``hubs``).
+        them itself (one pipeline: the record, and its id in ``hubs``). The
+        set of ids expires too, renewed by every hub's write: ids of hubs
+        that died are dropped by the readers, and when no hub is left
+        nothing stays.
 
         Raises:
             RedisUnavailable: if Redis cannot be reached.
@@ -396,6 +399,7 @@ class CellReads:
             pipe = self.redis.pipeline(transaction=False)
             pipe.set(k.hub_record(hub_id), record, px=ttl_ms)
             pipe.zadd(k.hubs, {hub_id: int(time.time() * 1000)})
+            pipe.pexpire(k.hubs, ttl_ms)
             await pipe.execute()
 
     async def hub_view(self, *, max_hubs: int = 256) -> HubView:
