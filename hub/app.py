@@ -157,9 +157,11 @@ class Hub:
             self.sessions,
             self.audio,
             self.shedder,
+            self.latencies,
             *common,
         )
         self.outbox.on_ended = self.jobs.job_ended
+        self.outbox.on_accepted = self.jobs.job_accepted
         self.http = HttpServer(
             self.jobs.handle,
             max_body_bytes=settings.max_frame_bytes,

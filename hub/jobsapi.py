@@ -55,6 +55,7 @@ from .errors import (
 from .events import Dispatch, Queued
 from .health import Health
 from .httpconn import HttpRequest, HttpResponse, error_response
+from .latency import Latencies
 from .metrics import Metrics
 from .protocol import JobId
 from .reads import JobRecord
@@ -99,6 +100,9 @@ class _Client:
         )
         self.ends: dict[str, float] = {}
         """Unfinished jobs -> when they stop counting (monotonic), whatever happens."""
+        self.started: dict[str, float] = {}
+        """Unfinished jobs -> when they were submitted (:class:`~hub.latency.Latencies`),
+        as a socket session's ``SessionLink.started``: bounded by its in-flight limit."""
 
     def expire(self, now: float) -> None:
         """Stop counting jobs whose result never came here."""
@@ -108,6 +112,7 @@ class _Client:
     def forget(self, jid: str) -> None:
         # The job's ref is its id: refused or ended, the ref closes the same way.
         self.ends.pop(jid, None)
+        self.started.pop(jid, None)
         self.conn.job_refused(jid)
 
 
@@ -125,6 +130,8 @@ class JobsApi:
         sessions: takes back a job whose dispatch reply was lost.
         audio: where the audio of jobs accepted here is kept.
         shedder: whether new jobs must be refused ``OVERLOADED``.
+        latencies: where the jobs' time to accepted and end to end are counted,
+            beside those of socket sessions (the dashboard's latencies).
         metrics: refusals.
         health: whether Redis is usable and the hub is closing.
         tasks: owner of the script calls that outlive their request.
@@ -141,6 +148,7 @@ class JobsApi:
         sessions: Sessions,
         audio: AudioStore,
         shedder: Shedder,
+        latencies: Latencies,
         metrics: Metrics,
         health: Health,
         tasks: Tasks,
@@ -154,6 +162,7 @@ class JobsApi:
         self._sessions = sessions
         self._audio = audio
         self._shedder = shedder
+        self._latencies = latencies
         self._metrics = metrics
         self._health = health
         self._tasks = tasks
@@ -201,6 +210,7 @@ class JobsApi:
         """
         client = self._clients.get(session_id)
         if client is not None:
+            self._latencies.sent(client.started, job_id, ended=True)
             client.forget(job_id)
         waiters = self._waiters.pop(job_id, None)
         if waiters:
@@ -208,6 +218,17 @@ class JobsApi:
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(data)
+
+    def job_accepted(self, session_id: str, job_id: str) -> None:
+        """A job of a session of this hub was accepted (an attempt started on a node).
+
+        Called by :class:`~hub.outbox.Outbox` for every ``accepted`` frame
+        for a session of this hub: counts the job's time to accepted (its
+        first attempt's) when it was submitted here over HTTP.
+        """
+        client = self._clients.get(session_id)
+        if client is not None:
+            self._latencies.sent(client.started, job_id, ended=False)
 
     def close(self) -> None:
         """Wake every waiting request (the hub shuts down): each answers what it knows."""
@@ -285,6 +306,7 @@ class JobsApi:
             )
         # Counted from now: its result may come before the dispatch reply.
         client.ends[jid] = time.monotonic() + timeout_ms / 1000 + _END_GRACE_S
+        client.started[jid] = self._latencies.now()
         started = time.monotonic()
         try:
             reply = await scheduler.dispatch_task(
@@ -509,8 +531,10 @@ class JobsApi:
         status: http.HTTPStatus | None = None,
         close: bool = False,
     ) -> HttpResponse:
-        """A job refused (counted like a session's, ``hub_jobs_refused``)."""
+        """A job refused (counted like a session's: ``hub_jobs_refused``, and the
+        default cell's ``refused:<code>`` that the dashboard shows, as sessions count)."""
         self._metrics.job_refused(code)
+        self._cells.main.count_refused(code)
         return _refusal(code, message, retry_after_ms, status=status, close=close)
 
 

@@ -87,6 +87,9 @@ class Outbox:
         self.on_ended: Callable[[str, str, str | bytes], None] | None = None
         """Told of each job result for a session of this hub, connected or not: the
         session, the job and its ``result`` frame (set by the HTTP job API, :mod:`hub.jobsapi`)."""
+        self.on_accepted: Callable[[str, str], None] | None = None
+        """Told of each ``accepted`` frame for a session of this hub, connected or not:
+        the session and the job (set by the HTTP job API, for its latencies)."""
         self._send_limit = send_buffer_bytes
         self._max_backlog = max_backlog
         self._too_slow: set[ServerConnection] = set()
@@ -224,6 +227,8 @@ class Outbox:
                 self._audio.drop(ended)
                 if self.on_ended is not None:
                     self.on_ended(session_id, ended, frame)
+            elif attempt and job_id is not None and self.on_accepted is not None:
+                self.on_accepted(session_id, job_id)
             link = self._registry.sessions.get(session_id)
             if link is None:
                 return  # gone: results wait in Redis for its resume

@@ -427,6 +427,39 @@ async def test_a_client_over_its_limits_gets_429(
     assert_error(fast, 429, "RATE_LIMITED")
 
 
+async def test_http_jobs_count_on_the_dashboard(
+    make_hub: Callable[..., Awaitable[Hub]], connect: Connect, client: HttpFactory
+) -> None:
+    # protocol.md §12: every refusal counts under its code, and latencies cover
+    # every job, HTTP ones included (time to accepted of a queued job too).
+    hub = await make_hub(watch_interval_s=0.1)
+    node = await open_node(connect, hub, "n1", max_jobs=1)
+    http_ = await client(hub)
+    first = await http_.request("POST", "/v1/jobs", json=job_body())
+    queued = await http_.request("POST", "/v1/jobs", json=job_body())
+    assert (first.json()["status"], queued.json()["status"]) == ("running", "queued")
+    nopool = await http_.request("POST", "/v1/jobs", json=job_body(src_lang="xx"))
+    assert_error(nopool, 422, "NO_POOL_FOR_LANG_PAIR")
+    unknown = await http_.request("POST", "/v1/jobs", json=job_body(payload=[]))
+    assert_error(unknown, 400, "BAD_FRAME")
+    for _ in range(2):
+        job = await expect(node, "job")
+        await result(node, job, result={"ok": True})
+    watcher = await connect(hub, "/v1/watch")
+    deadline = asyncio.get_running_loop().time() + ANSWER_TIMEOUT
+    while True:
+        async with asyncio.timeout(ANSWER_TIMEOUT):
+            frame = orjson.loads(await watcher.recv())
+        latency, totals = frame["latency"], frame["jobs"]["totals"]
+        if latency["end_to_end"]["count"] == 2 and latency["accepted"]["count"] == 2:
+            break
+        assert asyncio.get_running_loop().time() < deadline, frame
+    assert totals["refused:NO_POOL_FOR_LANG_PAIR"] == 1
+    assert totals["refused:BAD_FRAME"] == 1
+    assert latency["end_to_end"]["p50_ms"] > 0
+    assert latency["accepted"]["p99_ms"] <= latency["end_to_end"]["p99_ms"]
+
+
 async def test_a_hub_without_redis_answers_503(
     make_hub: Callable[..., Awaitable[Hub]],
     spawn_redis: Callable[..., RedisProcess],
