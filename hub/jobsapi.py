@@ -518,9 +518,11 @@ class JobsApi:
         if not values:
             return 0.0
         text = values[-1]
-        if not text.isascii() or not text.isdigit() or len(text) > 12:
+        if not text.isascii() or not text.isdigit():
             raise ProtocolError("'wait_ms' must be an integer >= 0")
-        return min(int(text), self._settings.http_max_wait_ms) / 1000
+        longest = self._settings.http_max_wait_ms
+        # Larger values are lowered (protocol.md §11.2), however many digits they have.
+        return (min(int(text), longest) if len(text) <= 12 else longest) / 1000
 
     def _refused(
         self,

@@ -257,6 +257,18 @@ async def test_post_wait_ends_202_while_the_job_runs(
     assert reply.json()["status"] == "running"
 
 
+async def test_a_wait_over_the_maximum_is_lowered_whatever_its_length(
+    make_hub: Callable[..., Awaitable[Hub]], connect: Connect, client: HttpFactory
+) -> None:
+    hub = await make_hub(http_max_wait_ms=100)
+    await open_node(connect, hub, "n1")
+    http_ = await client(hub)
+    for wait_ms in ("5000", "9" * 40, "1" + "0" * 5000):
+        reply = await http_.request("POST", f"/v1/jobs?wait_ms={wait_ms}", json=job_body())
+        assert reply.status == 202, (wait_ms[:20], reply)
+        assert reply.json()["status"] in ("running", "queued")
+
+
 async def test_delete_cancels_the_job(hub: Hub, connect: Connect, client: HttpFactory) -> None:
     node = await open_node(connect, hub, "n1")
     http_ = await client(hub)
