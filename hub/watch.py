@@ -98,7 +98,8 @@ class Watch:
         self.watchers: set[ServerConnection] = set()
         """Open ``/v1/watch`` connections."""
         self.last: str | None = None
-        """The latest snapshot sent, for a watcher that connects between ticks."""
+        """The latest snapshot sent, for a watcher that connects between ticks
+        (forgotten at the first tick without watchers)."""
         self.snapshots = 0
         """Snapshots built so far (one per tick while anyone watches)."""
         self._counters: tuple[float, dict[str, int]] | None = None
@@ -150,6 +151,7 @@ class Watch:
             await self._scheduler.publish_hub(self.hub_id, self._record(), ttl_ms)
         if not self.watchers:
             self._counters = None  # a rate needs two reads in a row
+            self.last = None  # nor does a watcher coming later get an old snapshot
             return
         frame = orjson.dumps(await self.snapshot()).decode()
         self.last = frame

@@ -229,6 +229,20 @@ async def test_one_snapshot_per_tick_goes_to_every_watcher(
     assert all(orjson.loads(f)["type"] == "snapshot" for f in frames)
 
 
+async def test_a_watcher_never_gets_a_snapshot_older_than_a_tick(
+    make_hub: MakeHub, connect: Connect
+) -> None:
+    hub = await make_hub(**FAST)
+    first = await connect(hub, "/v1/watch")
+    assert (await snapshot(first))["nodes"] == []
+    await first.close()
+    await wait_for(lambda: hub.watch.last is None, timeout=2000 * MS)
+    await open_node(connect, hub, "gpu-1")
+    # The snapshot sent at once is this tick's, not the one from before the node.
+    later = await connect(hub, "/v1/watch")
+    assert [row["node_id"] for row in (await snapshot(later))["nodes"]] == ["gpu-1"]
+
+
 async def test_no_watcher_costs_no_snapshot(make_hub: MakeHub, redis: Redis, keys: Keys) -> None:
     hub = await make_hub(**FAST)
     # The hub still publishes its own record for the others.
