@@ -50,6 +50,9 @@ logger = logging.getLogger("hub.gate")
 _NODE_PATH = "/v1/node"
 _SESSION_PATH = "/v1/session"
 _WATCH_PATH = "/v1/watch"
+_DASHBOARD_HINT = b"open /dashboard?token=TOKEN with a token from `hub token --admin`\n"
+"""Said after why ``/dashboard`` was refused ``401``: a browser shows the body."""
+
 _DASHBOARD_FILES = {
     "/dashboard/uPlot.iife.min.js": ("uPlot.iife.min.js", "text/javascript; charset=utf-8"),
     "/dashboard/uPlot.min.css": ("uPlot.min.css", "text/css; charset=utf-8"),
@@ -134,7 +137,7 @@ class Gate:
         if path in ("/", "/demo", "/demo/"):
             return _static_page()
         if path in ("/dashboard", "/dashboard/"):
-            return self._admin(ws, request) or _static_page("dashboard.html")
+            return self._admin(ws, request, hint=_DASHBOARD_HINT) or _static_page("dashboard.html")
         if path in _DASHBOARD_FILES:
             return _static_page(*_DASHBOARD_FILES[path])
         if path not in (_NODE_PATH, _SESSION_PATH, _WATCH_PATH):
@@ -229,11 +232,12 @@ class Gate:
                 return respond(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n")
         return None
 
-    def _admin(self, ws: ServerConnection, request: Request) -> Response | None:
+    def _admin(self, ws: ServerConnection, request: Request, hint: bytes = b"") -> Response | None:
         """The dashboard's access rule (SECURITY.md); a refusal, or None to go on.
 
         An admin token when ``admin_token_key`` is set; else nobody when
         nodes or sessions authenticate, and only loopback peers in open mode.
+        ``hint`` follows the reason of a ``401`` (the page's: how to open it).
         """
         if self._auth.admin_auth:
             try:
@@ -242,7 +246,7 @@ class Gate:
                 self._metrics.job_refused(Code.UNAUTHORIZED)
                 return respond(
                     http.HTTPStatus.UNAUTHORIZED,
-                    f"unauthorized: {exc.message}\n".encode(),
+                    f"unauthorized: {exc.message}\n".encode() + hint,
                     extra=[("WWW-Authenticate", "Bearer")],
                 )
             return None

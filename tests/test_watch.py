@@ -364,7 +364,9 @@ async def test_the_dashboard_and_stream_need_an_admin_token(
     hub = await make_hub(**FAST, admin_token_key=ADMIN_KEY)
     query = f"?token={token}" if token else ""
     status, headers, body = await http_get(hub.port, "/dashboard" + query)
-    assert (status, body) == (401, message)
+    # A browser shows the body: the page's refusal says how to open it.
+    hint = b"open /dashboard?token=TOKEN with a token from `hub token --admin`\n"
+    assert (status, body) == (401, message + hint)
     assert headers["www-authenticate"] == "Bearer"
     with pytest.raises(InvalidStatus) as refused:
         await connect(hub, "/v1/watch" + query)
