@@ -679,6 +679,15 @@ async def _deployment_access(args: argparse.Namespace, plan: Plan, say: Any) -> 
     return access
 
 
+def _drop_if_empty(out: Path, *, parent: bool) -> None:
+    """Remove the report directory of a run that failed before writing anything
+    (a refused token: nothing to keep), and its parent too when it made it empty."""
+    with contextlib.suppress(OSError):  # not empty: kept
+        out.rmdir()
+        if parent:
+            out.parent.rmdir()
+
+
 def _has_uvloop() -> bool:
     try:
         import uvloop  # noqa: F401
@@ -724,7 +733,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m loadtest") -> int
         _check_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.out is None:
+    default_out = args.out is None
+    if default_out:
         args.out = default_out_dir()
     args.out = args.out.absolute()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -735,6 +745,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m loadtest") -> int
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
+    if rc:
+        _drop_if_empty(args.out, parent=default_out)
     profiled = [
         *(["hub-*.pstats"] if args.hub_cprofile else []),
         *(["worker-*.pstats"] if args.worker_cprofile else []),

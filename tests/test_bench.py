@@ -442,6 +442,8 @@ async def test_bench_refuses_a_token_it_cannot_use(
 
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith(f"hub bench: error: {message}")
+    # Nothing was run: no empty report directory is left behind.
+    assert not (tmp_path / "bench-reports").exists()
 
 
 @pytest.mark.parametrize(
