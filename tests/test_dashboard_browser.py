@@ -182,3 +182,27 @@ async def _when(value: Any, check: Any) -> Any:
     """``await value`` when ``check`` holds for it, else None (for :func:`wait_for`)."""
     result = await value
     return result if check(result) else None
+
+
+async def test_the_page_says_when_its_token_has_expired(
+    processes: Processes, tmp_path: Path
+) -> None:
+    hub = await processes.hub("hub-dash")
+    # Expired, but within the hub's 60 s of clock leeway: the page opens.
+    token = mint_admin_token(ADMIN_KEY, ttl_s=-20)
+    async with chromium(tmp_path) as page:
+        await page.goto(f"http://127.0.0.1:{hub.port}/dashboard?token={token}")
+        await wait_for(
+            lambda: page.evaluate("document.querySelector('#link').textContent === 'live'"),
+            timeout=5000 * MS,
+            what="the watch stream to open",
+        )
+        await hub.stop()
+        link = await wait_for(
+            lambda: _when(text(page, "#link"), lambda t: "expired" in t),
+            timeout=5000 * MS,
+            what="the page to say why it cannot reconnect",
+        )
+        assert link == (
+            "admin token expired: open /dashboard?token= with a new one (hub token --admin)"
+        )
