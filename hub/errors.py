@@ -15,7 +15,7 @@ Hierarchy::
 
 :class:`Code` is the one list of the protocol's error codes (protocol.md §6),
 used by the hub and by the client SDKs. It lives here, beside the exceptions
-that carry it, because this module imports nothing but :mod:`enum`: the
+that carry it, because this module imports nothing but :mod:`enum` and :mod:`re`: the
 Sans-I/O protocol layer, the server and the SDKs can all import it.
 
 Lua scripts return negative integers for expected failures; :class:`ErrorCode`
@@ -27,11 +27,13 @@ its exception, so Python never parses Redis error strings.
 from __future__ import annotations
 
 import enum
+import re
 
 __all__ = [
     "ClientError",
     "Code",
     "ErrorCode",
+    "ErrorNames",
     "FrameTooLarge",
     "HubError",
     "LimitExceeded",
@@ -223,3 +225,37 @@ def error_for_code(code: int, *, ref: str | None = None) -> SchedulingError:
         ValueError: if ``code`` is not an :class:`ErrorCode`.
     """
     return SchedulingError(ErrorCode(code), ref=ref)
+
+
+_ERROR_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+
+
+class ErrorNames:
+    """The names failed jobs' errors are counted under: codes, and ``OTHER`` for the rest.
+
+    A node's ``error`` may be its own message (protocol.md §3.5), often with
+    a job id or a number in it: one counter per distinct message would grow
+    the cell's ``stats`` hash, every dashboard snapshot and the metrics'
+    label sets without bound. So an error counts under its own name only
+    when it is a protocol code (:class:`Code`) or looks like one
+    (``[A-Z][A-Z0-9_]*``, ``MODEL_CRASHED``), and at most ``limit`` such
+    names of a node's own are kept; the rest count as ``OTHER``.
+
+    Args:
+        limit: most names of nodes' own codes counted under their name.
+    """
+
+    OTHER = "OTHER"
+
+    def __init__(self, limit: int = 64) -> None:
+        self._names: set[str] = set(Code)
+        self._limit = len(self._names) + limit
+
+    def __call__(self, error: str) -> str:
+        """The name ``error`` is counted under."""
+        if error in self._names:
+            return error
+        if len(self._names) < self._limit and _ERROR_NAME.fullmatch(error):
+            self._names.add(error)
+            return error
+        return self.OTHER

@@ -12,6 +12,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from .errors import ErrorNames
+
 __all__ = ["HUB_LABEL", "Metrics", "Snapshot", "merge_expositions"]
 
 HUB_LABEL = "hub"
@@ -100,6 +102,7 @@ class Metrics:
         self.pipelines = Gauge("hub_pipelines", "Pipelines sent to Redis", registry=r)
         self.hub_id = hub_id
         self._ended: dict[tuple[str, str], Counter] = {}
+        self._error_names = ErrorNames()
         self._refused: dict[str, Counter] = {}
 
     def job_ended(self, status: str, error: str) -> None:
@@ -108,10 +111,10 @@ class Metrics:
         Called once per job: the labelled child is cached, so the hot path
         skips ``labels()`` (label validation, a lock, a dict lookup).
         """
-        key = (status, error)
+        key = (status, self._error_names(error) if error else error)
         child = self._ended.get(key)
         if child is None:
-            child = self.ended.labels(status, error)
+            child = self.ended.labels(*key)
             if len(self._ended) < _MAX_CACHED_CHILDREN:
                 self._ended[key] = child
         child.inc()

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 
 from .batcher import Batcher
 from .config import Settings
-from .errors import ErrorCode, RedisUnavailable
+from .errors import ErrorCode, ErrorNames, RedisUnavailable
 from .events import (
     Accepted,
     Cancellation,
@@ -122,6 +122,7 @@ class Scheduler(NodeScripts):
         self._random = random.Random()
         self.stats_interval_s = stats_interval_s
         self._counts: dict[str, int] = {}
+        self._error_names = ErrorNames()
         self._counts_task: asyncio.Task[None] | None = None
         self._counts_sent = -float("inf")
         self._counts_lock = asyncio.Lock()
@@ -238,7 +239,7 @@ class Scheduler(NodeScripts):
     def _count_ended(self, e: JobEnded) -> None:
         self._count(e.status)
         if e.error and e.status == "failed":
-            self._count("error:" + e.error)
+            self._count("error:" + self._error_names(e.error))
 
     async def _flush_stats_soon(self) -> None:
         """Flush counts until none are left, at most every :attr:`stats_interval_s`.

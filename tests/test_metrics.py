@@ -20,15 +20,20 @@ def test_job_ended_counts_by_status_and_error():
     assert value(metrics, "hub_jobs_ended_total", status="failed", error="JOB_TIMEOUT") == 1
 
 
-def test_job_ended_counts_beyond_the_cache():
+def test_job_ended_keeps_the_error_labels_bounded():
     metrics = Metrics("h1")
 
-    for i in range(300):  # node error texts are open-ended
+    for i in range(300):  # node error texts are open-ended: one label set would grow forever
         metrics.job_ended("failed", f"error {i}")
-    metrics.job_ended("failed", "error 299")
+    for i in range(100):  # codes of the nodes' own: the first 64 are kept
+        metrics.job_ended("failed", f"MODEL_ERROR_{i}")
+    metrics.job_ended("failed", "NODE_LOST")  # the protocol's, always
 
-    assert value(metrics, "hub_jobs_ended_total", status="failed", error="error 0") == 1
-    assert value(metrics, "hub_jobs_ended_total", status="failed", error="error 299") == 2
+    assert value(metrics, "hub_jobs_ended_total", status="failed", error="OTHER") == 300 + 36
+    assert value(metrics, "hub_jobs_ended_total", status="failed", error="MODEL_ERROR_63") == 1
+    assert value(metrics, "hub_jobs_ended_total", status="failed", error="MODEL_ERROR_64") is None
+    assert value(metrics, "hub_jobs_ended_total", status="failed", error="NODE_LOST") == 1
+    assert value(metrics, "hub_jobs_ended_total", status="failed", error="error 0") is None
 
 
 def test_job_refused_counts_by_code():

@@ -169,6 +169,28 @@ async def test_rates_count_finished_failed_and_refused_jobs_by_code(
     assert frame["jobs"]["totals"]["failed"] == 1
 
 
+async def test_nodes_own_error_messages_count_as_other(make_hub: MakeHub, connect: Connect) -> None:
+    # A message per job would grow the cell's counters and every snapshot forever.
+    hub = await make_hub(**FAST)
+    node = await open_node(connect, hub, "gpu-1", languages=["en", "fr"], max_jobs=1)
+    session = await open_session(connect, hub)
+    errors = ["CUDA OOM on job 1", "CUDA OOM on job 2", "MODEL_CRASHED", "JOB_TIMEOUT"]
+    for i, error in enumerate(errors):
+        await submit(session, f"r{i}")
+        await expect(session, "accepted", ref=f"r{i}")
+        job = await expect(node, "job")
+        await result(node, job, status="failed", error=error)
+        # The session still gets the node's own message.
+        await expect(session, "result", ref=f"r{i}", status="failed", error=error)
+    watcher = await connect(hub, "/v1/watch")
+    frame = await snapshot_where(watcher, lambda f: f["jobs"]["totals"].get("failed") == 4)
+    failed = {k: v for k, v in frame["jobs"]["totals"].items() if k.startswith("error:")}
+    assert failed == {"error:OTHER": 2, "error:MODEL_CRASHED": 1, "error:JOB_TIMEOUT": 1}
+    _, _, metrics = await http_get(hub.port, "/metrics")
+    assert b'hub_jobs_ended_total{error="OTHER",status="failed"} 2.0' in metrics
+    assert b"CUDA" not in metrics
+
+
 async def test_a_lost_node_is_marked_lost_then_leaves_the_table(
     make_hub: MakeHub, connect: Connect
 ) -> None:
