@@ -123,8 +123,12 @@ async def test_dashboard_shows_jobs_and_nodes_and_a_killed_node_leaving(
         p50 = await text(page, "#e2e-p50")
         assert p50.endswith(" ms") and 100 <= float(p50.split()[0]) <= 5000, p50
         assert await text(page, "#hubs tbody tr[data-hub='hub-dash'] td:nth-child(2)") == "1"
-        points = await page.evaluate("series.t.length")
-        assert points >= 4
+        # The charts keep a point per snapshot (as many as ticks passed: waited for).
+        await wait_for(
+            lambda: page.evaluate("series.t.length >= 4"),
+            timeout=5000 * MS,
+            what="four points on the charts",
+        )
 
         # Steady traffic for a few seconds, and the screenshot in the middle of it.
         batch = [*jobs[:4], *jobs[6:], ("bad", "xx", "yy")]
