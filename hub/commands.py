@@ -429,13 +429,34 @@ def token(args: argparse.Namespace) -> int:
     from .auth import mint_admin_token, mint_node_token, mint_session_token
 
     env = Settings.from_env()
+    session_only = [
+        flag
+        for flag, value in (
+            ("--session-id", args.session_id),
+            ("--no-session-id", args.no_session_id),
+            ("--pairs", args.pairs),
+            ("--rate", args.rate),
+            ("--max-inflight", args.max_inflight),
+        )
+        if value
+    ]
     if args.admin:
+        # Claims it would drop: a token that silently lacks them misleads.
+        other = ["--node-ids"] * bool(args.node_ids) + session_only + ["--cell"] * bool(args.cell)
+        if other:
+            raise CLIError(
+                f"hub token --admin takes no {', '.join(other)}: an admin token has no other claim"
+            )
         key = args.key or env.get("admin_token_key")
         if not key:
             raise CLIError("hub token --admin needs --key (or HUB_ADMIN_TOKEN_KEY)")
         print(mint_admin_token(key, ttl_s=args.ttl))
         return 0
     if args.node_ids:
+        if session_only:
+            raise CLIError(
+                f"hub token --node-ids takes no {', '.join(session_only)}: those are session claims"
+            )
         key = args.key or env.get("node_token_key")
         if not key:
             raise CLIError("hub token --node-ids needs --key (or HUB_NODE_TOKEN_KEY)")

@@ -383,6 +383,30 @@ def test_token_admin_needs_a_key() -> None:
     assert "hub token --admin needs --key (or HUB_ADMIN_TOKEN_KEY)" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--admin", "--node-ids", "gpu-*", "--pairs", "zh:en"],
+            "hub token --admin takes no --node-ids, --pairs: an admin token has no other claim",
+        ),
+        (
+            ["--admin", "--cell", "eu"],
+            "hub token --admin takes no --cell: an admin token has no other claim",
+        ),
+        (
+            ["--node-ids", "gpu-*", "--session-id", "s-1", "--rate", "5"],
+            "hub token --node-ids takes no --session-id, --rate: those are session claims",
+        ),
+    ],
+)
+def test_token_refuses_claims_the_kind_of_token_cannot_carry(args: list[str], message: str) -> None:
+    done = hub_cli("token", "--key", "k" * 32, *args)
+    assert done.returncode == 2
+    assert message in done.stderr, done.stderr
+    assert done.stdout == ""
+
+
 async def test_serve_with_cells_spills_a_job_to_a_node_command_of_another_cell(
     tmp_path: Path,
 ) -> None:
