@@ -92,6 +92,7 @@ class _Client:
     """What this hub tracks of one HTTP client: its rate and its unfinished jobs."""
 
     def __init__(self, settings: Settings, limits: proto.Limits, grant: SessionGrant) -> None:
+        self._settings = settings
         self.conn = proto.SessionConnection(
             limits,
             max_inflight=grant.max_inflight or settings.max_inflight_per_session,
@@ -103,6 +104,14 @@ class _Client:
         self.started: dict[str, float] = {}
         """Unfinished jobs -> when they were submitted (:class:`~hub.latency.Latencies`),
         as a socket session's ``SessionLink.started``: bounded by its in-flight limit."""
+
+    def grant(self, grant: SessionGrant) -> None:
+        """Take the limits of the request's token: a client's new token (the same
+        ``sid``, other claims) applies from its first request, as on a new socket."""
+        s, conn = self._settings, self.conn
+        conn.max_inflight = grant.max_inflight or s.max_inflight_per_session
+        conn.rate_per_s = grant.rate_per_s or s.session_rate_per_s
+        conn.burst = grant.burst or s.session_burst
 
     def expire(self, now: float) -> None:
         """Stop counting jobs whose result never came here."""
@@ -506,6 +515,7 @@ class JobsApi:
                 self._clients.popitem(last=False)
         else:
             self._clients.move_to_end(session_id)
+            client.grant(grant)
         return session_id, grant, client
 
     def _wait_s(self, query: dict[str, list[str]]) -> float:

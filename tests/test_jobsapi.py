@@ -489,6 +489,27 @@ async def test_a_hub_without_redis_answers_503(
 # Auth
 
 
+async def test_a_clients_new_token_brings_its_limits(
+    make_hub: Callable[..., Awaitable[Hub]], connect: Connect, client: HttpFactory
+) -> None:
+    hub = await make_hub(session_jwt_key=KEY, node_secret=NODE_SECRET)
+    nodes_ws = await connect(
+        hub, "/v1/node", additional_headers={"Authorization": f"Bearer {NODE_SECRET}"}
+    )
+    await register(nodes_ws, node_id="n1", max_jobs=8)
+    http_ = await client(hub)
+    one = mint_session_token(KEY, session_id="backend", max_inflight=1)
+    assert (await http_.request("POST", "/v1/jobs", json=job_body(), token=one)).status == 202
+    full = await http_.request("POST", "/v1/jobs", json=job_body(), token=one)
+    assert_error(full, 429, "TOO_MANY_JOBS")
+    # The backend's next token for the same session allows more.
+    three = mint_session_token(KEY, session_id="backend", max_inflight=3)
+    assert (await http_.request("POST", "/v1/jobs", json=job_body(), token=three)).status == 202
+    assert (await http_.request("POST", "/v1/jobs", json=job_body(), token=three)).status == 202
+    again = await http_.request("POST", "/v1/jobs", json=job_body(), token=three)
+    assert_error(again, 429, "TOO_MANY_JOBS")
+
+
 async def test_tokens_decide_who_sees_a_job(
     make_hub: Callable[..., Awaitable[Hub]], connect: Connect, client: HttpFactory
 ) -> None:
