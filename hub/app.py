@@ -42,6 +42,7 @@ from .audio import AudioStore
 from .auth import Authenticator
 from .bus import Bus
 from .cells import Cells
+from .cluster import redis_links
 from .config import RedisDSN, Settings
 from .gate import Gate, RedactingLogger
 from .health import Health
@@ -55,7 +56,6 @@ from .nodes import Nodes
 from .outbox import Outbox
 from .protocol import CloseCode
 from .reconcile import Reconciler
-from .redisconn import redis_client
 from .registry import Registry
 from .router import Router
 from .sessions import Sessions
@@ -102,9 +102,11 @@ class Hub:
         self.port: int = settings.port
         """The port listened on (the one bound, when ``settings.port`` is 0)."""
         self.keys = Keys(settings.cell)
-        self.redis = redis_client(url, settings)
-        self.subscriber = redis_client(url, settings, pubsub=True)
-        self.cells = Cells(settings, self.redis, hub_id=self.hub_id)
+        self.links = redis_links(url, settings)
+        """The Redis clients by cell: one server, or the master of each cell's slot."""
+        self.redis = self.links.client(settings.cell)
+        self.subscriber = self.links.subscriber(settings.cell)
+        self.cells = Cells(settings, self.redis, hub_id=self.hub_id, client_of=self.links.client)
         """The cells served: each one's Redis client and scheduler."""
         self.scheduler = self.cells.main
         self.metrics = Metrics(self.hub_id)
@@ -121,6 +123,7 @@ class Hub:
             lambda message: self.outbox.receive_bus(message),
             ping_timeout_s=settings.redis_reply_timeout_s,
             also=[Keys(cell).channel(self.hub_id) for cell in settings.served_cells[1:]],
+            sharded=self.links.sharded,
         )
         self.outbox = Outbox(
             self.hub_id,
@@ -176,6 +179,9 @@ class Hub:
             self.sessions.resend_lost_results()
 
         self.bus.on_subscribed = subscribed
+        # A cell's slot moved to another master (a failover, a MOVED reply):
+        # it may have lost the last writes; the reconcile checks its run_id.
+        self.links.on_moved(self.reconciler.schedule)
         self.liveness = Liveness(
             settings,
             self.redis,
@@ -183,6 +189,7 @@ class Hub:
             *parts,
             *common,
             prepare=(
+                self.links.locate,
                 self.sessions.load_secret,
                 self.cells.load_scripts,
                 self.reconciler.reconcile,
@@ -337,8 +344,7 @@ class Hub:
         await self.siblings.remove()
         await self.bus.close()
         await self.cells.close()
-        await self.redis.aclose()
-        await self.subscriber.aclose()
+        await self.links.aclose()
         logger.info("= hub %s stopped", self.hub_id)
 
     def install_signal_handlers(self, stop: asyncio.Event) -> None:

@@ -20,12 +20,32 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
+from .cluster import ClusterRedirect, connection_to
 from .errors import RedisUnavailable, ScriptError
 from .scripts import script_shas
 
 __all__ = ["Batcher"]
 
 logger = logging.getLogger("hub.batcher")
+
+_MAX_RETRIES = 4
+"""Most times a call is sent again after a reply saying it did not run."""
+
+_RETRIED = (
+    redis_errors.NoScriptError,
+    redis_errors.AskError,  # and MovedError, a subclass
+    redis_errors.TryAgainError,
+)
+"""Replies of a call that did not run and is sent again: the scripts are
+reloaded (``NOSCRIPT``: after a restart or failover), the cell's slot is on
+another master (``MOVED``: the connection already knows which) or is being
+migrated (``ASK``: once to the node named, ``TRYAGAIN``: after a pause)."""
+
+_NOT_RUN = (*_RETRIED, redis_errors.ClusterDownError)
+"""Replies of a call that did not run: it fails with ``RedisUnavailable``."""
+
+_TRYAGAIN_S = 0.05
+"""Pause before sending again a call that got ``TRYAGAIN``."""
 
 
 class _Ok:
@@ -240,18 +260,19 @@ class Batcher:
         outcomes: list[Any] = [RedisUnavailable(call.name) for call in batch]
         try:
             results = await self._execute(batch)
-            missing = [
-                i for i, r in enumerate(results) if isinstance(r, redis_errors.NoScriptError)
-            ]
-            if missing:
-                # protocol: NOSCRIPT means the call did not run; reload, re-send those.
-                logger.warning("! scripts missing in Redis (restart or failover?): reloading")
-                await self.load_scripts()
-                again = await self._execute([batch[i] for i in missing])
-                for i, r in zip(missing, again, strict=True):
+            for _ in range(_MAX_RETRIES):
+                again = [i for i, r in enumerate(results) if isinstance(r, _RETRIED)]
+                if not again:
+                    break
+                replies = await self._again([batch[i] for i in again], [results[i] for i in again])
+                for i, r in zip(again, replies, strict=True):
                     results[i] = r
             for i, (call, result) in enumerate(zip(batch, results, strict=True)):
-                if isinstance(result, redis_errors.ResponseError):
+                if isinstance(result, _NOT_RUN):
+                    # protocol: the call did not run (the cluster is failing
+                    # over, or redirected it too often): Redis is away for now.
+                    logger.debug("! %s.lua not run: %s", call.name, result)
+                elif isinstance(result, redis_errors.ResponseError):
                     logger.error("! %s.lua failed: %s", call.name, result)
                     outcomes[i] = ScriptError(call.name, str(result))
                 else:
@@ -268,6 +289,52 @@ class Batcher:
             raise
         finally:
             self._settle(seq, batch, outcomes)
+
+    async def _again(self, calls: list[_Call], replies: list[Any]) -> list[Any]:
+        """Send again calls whose reply said they did not run; their new replies.
+
+        ``NOSCRIPT`` reloads the scripts first and ``TRYAGAIN`` waits a moment;
+        those and ``MOVED`` go to the cell's master (a ``MOVED`` reply moved
+        it); each ``ASK`` goes to the node it names.
+        """
+        if any(isinstance(r, redis_errors.NoScriptError) for r in replies):
+            logger.warning("! scripts missing in Redis (restart or failover?): reloading")
+            await self.load_scripts()
+        if any(isinstance(r, redis_errors.TryAgainError) for r in replies):
+            await asyncio.sleep(_TRYAGAIN_S)
+        results = list(replies)
+        here = [
+            i
+            for i, r in enumerate(replies)
+            if type(r) is not redis_errors.AskError  # MOVED is a subclass
+        ]
+        for i, r in zip(here, await self._execute([calls[i] for i in here]), strict=True):
+            results[i] = r
+        for i, r in enumerate(replies):
+            if type(r) is redis_errors.AskError:
+                results[i] = await self._ask(calls[i], r.host, r.port)
+        return results
+
+    async def _ask(self, call: _Call, host: str, port: int) -> Any:
+        """Run a call once on the node an ``ASK`` reply names (its slot is migrating).
+
+        ``ASKING`` then ``EVAL`` with the source (the node may not have the
+        script), on a connection of its own that is closed afterwards.
+        """
+        conn = connection_to(self.redis.connection_pool, host, port)
+        try:
+            source = self.sources[call.name]
+            packed = conn.pack_commands(
+                [("ASKING",), ("EVAL", source, len(call.keys), *call.keys, *call.args)]
+            )
+            await conn.send_packed_command(packed)
+            await conn.read_response()
+            try:
+                return await conn.read_response()
+            except redis_errors.ResponseError as exc:
+                return exc
+        finally:
+            await conn.disconnect(nowait=True)
 
     def _settle(self, seq: int, batch: list[_Call], outcomes: list[Any]) -> None:
         """Resolve pipelines in the order they were sent, whatever order replies come in.
@@ -326,6 +393,8 @@ class Batcher:
                             results.append(await conn.read_response(timeout=math.inf))
                         except redis_errors.ResponseError as exc:
                             results.append(exc)
+                        except ClusterRedirect as exc:
+                            results.append(exc.error)
             except BaseException:
                 # Replies may be left unread (timeout, cancel): drop the socket.
                 await conn.disconnect(nowait=True)

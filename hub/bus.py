@@ -1,5 +1,10 @@
 """Delivery between hubs: one Redis pub/sub channel per hub.
 
+On a Redis Cluster the channel is sharded (``SPUBLISH``/``SSUBSCRIBE``): a
+hub's channel name carries its cell's hash tag, so its messages go to the
+master of the cell's slot (and its replicas) only, instead of every node of
+the cluster as classic pub/sub does; fan-out does not grow with the cluster.
+
 A hub that must reach a node or session connected to another hub publishes
 an already-encoded frame on that hub's channel. Messages are small binary
 envelopes::
@@ -88,6 +93,7 @@ class Bus:
         also: more channels of this hub, listened on too (its channel in
             the other cells it serves: another hub publishes in its own
             default cell, :mod:`hub.cells`).
+        sharded: use sharded pub/sub (Redis Cluster).
     """
 
     def __init__(
@@ -101,6 +107,7 @@ class Bus:
         ping_interval_s: float = 1.0,
         ping_timeout_s: float = 2.0,
         also: Sequence[str] = (),
+        sharded: bool = False,
     ) -> None:
         self.redis = redis
         self.subscriber = subscriber
@@ -111,6 +118,8 @@ class Bus:
         self.max_outbox = max_outbox
         self.ping_interval_s = ping_interval_s
         self.ping_timeout_s = ping_timeout_s
+        self.sharded = sharded
+        self._publish = "SPUBLISH" if sharded else "PUBLISH"
         self.dropped = 0
         """Messages dropped because the outbox was full or Redis was down."""
         self.subscribed = asyncio.Event()
@@ -168,7 +177,7 @@ class Bus:
         for delay in (0.02, 0.1, 0):
             pipe = self.redis.pipeline(transaction=False)
             for channel, message in batch:
-                pipe.publish(channel, message)
+                pipe.execute_command(self._publish, channel, message)
             try:
                 await pipe.execute()
                 return
@@ -200,11 +209,15 @@ class Bus:
             now = loop.time()
             if msg is not None:
                 heard_at = now
-                if msg.get("type") == "message":
+                kind = msg.get("type")
+                if kind in ("message", "smessage"):
                     try:
                         self.on_message(msg["data"])
                     except Exception:
                         logger.error("! bus message handler failed", exc_info=True)
+                elif kind == "sunsubscribe":
+                    # The cell's slot moved to another master (resharding).
+                    raise redis_errors.ConnectionError("the channel's slot moved")
                 continue
             if now - heard_at > silence_s:
                 raise redis_errors.ConnectionError(
@@ -219,12 +232,15 @@ class Bus:
         while not self._closed:
             pubsub = self.subscriber.pubsub()
             try:
-                await pubsub.subscribe(*self.channels)
+                if self.sharded:
+                    await pubsub.ssubscribe(*self.channels)
+                else:
+                    await pubsub.subscribe(*self.channels)
                 # Live once Redis confirms each (a refusal, e.g. NOPERM, raises here).
                 confirmed = 0
                 for _ in range(10 * len(self.channels)):
                     msg = await pubsub.get_message(timeout=1.0)
-                    if msg is not None and msg.get("type") == "subscribe":
+                    if msg is not None and msg.get("type") in ("subscribe", "ssubscribe"):
                         confirmed += 1
                         if confirmed == len(self.channels):
                             break

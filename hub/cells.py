@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from redis.asyncio import Redis
 
@@ -55,9 +55,18 @@ class Cells:
             schedulers' settings.
         redis: the Redis client (every cell's, on a single Redis).
         hub_id: this hub's id, recorded by the scripts.
+        client_of: the Redis client of each cell, when not ``redis`` for every
+            one (:meth:`RedisLinks.client <hub.cluster.RedisLinks.client>`).
     """
 
-    def __init__(self, settings: Settings, redis: Redis, *, hub_id: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        *,
+        hub_id: str,
+        client_of: Callable[[str], Redis] | None = None,
+    ) -> None:
         self.default = settings.cell
         """The hub's default cell: its nodes' and sessions' unless they name another."""
         self.names = settings.served_cells
@@ -66,7 +75,9 @@ class Cells:
         """Whether job ids carry their cell (a hub serving one cell makes plain ids)."""
         self.spill = settings.spill if self.several else 0
         """Most other cells a job tries before it queues in its own."""
-        self._clients = {cell: redis for cell in self.names}
+        self._clients = {
+            cell: redis if client_of is None else client_of(cell) for cell in self.names
+        }
         batchers: dict[int, Batcher] = {}
         sources = load_script_sources()
         self._schedulers: dict[str, Scheduler] = {}

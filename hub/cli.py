@@ -70,6 +70,13 @@ def _serve_parser(sub: Any) -> None:
         help="hub processes on the port (SO_REUSEPORT), each with its own id <hub-id>-w<k>, "
         "under a supervisor that restarts them: a number, or auto for one per CPU (default 1)",
     )
+    p.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        default=None,
+        help="--redis-url is a seed node of a Redis Cluster (the cell's slot's master "
+        "is found from it)",
+    )
     p.add_argument("--tls-cert", help="PEM certificate: serve wss:// directly")
     p.add_argument("--tls-key", help="PEM private key for --tls-cert")
     p.add_argument(
@@ -115,6 +122,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "cell",
         "cells",
         "spill",
+        "redis_cluster",
         "tls_cert",
         "tls_key",
         "insecure",
@@ -180,6 +188,8 @@ async def _serve(
     _check_port(settings)
     embedded = None
     redis_url = settings.redis_url
+    if redis_url is None and settings.redis_cluster:
+        raise CLIError("--redis-cluster needs --redis-url (a seed node of the cluster)")
     if redis_url is None:
         from .embedded import EmbeddedRedis
 

@@ -142,6 +142,10 @@ class Settings:
     spill: int = 0
     """Other cells a job may try, one dispatch call each, when its cell has no free node
     for its pair, before it queues in its own cell; 0: never leaves its cell."""
+    redis_cluster: bool = False
+    """``redis_url`` is a seed node of a Redis Cluster: the cell's calls go to
+    the master of its slot, found from the seed (``MOVED`` and ``ASK``
+    followed, a failover located again); the bus uses sharded pub/sub."""
     redis_timeout_s: float = 2.0
     """Timeout of one Redis command (connect and read), seconds."""
     redis_reply_timeout_s: float = 10.0
