@@ -107,9 +107,12 @@ class SlotOwner:
         """Record a new owner; returns whether the address changed."""
         if (host, port) == (self.host, self.port):
             return False
-        logger.warning(
-            "! slot %d moved from %s:%d to %s:%d", self.slot, self.host, self.port, host, port
-        )
+        if self.generation:
+            logger.warning(
+                "! slot %d moved from %s:%d to %s:%d", self.slot, self.host, self.port, host, port
+            )
+        else:
+            logger.info("= slot %d is on %s:%d", self.slot, host, port)
         self.host, self.port = host, port
         self.generation += 1
         for callback in self.on_moved:

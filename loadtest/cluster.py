@@ -37,6 +37,9 @@ from .procs import RedisProcess, free_port
 
 __all__ = ["RedisCluster", "cells_on_masters", "cli_for"]
 
+_CREATE_OPTIONS = ("--cluster-replicas", "1", "--cluster-yes")
+"""One replica per master; no question asked."""
+
 
 def cli_for(server_binary: str) -> str:
     """The cluster-creating CLI next to a server binary (``valkey-cli``, ``redis-cli``).
@@ -134,8 +137,7 @@ class RedisCluster:
             node.start()
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
         done = subprocess.run(
-            [self.cli, "--cluster", "create", *addresses, "--cluster-replicas", "1"]
-            + ["--cluster-yes"],
+            [self.cli, "--cluster", "create", *addresses, *_CREATE_OPTIONS],
             capture_output=True,
             timeout=timeout_s,
             check=False,

@@ -29,6 +29,11 @@ Fixtures:
     and ``.restart()`` (same port and dir). Its methods block; in an async
     test that needs the loop to keep running, call them through
     ``asyncio.to_thread``.
+``redis_cluster`` (session)
+    A :class:`loadtest.cluster.RedisCluster` of 3 masters and 3 replicas
+    from the same binary, on loopback ports (``.url`` is a seed node).
+    Tests may kill a master only if they start it again and wait for
+    ``.wait_ok()``.
 ``processes`` (function, async)
     A :class:`loadtest.procs.Processes` on ``redis_server`` and the test's
     cell: ``await processes.hub("hub-a", **settings)`` starts a ``hub serve``
@@ -58,6 +63,7 @@ from hub.app import Hub
 from hub.config import Settings
 from hub.embedded import find_redis_server
 from hub.keys import Keys
+from loadtest.cluster import RedisCluster
 from loadtest.procs import Processes, RedisProcess, start_redis
 from tests.helpers import (
     CONNECT_TIMEOUT_S,
@@ -93,6 +99,18 @@ def redis_server(
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(
+    redis_binary: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(redis_binary, tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start(timeout_s=60_000 * MS)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(name="redis")

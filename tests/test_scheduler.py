@@ -295,7 +295,15 @@ class Fleet:
 
 
 async def test_concurrent_hubs_keep_every_invariant(hubs, redis, keys):
-    fleet = Fleet(hubs, redis, keys, seed=20240607)
+    await exercise_fleet(hubs, redis, keys, seed=20240607)
+
+
+async def exercise_fleet(hubs: list[Scheduler], redis: Redis, keys: Keys, *, seed: int) -> None:
+    """Four hubs' sessions, nodes, losses and sweeps on one cell; every invariant checked.
+
+    Also run on each cell of a Redis Cluster (``tests/test_cluster.py``).
+    """
+    fleet = Fleet(hubs, redis, keys, seed=seed)
     node_ids = [f"n{i}" for i in range(10)]
     for index, node_id in enumerate(node_ids):
         await fleet.register(node_id, index)

@@ -1,0 +1,300 @@
+"""Cells on a real Redis Cluster: 3 masters, 3 replicas, spawned by the fixture.
+
+Each cell's keys share one hash tag, so one slot; the hub finds the slot's
+master from any seed node (hub/cluster.py) and follows ``MOVED`` and ``ASK``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+import redis as sync_redis
+
+from hub.app import Hub
+from hub.cli import main
+from hub.cluster import ClusterLinks, cell_slot
+from hub.config import ConfigError, Settings
+from hub.errors import RedisUnavailable
+from hub.events import Beat
+from hub.keys import Keys
+from hub.scheduler import Scheduler
+from loadtest.cluster import RedisCluster, cells_on_masters
+from loadtest.procs import free_port
+from tests.helpers import MS, wait_for
+from tests.hubtools import (
+    Connect,
+    check_invariants,
+    expect,
+    open_node,
+    open_session,
+    round_trip,
+    submit,
+)
+from tests.test_scheduler import SETTINGS, exercise_fleet
+
+MakeHub = Callable[..., Awaitable[Hub]]
+
+
+def direct(port: int) -> sync_redis.Redis:
+    """A plain client of one node (no redirects followed)."""
+    return sync_redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+
+
+def keys_on(port: int, keys: Keys) -> int:
+    """How many keys of the cell one node holds."""
+    client = direct(port)
+    try:
+        return sum(1 for _ in client.scan_iter(match=keys.scan_pattern, count=1000))
+    finally:
+        client.close()
+
+
+def seed_not_owning(cluster: RedisCluster, cell: str) -> str:
+    """The URL of a master that does not own the cell's slot."""
+    owner = cluster.master_of(cell_slot(cell)).port
+    port = next(p for p in cluster.master_ports() if p != owner)
+    return f"redis://127.0.0.1:{port}/0"
+
+
+async def cluster_schedulers(
+    cluster: RedisCluster, keys: Keys, count: int
+) -> tuple[list[ClusterLinks], list[Scheduler]]:
+    """``count`` schedulers of one cell, each with its own links, located and loaded."""
+    links = [ClusterLinks(cluster.url, SETTINGS) for _ in range(count)]
+    schedulers = []
+    for i, link in enumerate(links):
+        scheduler = Scheduler(link.client(keys.cell), SETTINGS, hub_id=f"h{i}", keys=keys)
+        await link.locate()
+        await scheduler.load_scripts()
+        schedulers.append(scheduler)
+    return links, schedulers
+
+
+# Scripts and invariants, per cell
+
+
+async def test_three_cells_on_three_masters_keep_every_invariant(
+    redis_cluster: RedisCluster,
+) -> None:
+    cells = cells_on_masters(redis_cluster, prefix="inv-")
+    masters = redis_cluster.master_ports()
+    runs: list[tuple[Keys, list[ClusterLinks], list[Scheduler]]] = []
+    for cell in cells:
+        keys = Keys(cell)
+        links, schedulers = await cluster_schedulers(redis_cluster, keys, 4)
+        runs.append((keys, links, schedulers))
+    try:
+        # The three cells at once, each on its own master.
+        await asyncio.gather(
+            *(
+                exercise_fleet(schedulers, links[0].client(keys.cell), keys, seed=7 + i)
+                for i, (keys, links, schedulers) in enumerate(runs)
+            )
+        )
+        for i, (keys, links, _) in enumerate(runs):
+            assert links[0].owner(keys.cell).port == masters[i]
+            # Every key of the cell is on its master, none anywhere else.
+            assert keys_on(masters[i], keys) > 10
+            assert all(keys_on(p, keys) == 0 for p in masters if p != masters[i])
+    finally:
+        for _, links, schedulers in runs:
+            for scheduler in schedulers:
+                await scheduler.close()
+            for link in links:
+                await link.aclose()
+
+
+async def test_calls_follow_moved_from_a_seed_that_does_not_own_the_cell(
+    redis_cluster: RedisCluster,
+) -> None:
+    keys = Keys(cells_on_masters(redis_cluster, prefix="moved-")[0])
+    links = ClusterLinks(seed_not_owning(redis_cluster, keys.cell), SETTINGS)
+    scheduler = Scheduler(links.client(keys.cell), SETTINGS, hub_id="h0", keys=keys)
+    moves: list[int] = []
+    links.on_moved(lambda: moves.append(1))
+    try:
+        # No locate(): the first call goes to the seed, which answers MOVED;
+        # the call runs once, on the owner.
+        reg = await scheduler.register_node(
+            "n1", services=("asr",), lang_pairs=(("en", "fr"),), max_jobs=2
+        )
+        assert reg.epoch == 1
+        owner = redis_cluster.master_of(cell_slot(keys.cell)).port
+        assert links.owner(keys.cell).port == owner
+        assert moves == [1]
+        assert keys_on(owner, keys) > 0
+        await check_invariants(links.client(keys.cell), keys, ["n1"])
+    finally:
+        await scheduler.close()
+        await links.aclose()
+
+
+async def test_calls_during_a_slot_migration_follow_ask_then_moved(
+    redis_cluster: RedisCluster,
+) -> None:
+    keys = Keys(cells_on_masters(redis_cluster, prefix="ask-")[0])
+    slot = cell_slot(keys.cell)
+    source = redis_cluster.master_of(slot).port
+    target = next(p for p in redis_cluster.master_ports() if p != source)
+    clients = {p: direct(p) for p in redis_cluster.master_ports()}
+    src, dst = clients[source], clients[target]
+    ids = {p: c.execute_command("CLUSTER MYID") for p, c in clients.items()}
+    links = ClusterLinks(redis_cluster.url, SETTINGS)
+    scheduler = Scheduler(links.client(keys.cell), SETTINGS, hub_id="h0", keys=keys)
+    pairs = (("en", "fr"),)
+    try:
+        await links.locate()
+        await scheduler.load_scripts()
+        reg = await scheduler.register_node("n1", services=("asr",), lang_pairs=pairs, max_jobs=2)
+        # The slot starts moving; every key of the cell goes to the target.
+        dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])
+        moving = list(src.scan_iter(match=keys.scan_pattern))
+        src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *moving)
+        # A one-key script: the source answers ASK, the target runs it after ASKING.
+        beat = Beat("n1", reg.epoch, True, None, 1.0)
+        assert list(await scheduler.heartbeat([beat])) == [1]
+        assert src.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
+        # A script whose keys are not all there yet (a new node) cannot run
+        # anywhere until the migration ends (TRYAGAIN): refused, never run.
+        with pytest.raises(RedisUnavailable):
+            await scheduler.register_node("n2", services=("asr",), lang_pairs=pairs, max_jobs=2)
+        assert links.owner(keys.cell).port == source
+        # The migration ends: the next call gets MOVED and runs on the target.
+        for client in clients.values():
+            client.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])
+        await scheduler.register_node("n2", services=("asr",), lang_pairs=pairs, max_jobs=2)
+        assert links.owner(keys.cell).port == target
+        assert dst.exists(keys.node("n2")) and dst.exists(keys.seen)
+        await check_invariants(links.client(keys.cell), keys, ["n1", "n2"])
+    finally:
+        # Back where it was, empty, for the other tests.
+        for key in dst.scan_iter(match=keys.scan_pattern):
+            dst.pipeline(transaction=False).execute_command("ASKING").delete(key).execute()
+        for client in (src, dst):
+            client.execute_command("CLUSTER SETSLOT", slot, "STABLE")
+        for client in clients.values():
+            client.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[source])
+            client.close()
+        await scheduler.close()
+        await links.aclose()
+        await asyncio.to_thread(redis_cluster.wait_ok, 30)
+
+
+# Hubs
+
+
+async def test_hub_serves_a_cell_from_any_seed_and_uses_sharded_pubsub(
+    redis_cluster: RedisCluster, make_hub: MakeHub, connect: Connect
+) -> None:
+    cell = cells_on_masters(redis_cluster, prefix="hubs-")[2]
+    seed = seed_not_owning(redis_cluster, cell)
+    a = await make_hub(redis_url=seed, redis_cluster=True, cell=cell, hub_id="cl-a")
+    b = await make_hub(redis_url=seed, redis_cluster=True, cell=cell, hub_id="cl-b")
+    owner = redis_cluster.master_of(cell_slot(cell)).port
+    assert a.links.owner(cell).port == b.links.owner(cell).port == owner
+    # Each hub's channel is a sharded one on the cell's master, nothing classic.
+    client = direct(owner)
+    try:
+        channels = [a.keys.channel("cl-a"), b.keys.channel("cl-b")]
+        counts = dict(client.execute_command("PUBSUB SHARDNUMSUB", *channels))
+        assert counts == {channels[0].encode(): 1, channels[1].encode(): 1}
+        assert set(dict(client.execute_command("PUBSUB NUMSUB", *channels)).values()) == {0}
+    finally:
+        client.close()
+    # A session on hub A, its job on a node of hub B: frames cross the bus.
+    node = await open_node(connect, b, "gpu-1")
+    session = await open_session(connect, a)
+    done = await round_trip(session, node, "r-1")
+    assert done["status"] == "finished"
+    assert a.bus.dropped == b.bus.dropped == 0
+    await check_invariants(a.redis, a.keys, ["gpu-1"])
+    assert keys_on(owner, a.keys) > 0
+
+
+async def test_status_page_reads_the_cell_on_its_master(
+    redis_cluster: RedisCluster, make_hub: MakeHub, connect: Connect
+) -> None:
+    cell = cells_on_masters(redis_cluster, prefix="status-")[1]
+    hub = await make_hub(redis_url=redis_cluster.url, redis_cluster=True, cell=cell)
+    await open_node(connect, hub, "gpu-9")
+    session = await open_session(connect, hub)
+    await submit(session, "s-1")
+    await expect(session, "accepted", ref="s-1")
+    status = await hub.scheduler.status()
+    assert [n["node_id"] for n in status["nodes"]] == ["gpu-9"]
+    assert status["nodes"][0]["running"] == 1
+
+
+# Bad configuration
+
+
+def test_cluster_needs_a_tcp_seed() -> None:
+    settings = Settings(redis_cluster=True)
+    with pytest.raises(ConfigError) as info:
+        ClusterLinks("unix:///tmp/redis.sock", settings)
+    assert str(info.value) == (
+        "invalid setting redis_url='unix:///tmp/redis.sock': a cluster needs a redis:// seed"
+    )
+    with pytest.raises(ConfigError) as info:
+        ClusterLinks("redis://127.0.0.1:7000/2", settings)
+    assert str(info.value) == (
+        "invalid setting redis_url='redis://127.0.0.1:7000/2': a cluster has database 0 only"
+    )
+
+
+def test_serve_with_redis_cluster_and_no_url_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["serve", "--redis-cluster", "--port", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "hub: error: --redis-cluster needs --redis-url (a seed node of the cluster)\n"
+    )
+
+
+async def test_locate_fails_unavailable_when_no_node_answers() -> None:
+
+    links = ClusterLinks(f"redis://127.0.0.1:{free_port()}/0", Settings(redis_timeout_s=0.5))
+    try:
+        with pytest.raises(RedisUnavailable):
+            await links.locate()
+    finally:
+        await links.aclose()
+
+
+# Failover
+
+
+async def test_hub_serves_its_cell_again_after_its_master_is_killed(
+    redis_cluster: RedisCluster, make_hub: MakeHub, connect: Connect
+) -> None:
+    cell = cells_on_masters(redis_cluster, prefix="fo-")[0]
+    slot = cell_slot(cell)
+    hub = await make_hub(
+        redis_url=redis_cluster.url, redis_cluster=True, cell=cell, redis_timeout_s=0.5
+    )
+    node = await open_node(connect, hub, "gpu-1")
+    session = await open_session(connect, hub)
+    assert (await round_trip(session, node, "before"))["status"] == "finished"
+    master = redis_cluster.master_of(slot)
+    replicas = {
+        p for f, last, port, rs in redis_cluster.slot_map() if port == master.port for p in rs
+    }
+    restarts = hub.reconciler.restarts
+    await asyncio.to_thread(master.kill)
+    try:
+        await asyncio.to_thread(redis_cluster.wait_owner_changed, slot, master.port, 30)
+        await wait_for(
+            lambda: hub.ready and hub.reconciler.restarts > restarts,
+            timeout=30_000 * MS,
+            what="the hub ready again on the promoted replica",
+        )
+        assert hub.links.owner(cell).port in replicas
+        # The node's socket lived on: it was registered again on the new master.
+        assert (await round_trip(session, node, "after"))["status"] == "finished"
+        await check_invariants(hub.redis, hub.keys, ["gpu-1"])
+    finally:
+        await asyncio.to_thread(master.start)
+        await asyncio.to_thread(redis_cluster.wait_ok, 30)
