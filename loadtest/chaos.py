@@ -34,6 +34,13 @@ and the fleet to be idle, and checks the ledger:
 - every key of the cell either has a TTL or is one of the persistent
   structures listed in :data:`PERSISTENT_KEYS`.
 
+With ``--redis-cluster N`` the cell lives on a Redis Cluster of ``N``
+masters and ``N`` replicas (:class:`loadtest.cluster.RedisCluster`) instead:
+there is no restart of one Redis; each of the ``--redis-kills`` SIGKILLs the
+master that owns the cell's slot under load, its replica is promoted
+(replication is asynchronous: the last writes may be lost), the hubs find
+the new master and reconcile, and the killed node comes back as a replica.
+
 It prints the tally and the failover times, and exits 0 only when the ledger
 is clean (1 otherwise, 2 when the run could not start). Every wait is
 bounded, everything listens on loopback, and only processes it started are
@@ -85,7 +92,9 @@ from hub.client import (
     SessionLost,
 )
 from hub.client.node import Job
-from hub.embedded import EmbeddedRedis
+from hub.cluster import ClusterLinks, cell_slot
+from hub.config import Settings
+from hub.embedded import EmbeddedRedis, find_redis_server
 from hub.keys import Keys
 from hub.protocol import (
     Accepted,
@@ -94,6 +103,7 @@ from hub.protocol import (
     ToSessionFrame,
 )
 
+from .cluster import RedisCluster
 from .procs import HubProcess, NodeProcess, aof_mark, cut_aof, http_get
 
 __all__ = [
@@ -430,6 +440,8 @@ class ChaosConfig:
     redis_lost_s: float = 1.0
     """Writes of this last stretch before each SIGKILL are cut from the append-only file."""
     settle_s: float = 60.0
+    redis_cluster: int = 0
+    """Masters of a Redis Cluster for the cell (each with a replica); 0: one Redis."""
     audio_bytes: int = 0
     """Audio sent with each job (binary frames); 0 sends text-only jobs."""
     hub_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -540,6 +552,8 @@ class ChaosRun:
         self.tmp: str | None = None
         self.redis_server: EmbeddedRedis | None = None
         self.redis: Redis | None = None
+        self.cluster: RedisCluster | None = None
+        self.links: ClusterLinks | None = None
         self.hubs: list[HubProcess] = []
         self.nodes: list[NodeProcess] = []
         self.sessions: list[SessionClient] = []
@@ -577,13 +591,25 @@ class ChaosRun:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # A short path of its own: unix socket paths are limited to 107 bytes.
         self.redis_dir = tempfile.mkdtemp(prefix="chaos-redis-")
-        self.redis_server = EmbeddedRedis(self.redis_dir, appendonly=True)
-        self.redis_server.start()
-        url = self.redis_server.url
-        self.redis = Redis.from_url(
-            url, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
-        )
-        settings = {
+        settings: dict[str, Any] = {}
+        if c.redis_cluster:
+            self.cluster = RedisCluster(
+                find_redis_server(), Path(self.redis_dir), masters=c.redis_cluster
+            )
+            await asyncio.to_thread(self.cluster.start)
+            url = self.cluster.url
+            self.links = ClusterLinks(url, Settings(redis_timeout_s=5))
+            await self.links.locate()
+            self.redis = self.links.client(self.cell)
+            settings["redis_cluster"] = True
+        else:
+            self.redis_server = EmbeddedRedis(self.redis_dir, appendonly=True)
+            self.redis_server.start()
+            url = self.redis_server.url
+            self.redis = Redis.from_url(
+                url, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+            )
+        settings |= {
             "heartbeat_interval_ms": c.heartbeat_interval_ms,
             "session_rate_per_s": None,
             "max_connections_per_ip": None,
@@ -640,8 +666,12 @@ class ChaosRun:
                     await session.close()
         await asyncio.gather(*(n.stop(10) for n in self.nodes), return_exceptions=True)
         await asyncio.gather(*(h.stop(10) for h in self.hubs), return_exceptions=True)
-        if self.redis is not None:
+        if self.links is not None:
+            await self.links.aclose()
+        elif self.redis is not None:
             await self.redis.aclose()
+        if self.cluster is not None:
+            self.cluster.stop()
         if self.redis_server is not None:
             self.redis_server.stop()
             if self.out_dir is not None:
@@ -710,12 +740,13 @@ class ChaosRun:
             events.append((d * 0.25, "hub"))  # back before Redis stops at d / 2
         for k in range(hub_kills if hub_kills > 1 else 0):
             events.append((d * (k + 1) / (hub_kills + 1) * 0.9, "hub"))
-        if c.redis_restart:
+        if c.redis_restart and not c.redis_cluster:
             events.append((d * 0.5, "redis"))
+        kill = "master-kill" if c.redis_cluster else "redis-kill"
         for k in range(c.redis_kills):
             # Away from the hub kills and the restart, with load on both sides.
             at = d * (0.65 + 0.25 * k / max(c.redis_kills, 1))
-            events.append((min(at, last_fault - k), "redis-kill"))
+            events.append((min(at, last_fault - k), kill))
         t = min(3.0, d / 6)
         while c.node_kill_every_s > 0 and t < last_fault:
             events.append((t, "node"))
@@ -840,6 +871,44 @@ class ChaosRun:
         self.redis_kill_samples.append(fault.back_at - fault.at)
         self.log(f"every hub reconciled {fault.back_at - fault.at:.2f} s after the kill")
 
+    async def _kill_master(self, at: float) -> None:
+        """SIGKILL the master of the cell's slot under load; wait for the hubs to follow.
+
+        Its replica is promoted after ``cluster-node-timeout`` (asynchronous
+        replication: the last writes may be lost). The failover time is from
+        the kill until every live hub is ready on the new master and has
+        reconciled (its ``hub_redis_reconciled_total`` of restarts went up).
+        The killed node then starts again on its directory: it rejoins as a
+        replica of the new master.
+        """
+        cluster = self.cluster
+        assert cluster is not None
+        slot = cell_slot(self.cell)
+        hubs = [h for h in self.hubs if h.alive]
+        before = {h.hub_id: await _restarts_reconciled(h) for h in hubs}
+        master = await asyncio.to_thread(cluster.master_of, slot)
+        fault = Fault(_now(), "master-kill", f"redis:{master.port}")
+        self.faults.append(fault)
+        master.kill()
+        self.log(f"killed the cell's master (port {master.port})")
+        promoted = await asyncio.to_thread(cluster.wait_owner_changed, slot, master.port, 60)
+        fault.up_at = fault.at + promoted
+        self.log(f"replica promoted {promoted:.2f} s after the kill")
+        deadline = time.monotonic() + 30
+        for h in hubs:
+            while h.alive and time.monotonic() < deadline:
+                if await _restarts_reconciled(h) > before[h.hub_id]:
+                    break
+                await asyncio.sleep(0.02)
+        fault.back_at = _now()
+        self.redis_kill_samples.append(fault.back_at - fault.at)
+        self.log(f"every hub reconciled {fault.back_at - fault.at:.2f} s after the kill")
+        if self.links is not None:
+            await self.links.locate()
+        await asyncio.sleep(self.config.redis_down_s)
+        master.start()
+        self.log(f"the old master (port {master.port}) is back as a replica")
+
     async def _chaos(self) -> None:
         begin = time.monotonic()
         actions = {
@@ -847,6 +916,7 @@ class ChaosRun:
             "hub": self._kill_hub,
             "redis": self._restart_redis,
             "redis-kill": self._kill_redis,
+            "master-kill": self._kill_master,
         }
         running: list[asyncio.Task[None]] = []
         for at, kind in self.schedule():
@@ -1095,7 +1165,9 @@ class ChaosRun:
         during_outage: list[float] = []
         node_kills_with_jobs = 0
         outages = [
-            (f.at, f.back_at or f.at) for f in self.faults if f.kind in ("redis", "redis-kill")
+            (f.at, f.back_at or f.at)
+            for f in self.faults
+            if f.kind in ("redis", "redis-kill", "master-kill")
         ]
         node_faults = [f for f in self.faults if f.kind == "node"]
         for fault in node_faults:
@@ -1149,6 +1221,9 @@ class ChaosRun:
             "hub_kill_to_node_reregistered_s": _summary(hub_nodes),
             "hub_kill_to_session_resumed_s": _summary(hub_sessions),
             "redis_kill_to_hubs_reconciled_s": _summary(self.redis_kill_samples),
+            "master_kill_to_replica_promoted_s": _summary(
+                [f.up_at - f.at for f in self.faults if f.kind == "master-kill" and f.up_at]
+            ),
             "redis_restart_to_hubs_ready_s": _summary(
                 [
                     f.back_at - f.up_at
@@ -1242,6 +1317,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"    redis SIGKILL (last writes lost) -> every hub ready and reconciled: "
         f"{timing(f['redis_kill_to_hubs_reconciled_s'])}",
         f"    redis back -> every hub ready: {timing(f['redis_restart_to_hubs_ready_s'])}",
+        f"    cluster master SIGKILL -> replica promoted: "
+        f"{timing(f['master_kill_to_replica_promoted_s'])}",
     ]
     details = report["details"]
     for name in ("problems", "leaks", "mismatches", "double_runs", "failed_jobs"):
@@ -1285,6 +1362,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="SIGKILLs of Redis losing its last second of writes (default 1)",
     )
+    p.add_argument(
+        "--redis-cluster",
+        type=int,
+        default=0,
+        metavar="MASTERS",
+        help="run the cell on a Redis Cluster of MASTERS masters, one replica each; "
+        "--redis-kills then SIGKILL the cell's master (default 0: one Redis)",
+    )
     p.add_argument("--out", type=Path, default=None, help="logs and chaos.json (default: temp)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
@@ -1311,6 +1396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=ns.workers,
         redis_restart=not ns.no_redis_restart,
         redis_kills=ns.redis_kills,
+        redis_cluster=ns.redis_cluster,
         out_dir=ns.out,
     )
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import redis as sync_redis
@@ -20,6 +21,7 @@ from hub.errors import RedisUnavailable
 from hub.events import Beat
 from hub.keys import Keys
 from hub.scheduler import Scheduler
+from loadtest.chaos import ChaosConfig, format_report, run_chaos
 from loadtest.cluster import RedisCluster, cells_on_masters
 from loadtest.procs import free_port
 from tests.helpers import MS, wait_for
@@ -298,3 +300,38 @@ async def test_hub_serves_its_cell_again_after_its_master_is_killed(
     finally:
         await asyncio.to_thread(master.start)
         await asyncio.to_thread(redis_cluster.wait_ok, 30)
+
+
+async def test_chaos_run_with_the_cells_master_killed_leaves_a_clean_ledger(
+    tmp_path: Path,
+) -> None:
+    # Its own cluster (loadtest/chaos.py starts it): three hubs on one cell,
+    # nodes killed every few seconds, a hub killed, and the cell's master
+    # SIGKILLed under load; its replica is promoted.
+    config = ChaosConfig(
+        duration_s=20.0,
+        hubs=3,
+        nodes=6,
+        sessions=10,
+        seed=20261206,
+        service_ms=(200.0, 600.0),
+        job_interval_s=0.3,
+        node_kill_every_s=4.0,
+        hub_kills=1,
+        hub_down_s=3.0,
+        redis_down_s=1.5,
+        redis_cluster=3,
+        settle_s=30.0,
+        out_dir=tmp_path,
+        quiet=True,
+    )
+    report = await run_chaos(config)
+    text = format_report(report)
+    print(text)  # shown by pytest -rA or on failure
+    assert report["clean"], text
+    assert report["faults"] == {"node": report["faults"]["node"], "hub": 1, "master-kill": 1}
+    assert report["submitted"] > 100 and report["finished"] > 0.6 * report["submitted"]
+    assert report["duplicates"] == report["leaks"] == report["mismatches"] == 0
+    failover = report["failover"]
+    assert failover["master_kill_to_replica_promoted_s"]["n"] == 1
+    assert failover["redis_kill_to_hubs_reconciled_s"]["n"] == 1
