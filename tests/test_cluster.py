@@ -7,7 +7,8 @@ master from any seed node (hub/cluster.py) and follows ``MOVED`` and ``ASK``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -335,3 +336,61 @@ async def test_chaos_run_with_the_cells_master_killed_leaves_a_clean_ledger(
     failover = report["failover"]
     assert failover["master_kill_to_replica_promoted_s"]["n"] == 1
     assert failover["redis_kill_to_hubs_reconciled_s"]["n"] == 1
+
+
+# Genuine Redis 7
+
+REDIS_7 = "/usr/bin/redis-server"
+
+
+@pytest.fixture(scope="module")
+def redis7_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    if not os.access(REDIS_7, os.X_OK):
+        pytest.skip(f"{REDIS_7} is not installed (.ci/run installs Debian's redis-server)")
+    cluster = RedisCluster(REDIS_7, tmp_path_factory.mktemp("redis7-cluster"))
+    cluster.start(timeout_s=60_000 * MS)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_redis_7_cluster_runs_the_scripts_the_bus_and_a_failover(
+    redis7_cluster: RedisCluster, make_hub: MakeHub, connect: Connect
+) -> None:
+    version = direct(redis7_cluster.master_ports()[0]).info("server")
+    assert str(version["redis_version"]).startswith("7.") and "valkey_version" not in version
+    cells = cells_on_masters(redis7_cluster, prefix="r7-")
+    # The scripts and invariants on one cell, four hubs' worth of schedulers.
+    keys = Keys(cells[0])
+    links, schedulers = await cluster_schedulers(redis7_cluster, keys, 4)
+    try:
+        await exercise_fleet(schedulers, links[0].client(keys.cell), keys, seed=70)
+    finally:
+        for scheduler in schedulers:
+            await scheduler.close()
+        for link in links:
+            await link.aclose()
+    # Two hubs on another cell: sharded pub/sub between them, then a failover.
+    cell = cells[1]
+    url = seed_not_owning(redis7_cluster, cell)
+    settings = {"redis_cluster": True, "cell": cell, "redis_timeout_s": 0.5}
+    a = await make_hub(redis_url=url, hub_id="r7-a", **settings)
+    b = await make_hub(redis_url=url, hub_id="r7-b", **settings)
+    node = await open_node(connect, b, "gpu-1")
+    session = await open_session(connect, a)
+    assert (await round_trip(session, node, "before"))["status"] == "finished"
+    slot = cell_slot(cell)
+    master = redis7_cluster.master_of(slot)
+    await asyncio.to_thread(master.kill)
+    try:
+        await asyncio.to_thread(redis7_cluster.wait_owner_changed, slot, master.port, 30)
+        await wait_for(
+            lambda: all(h.ready and h.reconciler.restarts for h in (a, b)),
+            timeout=30_000 * MS,
+            what="both hubs ready again on the promoted replica",
+        )
+        assert (await round_trip(session, node, "after"))["status"] == "finished"
+        await check_invariants(a.redis, a.keys, ["gpu-1"])
+    finally:
+        await asyncio.to_thread(master.start)
