@@ -184,6 +184,21 @@ def build_parser(prog: str = "python -m loadtest") -> argparse.ArgumentParser:
     )
     p.add_argument("--redis-url", help="Redis for the started hubs (default: embedded)")
     p.add_argument(
+        "--redis-cluster",
+        type=int,
+        default=0,
+        metavar="MASTERS",
+        help="start a Redis Cluster of MASTERS masters (one replica each) for the hubs "
+        "instead of one Redis (default 0: one Redis)",
+    )
+    p.add_argument(
+        "--cells",
+        type=int,
+        default=1,
+        help="scheduling cells: hub i serves cell i %% CELLS, with its share of the nodes "
+        "and sessions (default 1)",
+    )
+    p.add_argument(
         "--redis-aof",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -355,6 +370,8 @@ async def run(args: argparse.Namespace) -> int:
                 uvloop=args.uvloop,
                 redis_url=args.redis_url,
                 redis_aof=args.redis_aof,
+                redis_cluster=args.redis_cluster,
+                cells=args.cells,
                 cprofile=args.hub_cprofile,
                 workers=args.workers,
             )

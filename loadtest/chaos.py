@@ -596,7 +596,7 @@ class ChaosRun:
             self.cluster = RedisCluster(
                 find_redis_server(), Path(self.redis_dir), masters=c.redis_cluster
             )
-            await asyncio.to_thread(self.cluster.start)
+            self.cluster.start()  # blocks a few seconds; in the main thread (PDEATHSIG)
             url = self.cluster.url
             self.links = ClusterLinks(url, Settings(redis_timeout_s=5))
             await self.links.locate()

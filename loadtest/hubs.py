@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hub.embedded import EmbeddedRedis
+from hub.embedded import EmbeddedRedis, find_redis_server
 
+from .cluster import RedisCluster, cells_on_masters
 from .procs import HubProcess, cpu_seconds, rss_kb
 
 __all__ = [
@@ -80,6 +81,10 @@ class Fleet:
         uvloop: run the hubs on uvloop (when installed) or on asyncio's loop.
         redis_url: a Redis to use instead of an embedded one.
         redis_aof: the embedded Redis keeps an append-only file, as ``hub serve`` does.
+        redis_cluster: start a Redis Cluster of this many masters (one replica
+            each) instead of one Redis; 0: one Redis.
+        cells: hub ``i`` serves cell ``i % cells`` of :attr:`cell_names` (on a
+            cluster, cells spread evenly over the masters); one cell: the hubs' default.
         cprofile: run each hub under cProfile (CPU clock), stats in ``hub-<i>.pstats``.
         workers: worker processes of each hub (``hub serve --workers``); a
             hub's CPU and memory are then its supervisor's plus its workers'.
@@ -94,6 +99,8 @@ class Fleet:
         uvloop: bool = True,
         redis_url: str | None = None,
         redis_aof: bool = True,
+        redis_cluster: int = 0,
+        cells: int = 1,
         cprofile: bool = False,
         workers: int = 1,
     ) -> None:
@@ -109,6 +116,11 @@ class Fleet:
         self.uvloop = uvloop
         self.redis_url = redis_url
         self.redis_aof = redis_aof
+        self.redis_cluster = redis_cluster
+        self.cells = cells
+        self.cluster: RedisCluster | None = None
+        self.cell_names: list[str] = [f"c{i}" for i in range(cells)]
+        """The cells' names."""
         self.redis: EmbeddedRedis | None = None
         self.redis_pid: int | None = None
         """The embedded Redis's pid (kept once it is stopped)."""
@@ -122,7 +134,21 @@ class Fleet:
             RuntimeError: a hub exited or did not get ready in time (see its log).
         """
         url = self.redis_url
-        if url is None:
+        if self.redis_cluster:
+            self._tmp = tempfile.mkdtemp(prefix="lt-cluster-")
+            self.cluster = RedisCluster(
+                find_redis_server(), Path(self._tmp), masters=self.redis_cluster
+            )
+            self.cluster.start()  # blocks a few seconds; must run in the main thread
+            url = self.cluster.url
+            masters = self.redis_cluster
+            per_master = cells_on_masters(self.cluster, -(-self.cells // masters))
+            # Round robin over the masters: cell k on master k % masters.
+            per = len(per_master) // masters
+            self.cell_names = [
+                per_master[(k % masters) * per + k // masters] for k in range(self.cells)
+            ]
+        elif url is None:
             # A short path: unix socket paths are limited to 107 bytes.
             self._tmp = tempfile.mkdtemp(prefix="lt-redis-")
             self.redis = EmbeddedRedis(self._tmp, appendonly=self.redis_aof)
@@ -141,6 +167,8 @@ class Fleet:
     async def stop(self, timeout_s: float = 12.0) -> None:
         """SIGTERM every hub, SIGKILL what is left after ``timeout_s``, stop Redis."""
         await asyncio.gather(*(h.stop(timeout_s) for h in self.hubs))
+        if self.cluster is not None:
+            self.cluster.stop()
         if self.redis is not None:
             self.redis.stop()
             with contextlib.suppress(OSError):
@@ -158,12 +186,23 @@ class Fleet:
                 if self.redis_pid
                 else {}
             ),
+            "redis_masters": self._masters(),
             "time": time.perf_counter(),
             "machine_busy_s": machine_busy_s(),
             "loadavg": load_average(),
         }
 
     # Private methods
+
+    def _masters(self) -> dict[str, dict[str, Any]]:
+        """CPU seconds and RSS of each master of the cluster, by port ({} with one Redis)."""
+        if self.cluster is None:
+            return {}
+        found = {}
+        for port in self.cluster.master_ports():
+            pid = self.cluster.node_at(port).pid
+            found[str(port)] = {"cpu_s": cpu_seconds(pid), "rss_kb": rss_kb(pid)}
+        return found
 
     def _hub(self, i: int, redis_url: str) -> HubProcess:
         launcher = [
@@ -173,12 +212,16 @@ class Fleet:
             "--uvloop" if self.uvloop else "--no-uvloop",
             *(["--cprofile", str(self.out_dir / f"hub-{i}.pstats")] if self.cprofile else []),
         ]
+        settings = dict(self.settings)
+        if self.cluster is not None:
+            settings["redis_cluster"] = "true"
         return HubProcess(
             f"lt-{i}",
             redis_url=redis_url,
             log_dir=self.out_dir,
             port=0,
-            settings=self.settings,
+            cell=self.cell_names[i % self.cells] if self.cells > 1 else None,
+            settings=settings,
             name=f"hub-{i}",
             launcher=launcher,
         )

@@ -84,6 +84,18 @@ def build(
     ]
     hub_cpu = sum(x for x in hubs_cpu if x is not None) if any(hubs_cpu) else None
     redis_cpu = _delta(go.get("redis", {}).get("cpu_s"), end.get("redis", {}).get("cpu_s"))
+    # A Redis Cluster: each master's CPU, and its part of the masters' total.
+    masters_cpu = {
+        port: _delta(a.get("cpu_s"), end.get("redis_masters", {}).get(port, {}).get("cpu_s"))
+        for port, a in go.get("redis_masters", {}).items()
+    }
+    masters_total = sum(x for x in masters_cpu.values() if x is not None)
+    if masters_cpu and redis_cpu is None:
+        redis_cpu = round(masters_total, 3)
+    masters_part = {
+        port: round((x or 0.0) / masters_total, 3) if masters_total else None
+        for port, x in masters_cpu.items()
+    }
     harness_cpu = _delta(samples.get("harness_go"), samples.get("harness_end"))
     machine_cpu = _delta(go.get("machine_busy_s"), end.get("machine_busy_s"))
     other_cpu = (
@@ -231,6 +243,8 @@ def build(
             "hub_us_per_job": per_job(hub_cpu),
             "redis_s": redis_cpu,
             "redis_us_per_job": per_job(redis_cpu),
+            "redis_masters_s": masters_cpu,
+            "redis_masters_part": masters_part,
             "harness_s": harness_cpu,
             "harness_us_per_job": per_job(harness_cpu),
             "other_s": other_cpu,
@@ -336,6 +350,11 @@ def table(report: dict[str, Any]) -> str:
         f"other processes {_fmt(cpu['other_s'], ' s')} ({_fmt(sh['other'], '%')}), "
         f"load average {cpu['loadavg_before']} -> {cpu['loadavg_after']}"
     )
+    for port, part in (cpu.get("redis_masters_part") or {}).items():
+        lines.append(
+            f"cluster master :{port}: {_fmt(cpu['redis_masters_s'][port], ' s')} CPU, "
+            f"{_fmt(None if part is None else round(part * 100, 1), '%')} of the masters' CPU"
+        )
     mem = report["memory"]
     for i, h in enumerate(mem["hubs"]):
         lines.append(
@@ -586,6 +605,14 @@ def render_html(report: dict[str, Any]) -> str:
                 ("hub CPU per job (us)", cpu["hub_us_per_job"]),
                 ("redis CPU (s)", cpu["redis_s"]),
                 ("redis CPU per job (us)", cpu["redis_us_per_job"]),
+                *(
+                    (f"cluster master :{port}: CPU (s)", seconds)
+                    for port, seconds in (cpu.get("redis_masters_s") or {}).items()
+                ),
+                *(
+                    (f"cluster master :{port}: part of the masters' CPU", part)
+                    for port, part in (cpu.get("redis_masters_part") or {}).items()
+                ),
                 ("harness CPU (s)", cpu["harness_s"]),
                 ("harness CPU per job (us)", cpu["harness_us_per_job"]),
                 ("share of the machine: hubs %", cpu["share_percent"]["hubs"]),
