@@ -501,6 +501,8 @@ async def run(args: argparse.Namespace) -> int:
         else "external",
         "hub_settings": fleet.settings if fleet is not None else None,
         "redis_pid": fleet.redis_pid if fleet is not None else None,
+        "redis_cluster_pids": fleet.cluster_pids if fleet is not None else [],
+        "cells": fleet.cell_names if fleet is not None else None,
         "worker_loop": "uvloop" if args.worker_uvloop and _has_uvloop() else "asyncio",
         "worker_pids": harness_pids,
         "processes": args.processes,

@@ -121,6 +121,8 @@ class Fleet:
         self.cluster: RedisCluster | None = None
         self.cell_names: list[str] = [f"c{i}" for i in range(cells)]
         """The cells' names."""
+        self.cluster_pids: list[int] = []
+        """The cluster nodes' pids (kept once they are stopped)."""
         self.redis: EmbeddedRedis | None = None
         self.redis_pid: int | None = None
         """The embedded Redis's pid (kept once it is stopped)."""
@@ -141,6 +143,7 @@ class Fleet:
             )
             self.cluster.start()  # blocks a few seconds; must run in the main thread
             url = self.cluster.url
+            self.cluster_pids = [n.pid for n in self.cluster.nodes]
             masters = self.redis_cluster
             per_master = cells_on_masters(self.cluster, -(-self.cells // masters))
             # Round robin over the masters: cell k on master k % masters.

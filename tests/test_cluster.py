@@ -35,6 +35,7 @@ from tests.hubtools import (
     round_trip,
     submit,
 )
+from tests.test_loadtest import assert_every_job_answered_once, run_loadtest
 from tests.test_scheduler import SETTINGS, exercise_fleet
 
 MakeHub = Callable[..., Awaitable[Hub]]
@@ -394,3 +395,22 @@ async def test_redis_7_cluster_runs_the_scripts_the_bus_and_a_failover(
         await check_invariants(a.redis, a.keys, ["gpu-1"])
     finally:
         await asyncio.to_thread(master.start)
+
+
+# The load harness
+
+
+def test_load_harness_starts_a_cluster_and_spreads_three_cells_over_its_masters(
+    tmp_path: Path,
+) -> None:
+    report = run_loadtest(
+        tmp_path, "--redis-cluster", "3", "--cells", "3", "--hubs", "3", "--nodes", "6"
+    )
+    assert_every_job_answered_once(report)
+    meta = report["meta"]
+    assert len(meta["redis_cluster_pids"]) == 6
+    # One cell per master (valkey-cli gives each of 3 masters a third of the slots).
+    assert sorted(cell_slot(cell) * 3 // 16384 for cell in meta["cells"]) == [0, 1, 2]
+    # Every master did a part of the scheduling work.
+    parts = report["cpu"]["redis_masters_part"]
+    assert len(parts) == 3 and all(part > 0 for part in parts.values())

@@ -410,7 +410,8 @@ def run_loadtest(
     assert proc.returncode == expected_rc, proc.stdout + proc.stderr
     # Nothing is left running: hubs, Redis and load generators all exited.
     meta = report["meta"]
-    pids = [*meta["hub_pids"], meta["redis_pid"], *meta["worker_pids"]]
+    pids = [*meta["hub_pids"], *meta["worker_pids"]]
+    pids += meta.get("redis_cluster_pids") or [meta["redis_pid"]]
     for pid in pids:
         wait_for_sync(lambda pid=pid: process_gone(pid), timeout=5000 * MS)
     return report
