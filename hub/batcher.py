@@ -131,6 +131,10 @@ class Batcher:
         max_pending: most calls waiting for a pipeline (bounded memory).
         reply_timeout_s: how long Redis may send nothing while replies are
             due before the pipeline fails (``None``: the client's socket timeout).
+        wait_replicas: after each pipeline, ``WAIT`` until this many replicas
+            have its writes, before the replies are acted on; 0: no wait.
+        wait_ms: the ``WAIT`` timeout: past it the replies are acted on anyway
+            (counted in :attr:`unreplicated`).
     """
 
     def __init__(
@@ -142,6 +146,8 @@ class Batcher:
         max_pipelines: int = 4,
         max_pending: int = 20000,
         reply_timeout_s: float | None = None,
+        wait_replicas: int = 0,
+        wait_ms: int = 50,
     ) -> None:
         self.redis = redis
         self.sources = dict(sources)
@@ -151,6 +157,10 @@ class Batcher:
         self.max_batch = max_batch
         self.max_pipelines = max_pipelines
         self.reply_timeout_s = reply_timeout_s
+        self.wait_replicas = wait_replicas
+        self.wait_ms = wait_ms
+        self.unreplicated = 0
+        """Pipelines whose writes fewer than ``wait_replicas`` replicas had within ``wait_ms``."""
         self.max_pending = max_pending
         """Most calls waiting for a pipeline; more fail at once with RedisUnavailable."""
         self.pending: list[_Call] = []
@@ -375,9 +385,13 @@ class Batcher:
         reusable = False
         try:
             shas = self.shas
-            packed = conn.pack_commands(
-                [("EVALSHA", shas[c.name], len(c.keys), *c.keys, *c.args) for c in batch]
-            )
+            commands: list[tuple[Any, ...]] = [
+                ("EVALSHA", shas[c.name], len(c.keys), *c.keys, *c.args) for c in batch
+            ]
+            if self.wait_replicas:
+                # The replies are acted on only once the replicas have the writes.
+                commands.append(("WAIT", self.wait_replicas, self.wait_ms))
+            packed = conn.pack_commands(commands)
             try:
                 await conn.send_packed_command(packed)
                 results: list[Any] = []
@@ -395,6 +409,10 @@ class Batcher:
                             results.append(exc)
                         except ClusterRedirect as exc:
                             results.append(exc.error)
+                    if self.wait_replicas:
+                        acked = await conn.read_response(timeout=math.inf)
+                        if isinstance(acked, int) and acked < self.wait_replicas:
+                            self.unreplicated += 1
             except BaseException:
                 # Replies may be left unread (timeout, cancel): drop the socket.
                 await conn.disconnect(nowait=True)

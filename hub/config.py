@@ -146,6 +146,14 @@ class Settings:
     """``redis_url`` is a seed node of a Redis Cluster: the cell's calls go to
     the master of its slot, found from the seed (``MOVED`` and ``ASK``
     followed, a failover located again); the bus uses sharded pub/sub."""
+    redis_wait_replicas: int = 0
+    """After each pipeline of script calls, ``WAIT`` until this many replicas
+    have its writes before acting on the replies, so that a failover to one
+    of them loses none of what clients were told; 0 does not wait (a
+    failover may then lose the last moments of writes; the hubs reconcile)."""
+    redis_wait_ms: int = 50
+    """Longest ``WAIT`` per pipeline, milliseconds; the replies are acted on
+    after it even if the replicas have not caught up."""
     redis_timeout_s: float = 2.0
     """Timeout of one Redis command (connect and read), seconds."""
     redis_reply_timeout_s: float = 10.0
@@ -303,6 +311,8 @@ class Settings:
             "redis_reply_timeout_s",
             "shutdown_grace_s",
             "http_idle_timeout_s",
+            "redis_wait_replicas",
+            "redis_wait_ms",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(name, getattr(self, name), "must not be negative")

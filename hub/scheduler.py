@@ -117,6 +117,8 @@ class Scheduler(NodeScripts):
             max_pipelines=max_pipelines,
             max_pending=max_pending,
             reply_timeout_s=settings.redis_reply_timeout_s,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_ms=settings.redis_wait_ms,
         )
         """Sends the script calls."""
         self._random = random.Random()

@@ -40,10 +40,24 @@ from tests.test_scheduler import SETTINGS, exercise_fleet
 
 MakeHub = Callable[..., Awaitable[Hub]]
 
+SETTINGS_FIELDS = {f: getattr(SETTINGS, f) for f in Settings.field_names()}
+
 
 def direct(port: int) -> sync_redis.Redis:
     """A plain client of one node (no redirects followed)."""
     return sync_redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+
+
+def on_node(port: int, *commands: tuple[object, ...]) -> list[object]:
+    """Run commands on one node, in one pipeline (one connection), and close it."""
+    client = direct(port)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(pipe.execute())
+    finally:
+        client.close()
 
 
 def keys_on(port: int, keys: Keys) -> int:
@@ -185,6 +199,37 @@ async def test_calls_during_a_slot_migration_follow_ask_then_moved(
         await scheduler.close()
         await links.aclose()
         await asyncio.to_thread(redis_cluster.wait_ok, 30)
+
+
+async def test_wait_replicas_acts_on_replies_once_the_replica_has_the_writes(
+    redis_cluster: RedisCluster,
+) -> None:
+    keys = Keys(cells_on_masters(redis_cluster, prefix="wait-")[0])
+    settings = Settings(**{**SETTINGS_FIELDS, "redis_wait_replicas": 1, "redis_wait_ms": 1000})
+    links = ClusterLinks(redis_cluster.url, settings)
+    scheduler = Scheduler(links.client(keys.cell), settings, hub_id="h0", keys=keys)
+    owner = redis_cluster.master_of(cell_slot(keys.cell)).port
+    replica = next(rs[0] for _, _, port, rs in redis_cluster.slot_map() if port == owner)
+    try:
+        await links.locate()
+        await scheduler.load_scripts()
+        stats = on_node(owner, ("INFO", "commandstats"))[0]
+        assert isinstance(stats, dict)
+        waits = stats.get("cmdstat_wait", {}).get("calls", 0)
+        for i in range(5):
+            await scheduler.register_node(
+                f"n{i}", services=("asr",), lang_pairs=(("en", "fr"),), max_jobs=2
+            )
+            # Acknowledged: the replica holds it already.
+            read = on_node(replica, ("READONLY",), ("EXISTS", keys.node(f"n{i}")))
+            assert read[1] == 1
+        stats = on_node(owner, ("INFO", "commandstats"))[0]
+        assert isinstance(stats, dict)
+        assert stats["cmdstat_wait"]["calls"] - waits == 5
+        assert scheduler.batcher.unreplicated == 0
+    finally:
+        await scheduler.close()
+        await links.aclose()
 
 
 # Hubs
@@ -359,7 +404,8 @@ def redis7_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCl
 async def test_redis_7_cluster_runs_the_scripts_the_bus_and_a_failover(
     redis7_cluster: RedisCluster, make_hub: MakeHub, connect: Connect
 ) -> None:
-    version = direct(redis7_cluster.master_ports()[0]).info("server")
+    version = on_node(redis7_cluster.master_ports()[0], ("INFO", "server"))[0]
+    assert isinstance(version, dict)
     assert str(version["redis_version"]).startswith("7.") and "valkey_version" not in version
     cells = cells_on_masters(redis7_cluster, prefix="r7-")
     # The scripts and invariants on one cell, four hubs' worth of schedulers.
