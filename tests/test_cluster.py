@@ -201,6 +201,40 @@ async def test_calls_during_a_slot_migration_follow_ask_then_moved(
         await asyncio.to_thread(redis_cluster.wait_ok, 30)
 
 
+async def test_a_call_to_a_slot_no_master_serves_fails_unavailable_and_never_runs(
+    redis_cluster: RedisCluster,
+) -> None:
+    keys = Keys(cells_on_masters(redis_cluster, prefix="down-")[0])
+    slot = cell_slot(keys.cell)
+    owner = redis_cluster.master_of(slot).port
+    links = ClusterLinks(redis_cluster.url, SETTINGS)
+    scheduler = Scheduler(links.client(keys.cell), SETTINGS, hub_id="h0", keys=keys)
+    pairs = (("en", "fr"),)
+    try:
+        await links.locate()
+        await scheduler.load_scripts()
+        # The master forgets the slot: it answers CLUSTERDOWN for the cell's keys.
+        on_node(owner, ("CLUSTER", "DELSLOTS", slot))
+        with pytest.raises(RedisUnavailable):
+            await scheduler.register_node("n1", services=("asr",), lang_pairs=pairs, max_jobs=2)
+        assert keys_on(owner, keys) == 0
+    finally:
+        on_node(owner, ("CLUSTER", "ADDSLOTS", slot))
+        await asyncio.to_thread(redis_cluster.wait_ok, 30)
+        await scheduler.close()
+        await links.aclose()
+    # Served again: the same call runs.
+    links = ClusterLinks(redis_cluster.url, SETTINGS)
+    scheduler = Scheduler(links.client(keys.cell), SETTINGS, hub_id="h0", keys=keys)
+    try:
+        await links.locate()
+        reg = await scheduler.register_node("n1", services=("asr",), lang_pairs=pairs, max_jobs=2)
+        assert reg.epoch == 1
+    finally:
+        await scheduler.close()
+        await links.aclose()
+
+
 async def test_wait_replicas_acts_on_replies_once_the_replica_has_the_writes(
     redis_cluster: RedisCluster,
 ) -> None:
