@@ -1314,7 +1314,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{timing(f['hub_kill_to_node_reregistered_s'])}",
         f"    hub kill -> its sessions resumed on another hub: "
         f"{timing(f['hub_kill_to_session_resumed_s'])}",
-        f"    redis SIGKILL (last writes lost) -> every hub ready and reconciled: "
+        f"    redis (or cluster master) SIGKILL -> every hub ready and reconciled: "
         f"{timing(f['redis_kill_to_hubs_reconciled_s'])}",
         f"    redis back -> every hub ready: {timing(f['redis_restart_to_hubs_ready_s'])}",
         f"    cluster master SIGKILL -> replica promoted: "
