@@ -180,8 +180,9 @@ class Hub:
 
         self.bus.on_subscribed = subscribed
         # A cell's slot moved to another master (a failover, a MOVED reply):
-        # it may have lost the last writes; the reconcile checks its run_id.
-        self.links.on_moved(self.reconciler.schedule)
+        # as after a new subscription (the bus's is, on the new master), and
+        # the reconcile checks the run_id (the new master may lack the last writes).
+        self.links.on_moved(subscribed)
         self.liveness = Liveness(
             settings,
             self.redis,
