@@ -467,7 +467,11 @@ async def test_redis_7_cluster_runs_the_scripts_the_bus_and_a_failover(
     try:
         await asyncio.to_thread(redis7_cluster.wait_owner_changed, slot, master.port, 30)
         await wait_for(
-            lambda: all(h.ready and h.reconciler.restarts for h in (a, b)),
+            # Subscribed too: a partial published to a hub not yet subscribed
+            # again is lost (pub/sub is at most once, protocol.md §8).
+            lambda: all(
+                h.ready and h.bus.subscribed.is_set() and h.reconciler.restarts for h in (a, b)
+            ),
             timeout=30_000 * MS,
             what="both hubs ready again on the promoted replica",
         )
