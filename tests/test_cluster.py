@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from hub.keys import Keys
 from hub.scheduler import Scheduler
 from loadtest.chaos import ChaosConfig, format_report, run_chaos
 from loadtest.cluster import RedisCluster, cells_on_masters
-from loadtest.procs import free_port
+from loadtest.procs import REPO_ROOT, child_env, free_port, hub_command, parse_ready_line
 from tests.helpers import MS, wait_for
 from tests.hubtools import (
     Connect,
@@ -309,6 +311,34 @@ async def test_status_page_reads_the_cell_on_its_master(
     status = await hub.scheduler.status()
     assert [n["node_id"] for n in status["nodes"]] == ["gpu-9"]
     assert status["nodes"][0]["running"] == 1
+
+
+def test_hub_serve_redis_cluster_flag_serves_the_cell(redis_cluster: RedisCluster) -> None:
+    cell = cells_on_masters(redis_cluster, prefix="cli-")[1]
+    args = ["serve", "--redis-cluster", "--redis-url", seed_not_owning(redis_cluster, cell)]
+    args += ["--cell", cell, "--port", "0", "--log-level", "WARNING"]
+    process = subprocess.Popen(
+        hub_command(*args),
+        cwd=REPO_ROOT,
+        env=child_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        ready = parse_ready_line(line)
+        assert ready is not None, line
+        assert ready.port > 0
+        # It shared the cell's resume secret through the cell's master.
+        owner = redis_cluster.master_of(cell_slot(cell)).port
+        assert on_node(owner, ("EXISTS", Keys(cell).resume_secret)) == [1]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
 
 
 # Bad configuration
