@@ -358,6 +358,15 @@ def test_cluster_needs_a_tcp_seed() -> None:
     )
 
 
+def test_a_hub_on_a_cluster_serves_one_cell() -> None:
+    settings = Settings(redis_cluster=True, cell="a", cells=("a", "b"))
+    with pytest.raises(ConfigError) as info:
+        Hub(settings, "redis://127.0.0.1:7000/0")
+    assert str(info.value) == (
+        "invalid setting cells='a,b': a hub on a Redis Cluster serves one cell"
+    )
+
+
 def test_serve_with_redis_cluster_and_no_url_is_a_usage_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
