@@ -186,7 +186,7 @@ class Hub:
         self.liveness = Liveness(
             settings,
             self.redis,
-            RedisDSN.parse(url).redacted(),
+            RedisDSN.parse(url).redacted() + (" (cluster seed)" if settings.redis_cluster else ""),
             *parts,
             *common,
             prepare=(
