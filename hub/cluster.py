@@ -178,7 +178,8 @@ class _SlotAddressed(AbstractConnection):
         try:
             return await super().read_response(*args, **kwargs)
         except redis_errors.AskError as exc:  # MovedError is an AskError
-            if isinstance(exc, redis_errors.MovedError):
+            if isinstance(exc, redis_errors.MovedError) and exc.slot_id == self._owner.slot:
+                # (A key of another slot moved nothing of this connection's.)
                 self._owner.move(exc.host, exc.port)
             raise ClusterRedirect(exc) from exc
         except (redis_errors.TryAgainError, redis_errors.ClusterDownError) as exc:

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import redis as sync_redis
+from redis.exceptions import MovedError
 
 from hub.app import Hub
 from hub.cli import main
-from hub.cluster import ClusterLinks, cell_slot
+from hub.cluster import ClusterLinks, ClusterRedirect, cell_slot
 from hub.config import ConfigError, Settings
 from hub.errors import RedisUnavailable
 from hub.events import Beat
@@ -148,6 +149,24 @@ async def test_calls_follow_moved_from_a_seed_that_does_not_own_the_cell(
         await check_invariants(links.client(keys.cell), keys, ["n1"])
     finally:
         await scheduler.close()
+        await links.aclose()
+
+
+async def test_a_key_of_another_slot_is_refused_and_moves_nothing(
+    redis_cluster: RedisCluster,
+) -> None:
+    cells = cells_on_masters(redis_cluster, prefix="other-")
+    links = ClusterLinks(redis_cluster.url, SETTINGS)
+    try:
+        await links.locate()
+        client = links.client(cells[0])
+        before = links.owner(cells[0]).port
+        with pytest.raises(ClusterRedirect) as info:
+            await client.get(Keys(cells[1]).seen)
+        assert isinstance(info.value.error, MovedError)
+        assert links.owner(cells[0]).port == before
+        assert await client.exists(Keys(cells[0]).seen) == 0
+    finally:
         await links.aclose()
 
 
