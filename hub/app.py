@@ -124,6 +124,7 @@ class Hub:
             ping_timeout_s=settings.redis_reply_timeout_s,
             also=[Keys(cell).channel(self.hub_id) for cell in settings.served_cells[1:]],
             sharded=self.links.sharded,
+            subscribers=[self.links.subscriber(cell) for cell in settings.served_cells],
         )
         self.outbox = Outbox(
             self.hub_id,

@@ -94,6 +94,9 @@ class Bus:
             the other cells it serves: another hub publishes in its own
             default cell, :mod:`hub.cells`).
         sharded: use sharded pub/sub (Redis Cluster).
+        subscribers: the pub/sub client of each channel (``channel``, then
+            ``also``), when not ``subscriber`` for all (a cluster: the master
+            of each cell's slot). Channels of one client share a subscription.
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class Bus:
         ping_timeout_s: float = 2.0,
         also: Sequence[str] = (),
         sharded: bool = False,
+        subscribers: Sequence[Redis] | None = None,
     ) -> None:
         self.redis = redis
         self.subscriber = subscriber
@@ -120,6 +124,13 @@ class Bus:
         self.ping_timeout_s = ping_timeout_s
         self.sharded = sharded
         self._publish = "SPUBLISH" if sharded else "PUBLISH"
+        groups: dict[int, tuple[Redis, list[str]]] = {}
+        for i, name in enumerate(self.channels):
+            client = subscriber if subscribers is None else subscribers[i]
+            groups.setdefault(id(client), (client, []))[1].append(name)
+        self._groups = [(client, tuple(names)) for client, names in groups.values()]
+        """The subscriptions: a client and the channels it listens on."""
+        self._live: set[int] = set()
         self.dropped = 0
         """Messages dropped because the outbox was full or Redis was down."""
         self.subscribed = asyncio.Event()
@@ -130,7 +141,7 @@ class Bus:
         """Called after each (re)subscription: messages published meanwhile were lost."""
         self._outbox: list[tuple[str, bytes]] = []
         self._flushing = False
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._flush_tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -138,17 +149,21 @@ class Bus:
 
     def start(self) -> None:
         """Start listening (reconnecting with backoff while Redis is down)."""
-        self._task = asyncio.get_running_loop().create_task(self._listen())
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._listen(i, client, names))
+            for i, (client, names) in enumerate(self._groups)
+        ]
 
     async def close(self) -> None:
         """Stop listening and wait for publishes in flight."""
         # The flag ends the loops even when redis-py swallows the cancel (Python 3.11).
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
         if self._flush_tasks:
             await asyncio.gather(*self._flush_tasks, return_exceptions=True)
 
@@ -227,27 +242,29 @@ class Bus:
                 pinged_at = now
                 await pubsub.ping()
 
-    async def _listen(self) -> None:
+    async def _listen(self, group: int, subscriber: Redis, channels: tuple[str, ...]) -> None:
         delay = 0.05
         while not self._closed:
-            pubsub = self.subscriber.pubsub()
+            pubsub = subscriber.pubsub()
             try:
                 if self.sharded:
-                    await pubsub.ssubscribe(*self.channels)
+                    await pubsub.ssubscribe(*channels)
                 else:
-                    await pubsub.subscribe(*self.channels)
+                    await pubsub.subscribe(*channels)
                 # Live once Redis confirms each (a refusal, e.g. NOPERM, raises here).
                 confirmed = 0
-                for _ in range(10 * len(self.channels)):
+                for _ in range(10 * len(channels)):
                     msg = await pubsub.get_message(timeout=1.0)
                     if msg is not None and msg.get("type") in ("subscribe", "ssubscribe"):
                         confirmed += 1
-                        if confirmed == len(self.channels):
+                        if confirmed == len(channels):
                             break
                 else:
                     raise redis_errors.TimeoutError("no subscription confirmed in 10 s")
                 self.subscriptions += 1
-                self.subscribed.set()
+                self._live.add(group)
+                if len(self._live) == len(self._groups):
+                    self.subscribed.set()
                 if self.on_subscribed is not None:
                     self.on_subscribed()
                 delay = 0.05
@@ -255,12 +272,14 @@ class Bus:
             except asyncio.CancelledError:
                 raise
             except (redis_errors.RedisError, OSError) as exc:
+                self._live.discard(group)
                 self.subscribed.clear()
                 logger.warning("! bus subscription lost (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 # Capped low: what is published to this hub meanwhile is lost.
                 delay = min(delay * 2, 0.5)
             finally:
+                self._live.discard(group)
                 self.subscribed.clear()
                 with contextlib.suppress(redis_errors.RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]

@@ -123,6 +123,17 @@ class Cells:
         """The default cell's scheduler."""
         return self._schedulers[self.default]
 
+    def servers(self) -> list[Scheduler]:
+        """One scheduler per Redis client (per server): the default cell's first.
+
+        On a single Redis, the default cell's only; on a cluster, one per
+        master holding a cell served (for what is read per server: run_id, ping).
+        """
+        found: dict[int, Scheduler] = {}
+        for scheduler in self._schedulers.values():
+            found.setdefault(id(scheduler.redis), scheduler)
+        return list(found.values())
+
     @property
     def batchers(self) -> list[Batcher]:
         """One per Redis client: the pipelines every call goes through."""

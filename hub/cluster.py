@@ -421,16 +421,9 @@ def redis_links(url: str, settings: Settings) -> RedisLinks:
     :class:`SingleRedis`.
 
     Raises:
-        ConfigError: if the URL does not fit the mode, or a hub on a cluster
-            is given several cells.
+        ConfigError: if the URL does not fit the mode.
     """
     if settings.redis_cluster:
-        if len(settings.served_cells) > 1:
-            # Its bus would listen on channels of several slots on one
-            # connection; run one hub (or --workers) per cell instead.
-            raise ConfigError(
-                "cells", ",".join(settings.served_cells), "a hub on a Redis Cluster serves one cell"
-            )
         return ClusterLinks(url, settings)
     return SingleRedis(url, settings)
 

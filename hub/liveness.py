@@ -106,7 +106,9 @@ class Liveness:
                     health.ready = True
                     delay = 0.05
                 else:
-                    await self._redis.ping()
+                    # Each server of the cells served (one on a single Redis).
+                    for server in self._cells.servers():
+                        await server.redis.ping()
                     slow_pings = 0
                 await asyncio.sleep(0.5)
             except asyncio.CancelledError:

@@ -158,7 +158,7 @@ class Reconciler:
             RedisUnavailable: if Redis does not answer; call again later.
         """
         async with self._lock:
-            run_id = await self._scheduler.server_id()
+            run_id = await self._server_ids()
             if self._run_id is not None and run_id != self._run_id:
                 # Jobs are refused (UNAVAILABLE) until the restart is settled.
                 self._health.ready = False
@@ -189,13 +189,18 @@ class Reconciler:
         Raises:
             RedisUnavailable: if Redis does not answer.
         """
-        if self._run_id is None or await self._scheduler.server_id() == self._run_id:
+        if self._run_id is None or await self._server_ids() == self._run_id:
             return False
         self._health.ready = False  # the Redis watch reconciles before ready
         self.schedule()
         return True
 
     # Private methods
+
+    async def _server_ids(self) -> str:
+        """The ``run_id`` of each Redis server of the cells served (a cluster: each
+        master), joined: it changes when any of them restarted or failed over."""
+        return ",".join([await s.server_id() for s in self._cells.servers()])
 
     async def _background(self) -> None:
         while True:

@@ -35,6 +35,7 @@ from tests.hubtools import (
     expect,
     open_node,
     open_session,
+    result,
     round_trip,
     submit,
 )
@@ -360,6 +361,70 @@ def test_hub_serve_redis_cluster_flag_serves_the_cell(redis_cluster: RedisCluste
     assert process.returncode == 0, err
 
 
+# Several cells per hub, spill-over
+
+
+async def test_a_hub_of_two_cells_on_two_masters_spills_and_survives_a_failover(
+    redis_cluster: RedisCluster, make_hub: MakeHub, connect: Connect
+) -> None:
+    a, b = cells_on_masters(redis_cluster, prefix="spill-")[:2]
+    hub = await make_hub(
+        redis_url=redis_cluster.url,
+        redis_cluster=True,
+        cell=a,
+        cells=(a, b),
+        spill=1,
+        redis_timeout_s=0.5,
+    )
+    masters = {cell: redis_cluster.master_of(cell_slot(cell)).port for cell in (a, b)}
+    assert masters[a] != masters[b]
+    assert {c: hub.links.owner(c).port for c in (a, b)} == masters
+    # One subscription per master: each cell's channel in its own slot.
+    for cell in (a, b):
+        counts = on_node(masters[cell], ("PUBSUB", "SHARDNUMSUB", Keys(cell).channel(hub.hub_id)))
+        assert counts[0] == [Keys(cell).channel(hub.hub_id).encode(), 1]
+    node_a = await open_node(connect, hub, "n-a", max_jobs=1)
+    node_b = await open_node(connect, hub, "n-b", cell=b, max_jobs=1)
+    session = await open_session(connect, hub)
+
+    async def spill_round(ref: str) -> None:
+        await submit(session, ref + "-1")
+        first = await expect(session, "accepted", ref=ref + "-1", node_id="n-a")
+        await submit(session, ref + "-2")  # cell a is full: its dispatch tries cell b
+        spilled = await expect(session, "accepted", ref=ref + "-2", node_id="n-b")
+        assert spilled["job_id"].startswith(b + ".")
+        # The spilled job lives on cell b's master only.
+        job_key = Keys(b).job(spilled["job_id"])
+        assert on_node(hub.links.owner(b).port, ("EXISTS", job_key)) == [1]
+        for node, accepted in ((node_b, spilled), (node_a, first)):
+            job = await expect(node, "job", job_id=accepted["job_id"])
+            await result(node, job, result={"ref": job["job_id"]})
+            await expect(session, "result", job_id=accepted["job_id"], status="finished")
+
+    await spill_round("before")
+    # Cell b's master dies: the hub finds its replica, reconciles, spills again.
+    master = redis_cluster.node_at(masters[b])
+    restarts = hub.reconciler.restarts
+    await asyncio.to_thread(master.kill)
+    try:
+        await asyncio.to_thread(redis_cluster.wait_owner_changed, cell_slot(b), master.port, 30)
+        await wait_for(
+            lambda: (
+                hub.ready and hub.bus.subscribed.is_set() and hub.reconciler.restarts > restarts
+            ),
+            timeout=30_000 * MS,
+            what="the hub ready again with cell b on the promoted replica",
+        )
+        assert hub.links.owner(b).port != masters[b]
+        assert hub.links.owner(a).port == masters[a]
+        await spill_round("after")
+        await check_invariants(hub.cells.client(a), Keys(a), ["n-a"])
+        await check_invariants(hub.cells.client(b), Keys(b), ["n-b"])
+    finally:
+        await asyncio.to_thread(master.start)
+        await asyncio.to_thread(redis_cluster.wait_ok, 30)
+
+
 # Bad configuration
 
 
@@ -374,15 +439,6 @@ def test_cluster_needs_a_tcp_seed() -> None:
         ClusterLinks("redis://127.0.0.1:7000/2", settings)
     assert str(info.value) == (
         "invalid setting redis_url='redis://127.0.0.1:7000/2': a cluster has database 0 only"
-    )
-
-
-def test_a_hub_on_a_cluster_serves_one_cell() -> None:
-    settings = Settings(redis_cluster=True, cell="a", cells=("a", "b"))
-    with pytest.raises(ConfigError) as info:
-        Hub(settings, "redis://127.0.0.1:7000/0")
-    assert str(info.value) == (
-        "invalid setting cells='a,b': a hub on a Redis Cluster serves one cell"
     )
 
 
