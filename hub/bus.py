@@ -96,7 +96,7 @@ class Bus:
         sharded: use sharded pub/sub (Redis Cluster).
         subscribers: the pub/sub client of each channel (``channel``, then
             ``also``), when not ``subscriber`` for all (a cluster: the master
-            of each cell's slot). Channels of one client share a subscription.
+            of each cell's slot). The channels of one client share a subscription.
     """
 
     def __init__(

@@ -126,8 +126,9 @@ class Cells:
     def servers(self) -> list[Scheduler]:
         """One scheduler per Redis client (per server): the default cell's first.
 
-        On a single Redis, the default cell's only; on a cluster, one per
-        master holding a cell served (for what is read per server: run_id, ping).
+        On a single Redis, the default cell's only; on a cluster, each cell's
+        (its client talks to its slot's master): for what is read per server,
+        the ``run_id`` and the ping.
         """
         found: dict[int, Scheduler] = {}
         for scheduler in self._schedulers.values():
