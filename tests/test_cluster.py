@@ -379,7 +379,7 @@ async def test_a_hub_of_two_cells_on_two_masters_spills_and_survives_a_failover(
     masters = {cell: redis_cluster.master_of(cell_slot(cell)).port for cell in (a, b)}
     assert masters[a] != masters[b]
     assert {c: hub.links.owner(c).port for c in (a, b)} == masters
-    # One subscription per master: each cell's channel in its own slot.
+    # Each cell's channel is subscribed on its own master (its own slot).
     for cell in (a, b):
         counts = on_node(masters[cell], ("PUBSUB", "SHARDNUMSUB", Keys(cell).channel(hub.hub_id)))
         assert counts[0] == [Keys(cell).channel(hub.hub_id).encode(), 1]
