@@ -202,6 +202,18 @@ class JobsApi:
             if request.method == "DELETE":
                 return await self._cancel(request, job_id)
             return _not_allowed("GET, DELETE")
+        if path in ("/healthz", "/readyz"):
+            # Probes that send HEAD (or come after a job request on a kept-alive
+            # connection) get the answer websockets gives a GET on a fresh one.
+            if request.method not in ("GET", "HEAD"):
+                return _not_allowed("GET, HEAD")
+            if path == "/healthz":
+                return HttpResponse(http.HTTPStatus.OK.value, b"ok\n", "text/plain")
+            if self._health.ready and not self._health.closing:
+                return HttpResponse(http.HTTPStatus.OK.value, b"ready\n", "text/plain")
+            return HttpResponse(
+                http.HTTPStatus.SERVICE_UNAVAILABLE.value, b"not ready\n", "text/plain"
+            )
         return error_response(
             Code.BAD_FRAME,
             "no such route: the job API is /v1/jobs (other routes answer on connections "

@@ -86,9 +86,9 @@ class HttpClient:
             head["Authorization"] = f"Bearer {token}"
         lines = "".join(f"{k}: {v}\r\n" for k, v in head.items())
         self.writer.write(f"{method} {path} HTTP/1.1\r\n{lines}\r\n".encode() + (body or b""))
-        return await self.read(within)
+        return await self.read(within, head=method == "HEAD")
 
-    async def read(self, within: float = ANSWER_TIMEOUT) -> Reply:
+    async def read(self, within: float = ANSWER_TIMEOUT, *, head: bool = False) -> Reply:
         async with asyncio.timeout(within):
             while True:
                 raw = await self.reader.readuntil(b"\r\n\r\n")
@@ -101,7 +101,8 @@ class HttpClient:
                 if line:
                     name, _, value = line.partition(":")
                     headers[name.strip().lower()] = value.strip()
-            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+            size = 0 if head else int(headers.get("content-length", "0"))
+            body = await self.reader.readexactly(size)
         return Reply(status, headers, body)
 
     async def closed(self, within: float = ANSWER_TIMEOUT) -> bool:
@@ -321,10 +322,19 @@ async def test_websockets_and_plain_routes_share_the_port(
     await result(node, job, result={"ok": True})
     assert (await send).json()["result"] == {"ok": True}
     await round_trip(session, node, "c-2")
-    # A route of the gate on a job API connection: 404, and the hub closes it.
+    # Probes answer on a job API connection too, HEAD included.
+    probe = await client(hub)
+    assert (await probe.request("HEAD", "/healthz")).status == 200
+    ready = await probe.request("HEAD", "/readyz")
+    assert (ready.status, ready.body) == (200, b"")
+    assert (await probe.request("GET", "/readyz")).body == b"ready\n"
+    refused = await probe.request("POST", "/healthz", body=b"")
+    assert_error(refused, 405, "BAD_FRAME")
+    assert refused.headers["allow"] == "GET, HEAD"
+    # Another route of the gate on a job API connection: 404, and the hub closes it.
     other = await client(hub)
     assert_error(await other.request("GET", "/v1/jobs/x"), 404, "UNKNOWN_JOB")
-    assert_error(await other.request("POST", "/healthz", body=b""), 404, "BAD_FRAME")
+    assert_error(await other.request("POST", "/metrics", body=b""), 404, "BAD_FRAME")
     assert await other.closed()
 
 
