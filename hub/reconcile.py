@@ -76,6 +76,11 @@ _CHUNK = 128
 """Nodes (or sessions) reconciled per round of reads and script calls."""
 
 _RETRIES_S = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+_FORWARD_CHECKS_S = (0.5, 1.0, 2.0, 4.0)
+"""Waits before checking again that attempts handed to their audio's hub reached
+their node: that hub's own subscription may have come back after this one's, and
+a bus message to it before then is lost."""
 """Waits between the tries of a background reconcile while Redis is not back yet."""
 
 _T = TypeVar("_T")
@@ -136,6 +141,8 @@ class Reconciler:
         self._run_id: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._again = False
+        self._forwarded = False
+        """The last pass handed an attempt to the hub that keeps its audio."""
         self.restarts = 0
         """Redis restarts (or failovers) reconciled."""
         self.resent = 0
@@ -203,8 +210,10 @@ class Reconciler:
         return ",".join([await s.server_id() for s in self._cells.servers()])
 
     async def _background(self) -> None:
+        checks = iter(_FORWARD_CHECKS_S)
         while True:
             self._again = False
+            self._forwarded = False
             for delay in (*_RETRIES_S, None):
                 try:
                     await self.reconcile()
@@ -213,6 +222,14 @@ class Reconciler:
                     if delay is None:
                         return  # Redis is away again: the next subscription retries
                     await asyncio.sleep(delay)
+            if self._health.stopping:
+                return
+            if not self._again and self._forwarded:
+                # Check again that what another hub was to send went out (bounded).
+                wait = next(checks, None)
+                if wait is not None:
+                    await asyncio.sleep(wait)
+                    self._again = True
             if not self._again or self._health.stopping:
                 return
 
@@ -367,5 +384,7 @@ class Reconciler:
             self.resent += 1
             self._metrics.reconciled.labels("resent").inc()
             d = dataclasses.replace(job.attempt, node_hub=self.hub_id)
+            if d.audio_hub and d.audio_hub != self.hub_id:
+                self._forwarded = True
             logger.info("= sending job %s attempt %d to node %s again", jid, d.attempt, node_id)
             self._router.send_job(d)
